@@ -1,0 +1,141 @@
+//! The `plugboard` command line: `serve`, `token`, `config check`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::auth::{mint_token, Secrets};
+use crate::config::{Config, LogFormat};
+use crate::server::Server;
+
+#[derive(Debug, Parser)]
+#[command(name = "plugboard", version, about = "An IM gateway with sandboxed WebAssembly plugins")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway. Without a config file it runs on embedded defaults:
+    /// SQLite in ./plugboard-data, a loopback listener, generated dev secrets.
+    Serve {
+        /// TOML config file (see docs/configuration.md).
+        #[arg(long, short, env = "PLUGBOARD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Mint a development client token (HS256 JWT) for a user.
+    Token {
+        /// The user id (`sub` claim).
+        user: String,
+        /// Device id (`device` claim).
+        #[arg(long)]
+        device: Option<String>,
+        /// Lifetime, e.g. `1h`, `30d`; `0` for a token without expiry.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, short, env = "PLUGBOARD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Work with the config file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load and validate the config (file plus environment), then print it in full.
+    Check {
+        #[arg(long, short, env = "PLUGBOARD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(&cfg);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(serve(cfg, config))
+        }
+        Command::Token {
+            user,
+            device,
+            ttl,
+            config,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let secrets = Secrets::resolve(&cfg, |text| eprintln!("{text}"))?;
+            let ttl = (!ttl.is_zero()).then_some(ttl);
+            println!(
+                "{}",
+                mint_token(&user, device.as_deref(), ttl, secrets.jwt_secret.as_bytes())
+            );
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            println!("{}", toml::to_string_pretty(&cfg)?);
+            eprintln!("config is valid");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", cfg.server.listen))?;
+    let server = Server::start(cfg, config_path, listener).await?;
+    println!("plugboard: listening on http://{}", server.local_addr());
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                let _ = server.app().reload().await;
+            }
+        }
+    }
+    tokio::spawn(async move {
+        // A second signal during the graceful shutdown exits at once.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(130);
+    });
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,751 @@
+//! Configuration: compiled-in defaults, then the TOML file, then `PLUGBOARD_*`
+//! environment overrides; validated once at load.
+//!
+//! Every key is documented in `docs/configuration.md`. An unknown key is an
+//! error that names the key, so a typo never silently falls back to a default.
+//! This module only parses and validates; it does not apply anything. What can
+//! change on a live reload is decided by [`Config::restart_required_changes`].
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The prefix of environment variables that override config keys.
+pub const ENV_PREFIX: &str = "PLUGBOARD_";
+
+/// Environment variables with the prefix that are not config keys.
+const ENV_RESERVED: &[&str] = &["PLUGBOARD_CONFIG"];
+
+/// A configuration error. The message always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration of one gateway process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Folder holding the SQLite database and generated development secrets.
+    pub data_dir: PathBuf,
+    /// Name of this node; session rows are tagged with it so that crash
+    /// recovery closes only this node's sessions.
+    pub node_id: String,
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub gateway: GatewayConfig,
+    pub outbox: OutboxConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    /// Webhook endpoints; events go to each endpoint whose filter matches.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("plugboard-data"),
+            node_id: "node-1".to_string(),
+            server: ServerConfig::default(),
+            auth: AuthConfig::default(),
+            gateway: GatewayConfig::default(),
+            outbox: OutboxConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the one HTTP listener (client WebSocket, server API, admin API, metrics).
+    pub listen: SocketAddr,
+    /// Deadline for a client to send complete HTTP request headers (covers the upgrade request).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest accepted HTTP request body on the server and admin API.
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
+    pub max_body_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7600".parse().expect("valid literal"),
+            header_read_timeout: Duration::from_secs(10),
+            max_body_size: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret shared with the business server for client tokens.
+    /// Empty: a development secret is generated in `data_dir` and printed once.
+    pub jwt_secret: String,
+    /// Allowed clock skew when checking `exp` / `nbf` at the handshake.
+    #[serde(with = "humantime_serde")]
+    pub token_leeway: Duration,
+    /// API keys accepted on the server API (`Authorization: Bearer <key>`).
+    /// Empty: a development key is generated.
+    pub api_keys: Vec<String>,
+    /// Token for the admin API. Empty: a development token is generated.
+    pub admin_token: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: String::new(),
+            token_leeway: Duration::from_secs(5),
+            api_keys: Vec::new(),
+            admin_token: String::new(),
+        }
+    }
+}
+
+/// What happens when a user opens a connection on a device that already has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SameDevicePolicy {
+    /// The older connection is closed with reason `replaced`.
+    Replace,
+    /// The new connection is refused (HTTP 409 before the upgrade).
+    Reject,
+    /// Both stay open.
+    Allow,
+}
+
+/// What happens when a new device would exceed `max_devices`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceLimitPolicy {
+    /// The device whose newest connection is oldest is closed with reason `replaced`.
+    ReplaceOldest,
+    /// The new connection is refused (HTTP 409 before the upgrade).
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// Most distinct devices one user may have connected at once.
+    pub max_devices: usize,
+    pub same_device: SameDevicePolicy,
+    pub when_full: DeviceLimitPolicy,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            max_devices: 5,
+            same_device: SameDevicePolicy::Replace,
+            when_full: DeviceLimitPolicy::ReplaceOldest,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Whether the client WebSocket service accepts connections. Setting it to
+    /// false on a reload drains every live connection (close code 1012).
+    pub enabled: bool,
+    /// Deadline for an `auth` frame when the upgrade request carried no token.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Largest WebSocket message (after reassembly of fragments).
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
+    pub max_message_size: usize,
+    /// Largest single WebSocket frame.
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
+    pub max_frame_size: usize,
+    /// Frames waiting to be written to one connection; when full the
+    /// connection is closed as a slow consumer (code 4004).
+    pub outbound_queue: usize,
+    /// Longest a single write to a client may take before the connection is
+    /// closed as a slow consumer.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Interval between server WebSocket pings.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long after a ping the peer has to show any sign of life.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// How long the server waits for the close handshake to complete.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    pub devices: DevicesConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            enabled: true,
+            auth_timeout: Duration::from_secs(10),
+            max_message_size: 64 * 1024,
+            max_frame_size: 64 * 1024,
+            outbound_queue: 1024,
+            write_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            devices: DevicesConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Delay before each attempt; the first entry is the first attempt.
+    /// After the last entry fails, the delivery is marked failed.
+    #[serde(with = "humantime_list")]
+    pub retry_schedule: Vec<Duration>,
+    /// Each delay is multiplied by a random factor in `[1 - jitter, 1 + jitter]`.
+    pub jitter: f64,
+    /// An endpoint that has failed continuously this long is disabled.
+    #[serde(with = "humantime_serde")]
+    pub disable_after: Duration,
+    /// Timeout of one webhook HTTP request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Requests in flight per endpoint (each for a different user).
+    pub max_in_flight: usize,
+    /// Longest honoured `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        OutboxConfig {
+            retry_schedule: vec![
+                s(0),
+                s(5),
+                s(30),
+                s(2 * 60),
+                s(10 * 60),
+                s(30 * 60),
+                s(60 * 60),
+                s(2 * 3600),
+                s(4 * 3600),
+                s(8 * 3600),
+                s(8 * 3600),
+            ],
+            jitter: 0.2,
+            disable_after: s(24 * 3600),
+            request_timeout: s(10),
+            max_in_flight: 32,
+            max_retry_after: s(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Longest wait for live connections to finish their close handshake.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Longest wait for the outbox to be delivered before exiting.
+    #[serde(with = "humantime_serde")]
+    pub outbox_flush_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(10),
+            outbox_flush_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `plugboard=debug,info`. `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Stable name; delivery state is kept under it across restarts.
+    pub name: String,
+    /// `http://` or `https://` URL that receives `POST` requests.
+    pub url: String,
+    /// Standard Webhooks secret: `whsec_` followed by base64 of at least 16 bytes.
+    pub secret: String,
+    /// Event types to send: exact names, `prefix.*`, or `*`.
+    #[serde(default = "all_events")]
+    pub events: Vec<String>,
+    /// Whether the endpoint receives anything. A disabled endpoint keeps its backlog.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Send up to this many events (of different users) in one request.
+    /// 1 sends each event on its own.
+    #[serde(default = "one")]
+    pub batch_max: usize,
+    /// With batching, how long to wait for a batch to fill.
+    #[serde(default, with = "humantime_serde")]
+    pub batch_linger: Duration,
+}
+
+fn all_events() -> Vec<String> {
+    vec!["*".to_string()]
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+
+impl WebhookConfig {
+    /// Whether events of this type go to this endpoint.
+    pub fn accepts(&self, event_type: &str) -> bool {
+        self.events.iter().any(|p| pattern_matches(p, event_type))
+    }
+
+    /// The HMAC key decoded from the `whsec_` secret.
+    pub fn key(&self) -> Vec<u8> {
+        decode_secret(&self.secret).unwrap_or_default()
+    }
+}
+
+/// `*` matches all, `a.*` matches `a.b`, anything else matches exactly.
+pub fn pattern_matches(pattern: &str, event_type: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_suffix(".*") {
+        Some(prefix) => event_type
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.')),
+        None => pattern == event_type,
+    }
+}
+
+fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let body = secret
+        .strip_prefix("whsec_")
+        .ok_or_else(|| "must start with `whsec_`".to_string())?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| format!("is not valid base64 after `whsec_`: {e}"))?;
+    if key.len() < 16 {
+        return Err("must decode to at least 16 bytes".to_string());
+    }
+    Ok(key)
+}
+
+/// The event types the gateway emits today; filters must name one of these
+/// (or use a pattern), so a typo in a filter is caught at load.
+pub const EVENT_TYPES: &[&str] = &[
+    "connection.opened",
+    "connection.closed",
+    "user.online",
+    "user.offline",
+];
+
+impl Config {
+    /// Loads the config: defaults, then `path` (if any), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: path.to_path_buf(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config = Self::from_table(table)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a config from TOML text (no environment), validating it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax {
+                path: PathBuf::from("<inline>"),
+                message: e.to_string(),
+            })?;
+        let config = Self::from_table(table)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+        let value = toml::Value::Table(table);
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            key_err(if key == "." { "<root>".into() } else { key }, inner)
+        })
+    }
+
+    /// Checks what types alone cannot express. Errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id.trim().is_empty() {
+            return Err(key_err("node_id", "must not be empty"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(key_err("data_dir", "must not be empty"));
+        }
+        let g = &self.gateway;
+        let positive = [
+            ("gateway.auth_timeout", g.auth_timeout),
+            ("gateway.write_timeout", g.write_timeout),
+            ("gateway.ping_interval", g.ping_interval),
+            ("gateway.pong_timeout", g.pong_timeout),
+            ("gateway.close_timeout", g.close_timeout),
+            ("server.header_read_timeout", self.server.header_read_timeout),
+            ("outbox.request_timeout", self.outbox.request_timeout),
+            ("outbox.disable_after", self.outbox.disable_after),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(key_err(key, "must be greater than zero"));
+            }
+        }
+        if g.max_frame_size < 128 {
+            return Err(key_err("gateway.max_frame_size", "must be at least 128 bytes"));
+        }
+        if g.max_message_size < g.max_frame_size {
+            return Err(key_err(
+                "gateway.max_message_size",
+                "must be at least gateway.max_frame_size",
+            ));
+        }
+        if g.outbound_queue == 0 {
+            return Err(key_err("gateway.outbound_queue", "must be at least 1"));
+        }
+        if g.devices.max_devices == 0 {
+            return Err(key_err("gateway.devices.max_devices", "must be at least 1"));
+        }
+        if self.server.max_body_size == 0 {
+            return Err(key_err("server.max_body_size", "must be at least 1 byte"));
+        }
+        let o = &self.outbox;
+        if o.retry_schedule.is_empty() {
+            return Err(key_err(
+                "outbox.retry_schedule",
+                "must have at least one entry",
+            ));
+        }
+        if !(0.0..=1.0).contains(&o.jitter) {
+            return Err(key_err("outbox.jitter", "must be between 0 and 1"));
+        }
+        if o.max_in_flight == 0 {
+            return Err(key_err("outbox.max_in_flight", "must be at least 1"));
+        }
+        for (i, key) in self.auth.api_keys.iter().enumerate() {
+            if key.len() < 16 {
+                return Err(key_err(
+                    format!("auth.api_keys[{i}]"),
+                    "must be at least 16 characters",
+                ));
+            }
+        }
+        if !self.auth.admin_token.is_empty() && self.auth.admin_token.len() < 16 {
+            return Err(key_err("auth.admin_token", "must be at least 16 characters"));
+        }
+        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 32 {
+            return Err(key_err("auth.jwt_secret", "must be at least 32 bytes"));
+        }
+        let mut names = BTreeSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            let at = |field: &str| format!("webhooks[{i}].{field}");
+            if w.name.is_empty()
+                || !w
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(key_err(
+                    at("name"),
+                    "must be non-empty letters, digits, `-` or `_`",
+                ));
+            }
+            if !names.insert(w.name.as_str()) {
+                return Err(key_err(at("name"), format!("`{}` is used twice", w.name)));
+            }
+            match reqwest::Url::parse(&w.url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(_) => return Err(key_err(at("url"), "must be an http:// or https:// URL")),
+                Err(e) => return Err(key_err(at("url"), format!("is not a URL: {e}"))),
+            }
+            decode_secret(&w.secret).map_err(|m| key_err(at("secret"), m))?;
+            if w.events.is_empty() {
+                return Err(key_err(at("events"), "must name at least one event type"));
+            }
+            for p in &w.events {
+                if !EVENT_TYPES.iter().any(|t| pattern_matches(p, t)) {
+                    return Err(key_err(
+                        at("events"),
+                        format!(
+                            "`{p}` matches no event type (known: {})",
+                            EVENT_TYPES.join(", ")
+                        ),
+                    ));
+                }
+            }
+            if w.batch_max == 0 || w.batch_max > 1000 {
+                return Err(key_err(at("batch_max"), "must be between 1 and 1000"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys whose change a live reload cannot apply; they keep their old
+    /// values until a restart.
+    pub fn restart_required_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.data_dir != new.data_dir {
+            keys.push("data_dir");
+        }
+        if self.node_id != new.node_id {
+            keys.push("node_id");
+        }
+        if self.server != new.server {
+            keys.push("server");
+        }
+        if self.log != new.log {
+            keys.push("log");
+        }
+        keys
+    }
+}
+
+/// Applies `PLUGBOARD_SECTION__KEY=value` overrides. The value is read as a
+/// TOML value when it parses as one (numbers, booleans, arrays, inline
+/// tables) and as a string otherwise.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Env {
+                var,
+                message: "has an empty key segment".into(),
+            });
+        }
+        let value = match format!("v = {raw}").parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw)),
+            Err(_) => toml::Value::String(raw),
+        };
+        let mut at = &mut *table;
+        for segment in &path[..path.len() - 1] {
+            let entry = at
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            at = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: format!("`{segment}` is not a section"),
+                    })
+                }
+            };
+        }
+        at.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+/// Parses a byte size: an integer, or a string like `64KiB`, `1MiB`, `512B`.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 64KiB"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1024,
+        "MiB" | "M" | "MB" => 1024 * 1024,
+        "GiB" | "G" | "GB" => 1024 * 1024 * 1024,
+        other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => usize::try_from(n).map_err(serde::de::Error::custom),
+        Raw::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn ser_size<S: serde::Serializer>(v: &usize, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(*v as u64)
+}
+
+mod humantime_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let raw = Vec::<String>::deserialize(d)?;
+        raw.iter()
+            .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check_err(toml: &str, expect_key: &str) {
+        let err = Config::from_toml(toml).unwrap_err().to_string();
+        assert!(
+            err.contains(expect_key),
+            "error `{err}` does not name `{expect_key}`"
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_named() {
+        check_err("[gateway]\npign_interval = \"5s\"", "gateway.pign_interval");
+        check_err("[gateway]\nping_interval = \"soon\"", "gateway.ping_interval");
+        check_err("bogus = 1", "bogus");
+        check_err("[gateway]\nmax_frame_size = \"10XB\"", "gateway.max_frame_size");
+        check_err("[gateway.devices]\nsame_device = \"maybe\"", "gateway.devices.same_device");
+        check_err(
+            "[[webhooks]]\nname = \"a\"\nurl = \"ftp://x\"\nsecret = \"whsec_MDEyMzQ1Njc4OWFiY2RlZg==\"",
+            "webhooks[0].url",
+        );
+        check_err(
+            "[[webhooks]]\nname = \"a\"\nurl = \"http://x\"\nsecret = \"nope\"",
+            "webhooks[0].secret",
+        );
+        check_err(
+            "[[webhooks]]\nname = \"a\"\nurl = \"http://x\"\nsecret = \"whsec_MDEyMzQ1Njc4OWFiY2RlZg==\"\nevents = [\"conection.*\"]",
+            "webhooks[0].events",
+        );
+        check_err("[outbox]\nretry_schedule = []", "outbox.retry_schedule");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = vec![
+            ("PLUGBOARD_GATEWAY__PING_INTERVAL".to_string(), "3s".to_string()),
+            ("PLUGBOARD_GATEWAY__OUTBOUND_QUEUE".to_string(), "7".to_string()),
+            ("PLUGBOARD_NODE_ID".to_string(), "edge-2".to_string()),
+            ("PLUGBOARD_CONFIG".to_string(), "ignored.toml".to_string()),
+        ];
+        let c = Config::load_with_env(None, env).unwrap();
+        assert_eq!(c.gateway.ping_interval, Duration::from_secs(3));
+        assert_eq!(c.gateway.outbound_queue, 7);
+        assert_eq!(c.node_id, "edge-2");
+        let bad = vec![("PLUGBOARD_GATEWAY__NOPE".to_string(), "1".to_string())];
+        let err = Config::load_with_env(None, bad).unwrap_err().to_string();
+        assert!(err.contains("gateway.nope"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_patterns() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("12").unwrap(), 12);
+        assert!(parse_size("1 parsec").is_err());
+        assert!(pattern_matches("connection.*", "connection.opened"));
+        assert!(!pattern_matches("connection.*", "connections.opened"));
+        assert!(pattern_matches("*", "user.online"));
+        assert!(!pattern_matches("user.online", "user.offline"));
+    }
+}

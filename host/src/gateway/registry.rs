@@ -1,0 +1,337 @@
+//! The registry of live sessions on this node, partitioned by user.
+//!
+//! It answers "which sockets does this user have here" for fan-out, kicks and
+//! the multi-device policy, and lets a drain reach every session. It holds no
+//! durable state: the session rows in storage are the record; this is the
+//! routing table. Sessions are sharded by user id so no lock is global.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::lifecycle::CloseReason;
+use crate::config::{DeviceLimitPolicy, DevicesConfig, SameDevicePolicy};
+
+const SHARDS: usize = 64;
+
+/// A request, from outside the session task, to close its connection.
+#[derive(Debug, Clone)]
+pub struct CloseCommand {
+    pub reason: CloseReason,
+    pub message: String,
+}
+
+/// What the rest of the gateway holds of one session. The session task owns
+/// the socket; everyone else talks to it through this handle.
+#[derive(Debug)]
+pub struct LiveSession {
+    pub connection_id: String,
+    pub user_id: String,
+    pub device_id: String,
+    pub remote_addr: String,
+    /// Unix ms when admitted.
+    pub admitted_at: i64,
+    /// Frames waiting to be written; bounded by `gateway.outbound_queue`.
+    outbound: mpsc::Sender<Message>,
+    /// Taken by the first close request; later requests are no-ops.
+    close: Mutex<Option<oneshot::Sender<CloseCommand>>>,
+    /// Set once the open is recorded.
+    opened: AtomicBool,
+}
+
+/// Why a frame could not be queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// Queue full: the session is being closed as a slow consumer.
+    SlowConsumer,
+    /// The session is gone.
+    Closed,
+}
+
+impl LiveSession {
+    pub fn new(
+        connection_id: String,
+        user_id: String,
+        device_id: String,
+        remote_addr: String,
+        queue: usize,
+    ) -> (Arc<LiveSession>, mpsc::Receiver<Message>, oneshot::Receiver<CloseCommand>) {
+        let (out_tx, out_rx) = mpsc::channel(queue);
+        let (close_tx, close_rx) = oneshot::channel();
+        let s = Arc::new(LiveSession {
+            connection_id,
+            user_id,
+            device_id,
+            remote_addr,
+            admitted_at: crate::now_ms(),
+            outbound: out_tx,
+            close: Mutex::new(Some(close_tx)),
+            opened: AtomicBool::new(false),
+        });
+        (s, out_rx, close_rx)
+    }
+
+    /// Asks the session to close. Returns false if a close was already requested.
+    pub fn request_close(&self, reason: CloseReason, message: impl Into<String>) -> bool {
+        let sender = self.close.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match sender {
+            Some(tx) => tx
+                .send(CloseCommand {
+                    reason,
+                    message: message.into(),
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Queues a frame. A full queue closes the session as a slow consumer
+    /// instead of growing without bound.
+    pub fn push(&self, frame: Message) -> Result<(), PushError> {
+        match self.outbound.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.request_close(
+                    CloseReason::SlowConsumer,
+                    "outbound queue full: the client is not reading fast enough",
+                );
+                Err(PushError::SlowConsumer)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PushError::Closed),
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.outbound.max_capacity() - self.outbound.capacity()
+    }
+
+    pub fn mark_opened(&self) {
+        self.opened.store(true, Ordering::Release);
+    }
+
+    pub fn is_opened(&self) -> bool {
+        self.opened.load(Ordering::Acquire)
+    }
+}
+
+/// A session as shown by `GET /admin/connections`.
+#[derive(Debug, Serialize)]
+pub struct SessionView {
+    pub connection_id: String,
+    pub user_id: String,
+    pub device_id: String,
+    pub remote_addr: String,
+    pub opened_at: String,
+    pub open: bool,
+    pub queued_frames: usize,
+}
+
+/// Why a new session was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected(pub String);
+
+#[derive(Default)]
+pub struct Registry {
+    shards: Vec<Mutex<HashMap<String, Vec<Arc<LiveSession>>>>>,
+    count: AtomicUsize,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("count", &self.len()).finish()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, user_id: &str) -> &Mutex<HashMap<String, Vec<Arc<LiveSession>>>> {
+        let mut h = DefaultHasher::new();
+        user_id.hash(&mut h);
+        &self.shards[(h.finish() as usize) % self.shards.len()]
+    }
+
+    /// Applies the multi-device policy and, if the session may open, adds it.
+    /// Returns the sessions it displaces; the caller asks them to close.
+    pub fn admit(
+        &self,
+        session: Arc<LiveSession>,
+        policy: &DevicesConfig,
+    ) -> Result<Vec<Arc<LiveSession>>, Rejected> {
+        let mut shard = self.shard(&session.user_id).lock().unwrap_or_else(|p| p.into_inner());
+        let existing = shard.entry(session.user_id.clone()).or_default();
+        let mut victims: Vec<Arc<LiveSession>> = Vec::new();
+        let same: Vec<Arc<LiveSession>> = existing
+            .iter()
+            .filter(|s| s.device_id == session.device_id)
+            .cloned()
+            .collect();
+        if !same.is_empty() {
+            match policy.same_device {
+                SameDevicePolicy::Replace => victims.extend(same),
+                SameDevicePolicy::Reject => {
+                    return Err(Rejected(format!(
+                        "device `{}` already has a connection and gateway.devices.same_device = \"reject\"",
+                        session.device_id
+                    )))
+                }
+                SameDevicePolicy::Allow => {}
+            }
+        }
+        // Devices that remain besides the new one, oldest newest-connection first.
+        let mut devices: Vec<(&str, i64)> = Vec::new();
+        for s in existing.iter() {
+            if victims.iter().any(|v| Arc::ptr_eq(v, s)) || s.device_id == session.device_id {
+                continue;
+            }
+            match devices.iter_mut().find(|(d, _)| *d == s.device_id) {
+                Some((_, t)) => *t = (*t).max(s.admitted_at),
+                None => devices.push((&s.device_id, s.admitted_at)),
+            }
+        }
+        // The new session's device counts once, whether or not it shares it.
+        let total = devices.len() + 1;
+        if total > policy.max_devices {
+            match policy.when_full {
+                DeviceLimitPolicy::Reject => {
+                    return Err(Rejected(format!(
+                        "user already has {} devices connected (gateway.devices.max_devices = {})",
+                        devices.len(),
+                        policy.max_devices
+                    )))
+                }
+                DeviceLimitPolicy::ReplaceOldest => {
+                    devices.sort_by_key(|(_, t)| *t);
+                    let excess = total - policy.max_devices;
+                    let drop: Vec<String> =
+                        devices.iter().take(excess).map(|(d, _)| d.to_string()).collect();
+                    victims.extend(
+                        existing
+                            .iter()
+                            .filter(|s| drop.contains(&s.device_id))
+                            .cloned(),
+                    );
+                }
+            }
+        }
+        existing.push(session);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Ok(victims)
+    }
+
+    /// Removes a session (idempotent).
+    pub fn remove(&self, session: &LiveSession) {
+        let mut shard = self.shard(&session.user_id).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = shard.get_mut(&session.user_id) {
+            let before = list.len();
+            list.retain(|s| s.connection_id != session.connection_id);
+            if list.len() < before {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            if list.is_empty() {
+                shard.remove(&session.user_id);
+            }
+        }
+    }
+
+    pub fn user_sessions(&self, user_id: &str) -> Vec<Arc<LiveSession>> {
+        let shard = self.shard(user_id).lock().unwrap_or_else(|p| p.into_inner());
+        shard.get(user_id).cloned().unwrap_or_default()
+    }
+
+    pub fn all(&self) -> Vec<Arc<LiveSession>> {
+        let mut out = Vec::with_capacity(self.len());
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(shard.values().flatten().cloned());
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn view(session: &LiveSession) -> SessionView {
+        SessionView {
+            connection_id: session.connection_id.clone(),
+            user_id: session.user_id.clone(),
+            device_id: session.device_id.clone(),
+            remote_addr: session.remote_addr.clone(),
+            opened_at: crate::rfc3339_ms(session.admitted_at),
+            open: session.is_opened(),
+            queued_frames: session.queued(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(user: &str, device: &str) -> Arc<LiveSession> {
+        LiveSession::new(crate::new_id("conn"), user.into(), device.into(), "test".into(), 4).0
+    }
+
+    fn policy(max: usize, same: SameDevicePolicy, full: DeviceLimitPolicy) -> DevicesConfig {
+        DevicesConfig { max_devices: max, same_device: same, when_full: full }
+    }
+
+    #[test]
+    fn same_device_policies() {
+        let r = Registry::new();
+        let p = policy(5, SameDevicePolicy::Replace, DeviceLimitPolicy::Reject);
+        let a = session("u", "phone");
+        assert!(r.admit(a.clone(), &p).unwrap().is_empty());
+        let victims = r.admit(session("u", "phone"), &p).unwrap();
+        assert_eq!(victims.len(), 1);
+        assert!(Arc::ptr_eq(&victims[0], &a));
+
+        let r = Registry::new();
+        let p = policy(5, SameDevicePolicy::Reject, DeviceLimitPolicy::Reject);
+        r.admit(session("u", "phone"), &p).unwrap();
+        assert!(r.admit(session("u", "phone"), &p).is_err());
+        assert_eq!(r.len(), 1);
+
+        let r = Registry::new();
+        let p = policy(1, SameDevicePolicy::Allow, DeviceLimitPolicy::Reject);
+        r.admit(session("u", "phone"), &p).unwrap();
+        assert!(r.admit(session("u", "phone"), &p).unwrap().is_empty());
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn device_limit_policies() {
+        let r = Registry::new();
+        let p = policy(2, SameDevicePolicy::Replace, DeviceLimitPolicy::ReplaceOldest);
+        let a = session("u", "a");
+        r.admit(a.clone(), &p).unwrap();
+        r.admit(session("u", "b"), &p).unwrap();
+        let victims = r.admit(session("u", "c"), &p).unwrap();
+        assert_eq!(victims.len(), 1);
+        assert_eq!(victims[0].device_id, "a");
+
+        let r = Registry::new();
+        let p = policy(2, SameDevicePolicy::Replace, DeviceLimitPolicy::Reject);
+        r.admit(session("u", "a"), &p).unwrap();
+        r.admit(session("u", "b"), &p).unwrap();
+        assert!(r.admit(session("u", "c"), &p).is_err());
+        // Another user is unaffected.
+        assert!(r.admit(session("v", "c"), &p).is_ok());
+    }
+}

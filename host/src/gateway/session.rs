@@ -1,0 +1,404 @@
+//! The session task: the one owner of a client socket.
+//!
+//! It records the open, then loops over: close requests from the rest of the
+//! gateway, the token's expiry, server pings and the pong deadline, frames
+//! queued for the client, and frames from the client. Whatever ends the loop
+//! becomes exactly one recorded close; only then does the task finish the
+//! close handshake (sending a `meta` frame and a close frame with a real
+//! code when the server ends it) and keep reading until the peer closes or
+//! `close_timeout` passes. tungstenite only queues its close and pong
+//! replies, so the task reads to the end instead of stopping at the first
+//! close frame.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use super::lifecycle::{CloseInfo, CloseReason};
+use super::protocol::{self, ClientFrame};
+use super::registry::{CloseCommand, LiveSession};
+use crate::auth::verify_token;
+use crate::server::App;
+
+pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
+
+/// A session admitted by the registry, waiting to be opened.
+pub struct Admitted {
+    pub live: Arc<LiveSession>,
+    pub outbound: mpsc::Receiver<Message>,
+    pub close: oneshot::Receiver<CloseCommand>,
+    /// Unix seconds when the token expires.
+    pub token_exp: Option<u64>,
+    /// Sessions the multi-device policy displaces once this one is open.
+    pub displaces: Vec<Arc<LiveSession>>,
+}
+
+/// How the main loop ended.
+enum End {
+    /// The client sent a close frame.
+    Client { code: u16, reason: String },
+    /// The server decided to close (request, timer).
+    Server { reason: CloseReason, message: String },
+    /// The client broke a rule the server answers with a close code.
+    Violation { reason: CloseReason, message: String },
+    /// The socket is gone.
+    Abnormal { message: String },
+}
+
+/// Runs an admitted session until it is closed. The caller already did
+/// the upgrade and authentication; nothing is recorded before this.
+pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
+    let Admitted {
+        live,
+        mut outbound,
+        mut close,
+        token_exp,
+        displaces,
+    } = adm;
+    let started = StdInstant::now();
+    if let Err(e) = app
+        .lifecycle
+        .record_open(&live.connection_id, &live.user_id, &live.device_id, &live.remote_addr)
+        .await
+    {
+        tracing::error!(connection_id = %live.connection_id, error = %e, "cannot record open connection; refusing it");
+        app.registry.remove(&live);
+        app.metrics.handshake_failed("storage_error");
+        let cfg = app.config();
+        let _ = send(
+            &mut ws,
+            close_message(1011, "storage unavailable"),
+            cfg.gateway.write_timeout,
+        )
+        .await;
+        drain(&mut ws, cfg.gateway.close_timeout).await;
+        return;
+    }
+    live.mark_opened();
+    app.metrics
+        .open_latency_seconds
+        .observe(started.elapsed().as_secs_f64());
+    tracing::info!(
+        connection_id = %live.connection_id, user_id = %live.user_id,
+        device_id = %live.device_id, remote = %live.remote_addr, "connection opened"
+    );
+    for victim in displaces {
+        victim.request_close(
+            CloseReason::Replaced,
+            format!("replaced by connection {} of the same user", live.connection_id),
+        );
+    }
+
+    let cfg = app.config();
+    let connect = protocol::connect_frame(
+        &live.connection_id,
+        &live.user_id,
+        &live.device_id,
+        cfg.gateway.ping_interval.as_millis() as u64,
+        cfg.gateway.pong_timeout.as_millis() as u64,
+    );
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let expiry = token_exp.map(instant_of_unix).unwrap_or(far);
+    let mut next_ping = Instant::now() + cfg.gateway.ping_interval;
+    let mut pong_deadline: Option<Instant> = None;
+
+    let end = match send(&mut ws, Message::text(connect), cfg.gateway.write_timeout).await {
+        Err(end) => end,
+        Ok(()) => loop {
+            tokio::select! {
+                biased;
+                cmd = &mut close => {
+                    break match cmd {
+                        Ok(c) => End::Server { reason: c.reason, message: c.message },
+                        Err(_) => End::Server { reason: CloseReason::ServerError, message: "session handle dropped".into() },
+                    };
+                }
+                _ = sleep_until(expiry) => {
+                    break End::Server { reason: CloseReason::TokenExpired, message: "the token expired".into() };
+                }
+                _ = sleep_until(pong_deadline.unwrap_or(far)) => {
+                    break End::Server {
+                        reason: CloseReason::HeartbeatTimeout,
+                        message: "no answer to ping within the heartbeat timeout".into(),
+                    };
+                }
+                _ = sleep_until(next_ping) => {
+                    // Heartbeat settings are read at each ping, so a reload applies to live connections.
+                    let g = app.config().gateway.clone();
+                    let now = Instant::now();
+                    if pong_deadline.is_none() {
+                        pong_deadline = Some(now + g.pong_timeout);
+                    }
+                    next_ping = now + g.ping_interval;
+                    if let Err(end) = send(&mut ws, Message::Ping(Default::default()), g.write_timeout).await {
+                        break end;
+                    }
+                }
+                frame = outbound.recv() => {
+                    let Some(frame) = frame else { continue };
+                    if let Err(end) = send(&mut ws, frame, app.config().gateway.write_timeout).await {
+                        break end;
+                    }
+                }
+                msg = ws.next() => {
+                    match msg {
+                        None => break End::Abnormal { message: "connection ended without a close frame".into() },
+                        Some(Err(e)) => break map_error(e),
+                        Some(Ok(msg)) => {
+                            // Any frame is a sign of life.
+                            pong_deadline = None;
+                            if let Err(end) = handle_message(&app, &mut ws, msg).await {
+                                break end;
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    };
+
+    let (reason, code, message) = match &end {
+        End::Client { code, reason } => (CloseReason::ClientClose, *code, reason.clone()),
+        End::Server { reason, message } | End::Violation { reason, message } => {
+            (*reason, reason.code(), message.clone())
+        }
+        End::Abnormal { message } => (CloseReason::Abnormal, 1006, message.clone()),
+    };
+    let info = CloseInfo {
+        reason,
+        code,
+        message: message.clone(),
+    };
+    match app.lifecycle.record_close(&live.connection_id, &info).await {
+        Ok(true) => tracing::info!(
+            connection_id = %live.connection_id, user_id = %live.user_id,
+            reason = reason.as_str(), code, detail = %message, "connection closed"
+        ),
+        Ok(false) => tracing::debug!(connection_id = %live.connection_id, "close already recorded"),
+        Err(e) => tracing::error!(
+            connection_id = %live.connection_id, error = %e,
+            "cannot record closed connection; it will be closed out at the next start"
+        ),
+    }
+    app.registry.remove(&live);
+
+    let g = app.config().gateway.clone();
+    match end {
+        End::Client { .. } => {}
+        End::Server { reason, message } => {
+            if let Some(event) = reason.meta_event() {
+                let frame = protocol::closing_frame(event, reason.as_str(), code, &message);
+                let _ = send(&mut ws, Message::text(frame), g.write_timeout).await;
+            }
+            let _ = send(&mut ws, close_message(code, &message), g.write_timeout).await;
+        }
+        End::Violation { message, .. } => {
+            let _ = send(&mut ws, close_message(code, &message), g.write_timeout).await;
+        }
+        End::Abnormal { .. } => return,
+    }
+    drain(&mut ws, g.close_timeout).await;
+}
+
+/// Handles one frame from an open connection.
+async fn handle_message(app: &App, ws: &mut WsStream, msg: Message) -> Result<(), End> {
+    let write_timeout = app.config().gateway.write_timeout;
+    match msg {
+        Message::Text(text) => {
+            let reply = match protocol::parse_client_frame(text.as_str()) {
+                Ok(ClientFrame::Ping { id }) => {
+                    app.metrics.frames_received.get_or_create(&kind("ping")).inc();
+                    protocol::heartbeat_frame(id.as_ref())
+                }
+                Ok(ClientFrame::Auth { id, .. }) => {
+                    app.metrics.frames_received.get_or_create(&kind("auth")).inc();
+                    app.metrics.frame_error("already_authenticated");
+                    protocol::error_frame(
+                        "already_authenticated",
+                        "this connection is already authenticated",
+                        id.as_ref(),
+                    )
+                }
+                Ok(ClientFrame::Unknown { kind: k, id }) => {
+                    app.metrics.frames_received.get_or_create(&kind("unknown")).inc();
+                    app.metrics.frame_error("unknown_type");
+                    protocol::error_frame(
+                        "unknown_type",
+                        &format!("frame type `{k}` is not supported by this gateway"),
+                        id.as_ref(),
+                    )
+                }
+                Err(e) => {
+                    app.metrics.frame_error(e.code);
+                    protocol::error_frame(e.code, &e.message, None)
+                }
+            };
+            send(ws, Message::text(reply), write_timeout).await
+        }
+        Message::Binary(_) => {
+            app.metrics.frame_error("binary_frame");
+            let reply = protocol::error_frame(
+                "binary_not_supported",
+                "binary frames are not supported: send JSON in text frames",
+                None,
+            );
+            send(ws, Message::text(reply), write_timeout).await
+        }
+        Message::Close(frame) => Err(End::Client {
+            code: frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005),
+            reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+        }),
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+    }
+}
+
+fn kind(k: &str) -> crate::metrics::FrameLabel {
+    crate::metrics::FrameLabel { kind: k.to_string() }
+}
+
+fn map_error(e: WsError) -> End {
+    match e {
+        WsError::Capacity(c) => End::Violation {
+            reason: CloseReason::MessageTooBig,
+            message: c.to_string(),
+        },
+        WsError::Utf8 => End::Violation {
+            reason: CloseReason::InvalidUtf8,
+            message: "text message is not valid UTF-8".into(),
+        },
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Abnormal {
+            message: "connection reset without a close frame".into(),
+        },
+        WsError::Protocol(p) => End::Violation {
+            reason: CloseReason::ProtocolError,
+            message: p.to_string(),
+        },
+        WsError::Io(io) => End::Abnormal {
+            message: format!("connection lost: {io}"),
+        },
+        WsError::ConnectionClosed | WsError::AlreadyClosed => End::Abnormal {
+            message: "connection ended without a close frame".into(),
+        },
+        other => End::Violation {
+            reason: CloseReason::ProtocolError,
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Writes one message within the write timeout. A failed or slow write ends the session.
+async fn send(ws: &mut WsStream, msg: Message, limit: Duration) -> Result<(), End> {
+    match timeout(limit, ws.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Abnormal {
+            message: format!("write failed: {e}"),
+        }),
+        Err(_) => Err(End::Server {
+            reason: CloseReason::SlowConsumer,
+            message: "a write to the client timed out".into(),
+        }),
+    }
+}
+
+/// A close frame with `code` and `reason` cut to the 123 bytes a close frame allows.
+pub fn close_message(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason[..end].to_string().into(),
+    }))
+}
+
+/// Reads (and discards) until the peer finishes the close handshake, the
+/// stream ends, or `limit` passes. Reading is what flushes tungstenite's
+/// queued close reply.
+pub async fn drain(ws: &mut WsStream, limit: Duration) {
+    let _ = timeout(limit, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+fn instant_of_unix(secs: u64) -> Instant {
+    let now_ms = crate::now_ms().max(0) as u64;
+    let at_ms = secs.saturating_mul(1000);
+    Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms))
+}
+
+/// For a connection upgraded without a token: waits for an `auth` frame
+/// within `gateway.auth_timeout`, then admits and runs the session. An
+/// attempt that fails here never opened: it is logged and counted, and no
+/// lifecycle event is written.
+pub async fn authenticate_then_run(app: Arc<App>, mut ws: WsStream, remote: String, query_device: Option<String>) {
+    let cfg = app.config();
+    let outcome = timeout(cfg.gateway.auth_timeout, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return match protocol::parse_client_frame(text.as_str()) {
+                        Ok(ClientFrame::Auth { token, .. }) => Ok(token),
+                        Ok(_) => Err(("auth_required", "the first frame must be an `auth` frame".to_string())),
+                        Err(e) => Err(("malformed_auth", e.message)),
+                    };
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    return Err(("malformed_auth", "binary frames are not supported".to_string()))
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    return Err(("closed_before_auth", "the client left before authenticating".to_string()))
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    let token = match outcome {
+        Err(_) => {
+            return refuse(&app, &mut ws, &remote, 1008, "auth_timeout", "no auth frame before the deadline".into()).await
+        }
+        Ok(Err(("closed_before_auth", message))) => {
+            app.metrics.handshake_failed("closed_before_auth");
+            tracing::info!(remote = %remote, detail = %message, "connection attempt ended before auth");
+            return;
+        }
+        Ok(Err((reason, message))) => return refuse(&app, &mut ws, &remote, 1008, reason, message).await,
+        Ok(Ok(token)) => token,
+    };
+    if !app.accepting_connections() {
+        return refuse(&app, &mut ws, &remote, 1012, "service_unavailable", "the WebSocket service is not accepting connections".into()).await;
+    }
+    let secrets = app.secrets();
+    let claims = match verify_token(&token, secrets.jwt_secret.as_bytes(), cfg.auth.token_leeway) {
+        Ok(c) => c,
+        Err(e) => return refuse(&app, &mut ws, &remote, 1008, "bad_token", e.to_string()).await,
+    };
+    let device = claims.device.clone().or(query_device).unwrap_or_else(|| "default".into());
+    match app.admit(&claims.sub, &device, &remote, claims.exp) {
+        Ok(adm) => run(app, ws, adm).await,
+        Err(rejected) => refuse(&app, &mut ws, &remote, 1008, "device_policy", rejected.0).await,
+    }
+}
+
+/// Refuses a connection that never opened: counted, logged, told why, closed.
+async fn refuse(app: &App, ws: &mut WsStream, remote: &str, code: u16, reason: &'static str, message: String) {
+    app.metrics.handshake_failed(reason);
+    tracing::info!(remote = %remote, reason, detail = %message, "connection attempt refused before open");
+    let g = app.config().gateway.clone();
+    let frame = protocol::error_frame(reason, &message, None);
+    let _ = send(ws, Message::text(frame), g.write_timeout).await;
+    let _ = send(ws, close_message(code, &message), g.write_timeout).await;
+    drain(ws, g.close_timeout).await;
+}

@@ -1,0 +1,72 @@
+//! The admin API (admin token): config reload, live connections, webhook endpoints.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::ApiError;
+use crate::gateway::Registry;
+use crate::server::App;
+
+pub fn router() -> Router<Arc<App>> {
+    Router::new()
+        .route("/admin/reload", post(reload))
+        .route("/admin/connections", get(connections))
+        .route("/admin/webhooks", get(webhooks))
+        .route("/admin/webhooks/{name}/enable", post(enable))
+        .route("/admin/webhooks/{name}/retry-failed", post(retry_failed))
+}
+
+async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    match app.reload().await {
+        Ok(report) => Ok(Json(serde_json::to_value(report).map_err(ApiError::internal)?)),
+        Err(e) => Err(ApiError::new(
+            http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+            e.to_string(),
+        )),
+    }
+}
+
+async fn connections(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Json<Value> {
+    let mut sessions: Vec<_> = match q.get("user_id") {
+        Some(u) => app.registry.user_sessions(u),
+        None => app.registry.all(),
+    }
+    .iter()
+    .map(|s| Registry::view(s))
+    .collect();
+    sessions.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
+    Json(json!({ "count": sessions.len(), "connections": sessions }))
+}
+
+async fn webhooks(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({ "endpoints": app.outbox.views().await }))
+}
+
+async fn enable(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    app.outbox
+        .enable(&name)
+        .await
+        .ok_or_else(|| ApiError::not_found(format!("no webhook endpoint `{name}` in the config")))?;
+    Ok(Json(json!({ "name": name, "enabled": true })))
+}
+
+async fn retry_failed(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let n = app
+        .outbox
+        .retry_failed(&name)
+        .await
+        .ok_or_else(|| ApiError::not_found(format!("no webhook endpoint `{name}` in the config")))?;
+    Ok(Json(json!({ "name": name, "requeued": n })))
+}

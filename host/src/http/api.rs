@@ -1,0 +1,99 @@
+//! The server API used by the business server (API key): kick and presence.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::ApiError;
+use crate::gateway::CloseReason;
+use crate::server::App;
+use crate::storage::SessionRecord;
+
+pub fn router() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/users/{uid}/kick", post(kick))
+        .route("/v1/users/{uid}/presence", get(presence))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KickRequest {
+    /// Only this device's connections; all of the user's when absent.
+    #[serde(default)]
+    pub device_id: Option<String>,
+    /// Told to the client in the `meta` frame and the close frame.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KickResponse {
+    pub user_id: String,
+    /// Connection ids asked to close (close code 4002).
+    pub kicked: Vec<String>,
+}
+
+async fn kick(
+    State(app): State<Arc<App>>,
+    Path(uid): Path<String>,
+    body: Option<Json<KickRequest>>,
+) -> Result<Json<KickResponse>, ApiError> {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let message = req.reason.unwrap_or_else(|| "kicked by the server".into());
+    let mut kicked = Vec::new();
+    for s in app.registry.user_sessions(&uid) {
+        if req.device_id.as_deref().is_some_and(|d| d != s.device_id) {
+            continue;
+        }
+        if s.request_close(CloseReason::Kicked, message.clone()) {
+            kicked.push(s.connection_id.clone());
+        }
+    }
+    tracing::info!(user_id = %uid, count = kicked.len(), "kick requested through the API");
+    Ok(Json(KickResponse { user_id: uid, kicked }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct PresenceResponse {
+    pub user_id: String,
+    pub online: bool,
+    pub devices: u32,
+    pub connections: u32,
+    pub sessions: Vec<PresenceSession>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PresenceSession {
+    pub connection_id: String,
+    pub device_id: String,
+    pub node_id: String,
+    pub opened_at: String,
+}
+
+impl From<SessionRecord> for PresenceSession {
+    fn from(r: SessionRecord) -> Self {
+        PresenceSession {
+            connection_id: r.connection_id,
+            device_id: r.device_id,
+            node_id: r.node_id,
+            opened_at: crate::rfc3339_ms(r.opened_at),
+        }
+    }
+}
+
+async fn presence(
+    State(app): State<Arc<App>>,
+    Path(uid): Path<String>,
+) -> Result<Json<PresenceResponse>, ApiError> {
+    let (p, sessions) = app.storage.presence(&uid).await.map_err(ApiError::internal)?;
+    Ok(Json(PresenceResponse {
+        user_id: uid,
+        online: p.connections > 0,
+        devices: p.devices,
+        connections: p.connections,
+        sessions: sessions.into_iter().map(Into::into).collect(),
+    }))
+}

@@ -1,0 +1,126 @@
+//! The HTTP surfaces: the client WebSocket route, the server API (API key),
+//! the admin API (admin token) and operations (health, readiness, metrics).
+//!
+//! Each surface is a `fn router() -> Router<Arc<App>>`, merged in
+//! [`router`]. [`ApiError`] is the one error type at the edge: every error
+//! answers `{"error": {"code", "message"}}` with a stable `code`.
+
+pub mod admin;
+pub mod api;
+pub mod ops;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http::StatusCode;
+use serde_json::json;
+
+use crate::server::App;
+
+/// An error answered to an HTTP client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(what: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn internal(err: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %err, "internal error answering an API request");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the gateway log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            Json(json!({ "error": { "code": self.code, "message": self.message } })),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Requires a server API key.
+async fn require_api_key(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    match bearer(&req) {
+        Some(key) if app.secrets().api_key_ok(key) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing API key: send `Authorization: Bearer <key>`",
+        )
+        .into_response(),
+    }
+}
+
+/// Requires the admin token.
+async fn require_admin(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    match bearer(&req) {
+        Some(token) if app.secrets().admin_ok(token) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid admin token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing admin token: send `Authorization: Bearer <token>`",
+        )
+        .into_response(),
+    }
+}
+
+/// The whole HTTP surface of one gateway.
+pub fn router(app: Arc<App>) -> Router {
+    let max_body = app.config().server.max_body_size;
+    let api = api::router().route_layer(axum::middleware::from_fn_with_state(app.clone(), require_api_key));
+    let admin = admin::router().route_layer(axum::middleware::from_fn_with_state(app.clone(), require_admin));
+    Router::new()
+        .route("/v1/ws", get(crate::gateway::upgrade::handler))
+        .merge(api)
+        .merge(admin)
+        .merge(ops::router())
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(app)
+}

@@ -1,0 +1,48 @@
+//! plugboard: an IM gateway.
+//!
+//! The host holds clients' WebSocket connections, records their lifecycle
+//! exactly once, delivers events to the business server as signed webhooks
+//! from a durable outbox, and takes orders through an HTTP API.
+//!
+//! Layout:
+//! - [`config`]: compiled-in defaults, TOML file, environment; validation.
+//! - [`auth`]: client tokens (HS256 JWT), API keys, admin token, development secrets.
+//! - [`storage`]: the narrow durable interface and its SQLite implementation.
+//! - [`gateway`]: accept, upgrade and authenticate, the session task, the frame
+//!   protocol, the live-session registry, the lifecycle state machine.
+//! - [`outbox`]: event payloads, the per-endpoint delivery worker, signing.
+//! - [`http`]: routers for the server API, admin API and operations, and the
+//!   one error type at the HTTP edge.
+//! - [`server`]: wiring: starts everything, reloads config, shuts down in order.
+//! - [`metrics`]: the Prometheus registry of one gateway instance.
+//! - [`cli`]: the `plugboard` command line.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod metrics;
+pub mod outbox;
+pub mod server;
+pub mod storage;
+
+/// Milliseconds since the Unix epoch, from the wall clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A new typed id such as `conn_01JD…` or `evt_01JD…` (a ULID after the prefix),
+/// so a log line tells what an id names and ids sort by creation time.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new())
+}
+
+/// RFC 3339 timestamp with milliseconds, in UTC, for unix milliseconds.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}

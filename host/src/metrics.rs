@@ -1,0 +1,187 @@
+//! The Prometheus metrics of one gateway instance.
+//!
+//! Each [`Metrics`] owns its own registry (no global recorder), so several
+//! gateways in one process, as in tests, never mix their figures. Subsystems
+//! hold an `Arc<Metrics>` and update the fields directly; `GET /metrics`
+//! renders the registry as Prometheus text.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LifecycleLabel {
+    pub event: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointOutcomeLabel {
+    pub endpoint: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameLabel {
+    pub kind: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+fn lag_histogram() -> Histogram {
+    // 1 ms .. ~9 h
+    Histogram::new(exponential_buckets(0.001, 3.0, 18))
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: Gauge,
+    pub lifecycle_events: Family<LifecycleLabel, Counter>,
+    pub handshake_failures: Family<ReasonLabel, Counter>,
+    pub frames_received: Family<FrameLabel, Counter>,
+    pub frame_errors: Family<ReasonLabel, Counter>,
+    pub outbox_depth: Gauge,
+    pub webhook_attempts: Family<EndpointOutcomeLabel, Counter>,
+    pub webhook_latency_seconds: HistogramFamily<EndpointLabel>,
+    pub webhook_event_lag_seconds: HistogramFamily<EndpointLabel>,
+    pub webhook_pending: Family<EndpointLabel, Gauge>,
+    pub webhook_failed: Family<EndpointLabel, Gauge>,
+    pub webhook_endpoint_disabled: Family<EndpointLabel, Gauge>,
+    pub storage_commit_seconds: Histogram,
+    pub storage_batch_size: Histogram,
+    pub open_latency_seconds: Histogram,
+    pub config_reloads: Family<ReasonLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("plugboard");
+        let m = Metrics {
+            connections_open: Gauge::default(),
+            lifecycle_events: Family::default(),
+            handshake_failures: Family::default(),
+            frames_received: Family::default(),
+            frame_errors: Family::default(),
+            outbox_depth: Gauge::default(),
+            webhook_attempts: Family::default(),
+            webhook_latency_seconds: Family::new_with_constructor(latency_histogram),
+            webhook_event_lag_seconds: Family::new_with_constructor(lag_histogram),
+            webhook_pending: Family::default(),
+            webhook_failed: Family::default(),
+            webhook_endpoint_disabled: Family::default(),
+            storage_commit_seconds: latency_histogram(),
+            storage_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            open_latency_seconds: latency_histogram(),
+            config_reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("connections_open", "Open client connections", m.connections_open.clone());
+        r.register(
+            "lifecycle_events",
+            "Connection lifecycle events recorded, by event (opened/closed) and reason",
+            m.lifecycle_events.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "Connection attempts that never opened, by reason",
+            m.handshake_failures.clone(),
+        );
+        r.register("frames_received", "Client frames received, by type", m.frames_received.clone());
+        r.register("frame_errors", "Client frames answered with an error, by reason", m.frame_errors.clone());
+        r.register("outbox_depth", "Webhook deliveries pending across all endpoints", m.outbox_depth.clone());
+        r.register(
+            "webhook_attempts",
+            "Webhook delivery attempts, by endpoint and outcome",
+            m.webhook_attempts.clone(),
+        );
+        r.register(
+            "webhook_latency_seconds",
+            "Duration of one webhook request",
+            m.webhook_latency_seconds.clone(),
+        );
+        r.register(
+            "webhook_event_lag_seconds",
+            "Time from an event's creation to its successful delivery",
+            m.webhook_event_lag_seconds.clone(),
+        );
+        r.register("webhook_pending", "Deliveries pending per endpoint", m.webhook_pending.clone());
+        r.register(
+            "webhook_failed",
+            "Deliveries that exhausted their retries, per endpoint",
+            m.webhook_failed.clone(),
+        );
+        r.register(
+            "webhook_endpoint_disabled",
+            "1 when an endpoint is disabled (by 410, continuous failure or config)",
+            m.webhook_endpoint_disabled.clone(),
+        );
+        r.register(
+            "storage_commit_seconds",
+            "Duration of one storage transaction (a batch of writes)",
+            m.storage_commit_seconds.clone(),
+        );
+        r.register("storage_batch_size", "Writes grouped into one transaction", m.storage_batch_size.clone());
+        r.register(
+            "connection_open_seconds",
+            "Time from upgrade to the durable record of an open connection",
+            m.open_latency_seconds.clone(),
+        );
+        r.register("config_reloads", "Config reloads, by outcome", m.config_reloads.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn handshake_failed(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabel { reason: reason.to_string() })
+            .inc();
+    }
+
+    pub fn lifecycle(&self, event: &str, reason: &str) {
+        self.lifecycle_events
+            .get_or_create(&LifecycleLabel {
+                event: event.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn frame_error(&self, reason: &str) {
+        self.frame_errors
+            .get_or_create(&ReasonLabel { reason: reason.to_string() })
+            .inc();
+    }
+}

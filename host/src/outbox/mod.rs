@@ -1,0 +1,324 @@
+//! Webhook delivery from the durable outbox.
+//!
+//! Events are written to the outbox by [`crate::storage`] in the same
+//! transaction as the change that caused them; this module is the only reader.
+//! One [`worker`] per configured endpoint moves new events into that
+//! endpoint's delivery queue, sends them signed per Standard Webhooks,
+//! retries on the configured schedule with jitter, honours `Retry-After`,
+//! keeps per-user order, and disables an endpoint that answers 410 or fails
+//! for too long, saying so in the log, the metrics and the admin API.
+//! Nothing is dropped: a delivery that exhausts its retries is kept as
+//! `failed` and can be queued again through the admin API.
+
+pub mod sign;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{OutboxConfig, WebhookConfig};
+use crate::metrics::{EndpointLabel, Metrics};
+use crate::storage::Storage;
+
+/// Wakes the delivery workers when new events were committed. Waking is
+/// level-triggered (a counter in a watch channel), so a wake-up that comes
+/// while a worker is busy is not lost.
+#[derive(Clone)]
+pub struct Wakeup(Arc<watch::Sender<u64>>);
+
+impl Default for Wakeup {
+    fn default() -> Self {
+        Wakeup(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl Wakeup {
+    pub fn wake(&self) {
+        self.0.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+/// What the workers share.
+pub(crate) struct Shared {
+    pub storage: Arc<dyn Storage>,
+    pub metrics: Arc<Metrics>,
+    pub wakeup: Wakeup,
+    pub client: reqwest::Client,
+    pub settings: ArcSwap<OutboxConfig>,
+}
+
+struct WorkerHandle {
+    config: Arc<ArcSwap<WebhookConfig>>,
+    /// Set when the endpoint was disabled at run time (410, continuous failure).
+    disabled: Arc<AtomicBool>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// An endpoint as shown by `GET /admin/webhooks`.
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub name: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub enabled_in_config: bool,
+    pub disabled: bool,
+    pub disabled_at: Option<String>,
+    pub disabled_reason: Option<String>,
+    pub failing_since: Option<String>,
+    pub pending: i64,
+    pub failed: i64,
+    pub delivered_total: i64,
+    pub oldest_pending_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// The delivery service: one worker per endpoint, reconciled on reload.
+pub struct Outbox {
+    shared: Arc<Shared>,
+    workers: Mutex<HashMap<String, WorkerHandle>>,
+    maintenance: CancellationToken,
+}
+
+impl Outbox {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        metrics: Arc<Metrics>,
+        wakeup: Wakeup,
+        settings: OutboxConfig,
+    ) -> anyhow::Result<Outbox> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("plugboard/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(64)
+            .build()?;
+        Ok(Outbox {
+            shared: Arc::new(Shared {
+                storage,
+                metrics,
+                wakeup,
+                client,
+                settings: ArcSwap::from_pointee(settings),
+            }),
+            workers: Mutex::new(HashMap::new()),
+            maintenance: CancellationToken::new(),
+        })
+    }
+
+    /// Starts the background pruning of delivered events.
+    pub fn start_maintenance(self: &Arc<Self>) {
+        let this = self.clone();
+        let stop = self.maintenance.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+                let names = this.names();
+                if let Err(e) = this.shared.storage.outbox_prune(names).await {
+                    tracing::warn!(error = %e, "outbox pruning failed");
+                }
+            }
+        });
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Applies the endpoint list and delivery settings: starts workers for new
+    /// endpoints, updates changed ones in place, stops removed ones (their
+    /// queued deliveries stay in storage and resume if the name comes back).
+    pub fn reconcile(&self, endpoints: &[WebhookConfig], settings: &OutboxConfig) {
+        self.shared.settings.store(Arc::new(settings.clone()));
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|name, w| {
+            let keep = endpoints.iter().any(|e| &e.name == name);
+            if !keep {
+                tracing::info!(endpoint = %name, "webhook endpoint removed from config; its queue is kept");
+                w.stop.cancel();
+            }
+            keep
+        });
+        for ep in endpoints {
+            let label = EndpointLabel { endpoint: ep.name.clone() };
+            match workers.get(&ep.name) {
+                Some(w) => {
+                    if **w.config.load() != *ep {
+                        tracing::info!(endpoint = %ep.name, "webhook endpoint updated");
+                        w.config.store(Arc::new(ep.clone()));
+                    }
+                }
+                None => {
+                    let config = Arc::new(ArcSwap::from_pointee(ep.clone()));
+                    let disabled = Arc::new(AtomicBool::new(false));
+                    let stop = CancellationToken::new();
+                    let task = tokio::spawn(worker::run(
+                        self.shared.clone(),
+                        config.clone(),
+                        disabled.clone(),
+                        stop.clone(),
+                    ));
+                    workers.insert(
+                        ep.name.clone(),
+                        WorkerHandle { config, disabled, stop, task },
+                    );
+                }
+            }
+            let off = !ep.enabled
+                || workers
+                    .get(&ep.name)
+                    .is_some_and(|w| w.disabled.load(Ordering::Relaxed));
+            self.shared
+                .metrics
+                .webhook_endpoint_disabled
+                .get_or_create(&label)
+                .set(i64::from(off));
+        }
+        self.shared.wakeup.wake();
+    }
+
+    /// Re-enables an endpoint disabled at run time; its backlog is sent again.
+    pub async fn enable(&self, name: &str) -> Option<()> {
+        let disabled = self.handle_flag(name)?;
+        if let Err(e) = self
+            .shared
+            .storage
+            .endpoint_set_disabled(name, None, crate::now_ms())
+            .await
+        {
+            tracing::error!(endpoint = %name, error = %e, "cannot re-enable endpoint");
+            return None;
+        }
+        disabled.store(false, Ordering::Release);
+        self.shared
+            .metrics
+            .webhook_endpoint_disabled
+            .get_or_create(&EndpointLabel { endpoint: name.to_string() })
+            .set(0);
+        tracing::info!(endpoint = %name, "webhook endpoint re-enabled");
+        self.shared.wakeup.wake();
+        Some(())
+    }
+
+    /// Queues an endpoint's failed deliveries again. Returns how many.
+    pub async fn retry_failed(&self, name: &str) -> Option<usize> {
+        self.handle_flag(name)?;
+        let n = self
+            .shared
+            .storage
+            .endpoint_retry_failed(name, crate::now_ms())
+            .await
+            .ok()?;
+        self.shared.wakeup.wake();
+        Some(n)
+    }
+
+    fn handle_flag(&self, name: &str) -> Option<Arc<AtomicBool>> {
+        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.get(name).map(|w| w.disabled.clone())
+    }
+
+    /// State and counts of every configured endpoint; also refreshes the gauges.
+    pub async fn views(&self) -> Vec<EndpointView> {
+        let configs: Vec<(WebhookConfig, bool)> = {
+            let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut v: Vec<_> = workers
+                .values()
+                .map(|w| ((**w.config.load()).clone(), w.disabled.load(Ordering::Acquire)))
+                .collect();
+            v.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+            v
+        };
+        let mut out = Vec::new();
+        let mut depth = 0;
+        for (cfg, runtime_disabled) in configs {
+            let state = self
+                .shared
+                .storage
+                .endpoint_state(&cfg.name)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let label = EndpointLabel { endpoint: cfg.name.clone() };
+            let m = &self.shared.metrics;
+            m.webhook_pending.get_or_create(&label).set(state.pending);
+            m.webhook_failed.get_or_create(&label).set(state.failed);
+            depth += state.pending;
+            let ts = |v: Option<i64>| v.map(crate::rfc3339_ms);
+            out.push(EndpointView {
+                disabled: runtime_disabled || !cfg.enabled,
+                name: cfg.name,
+                url: cfg.url,
+                events: cfg.events,
+                enabled_in_config: cfg.enabled,
+                disabled_at: ts(state.disabled_at),
+                disabled_reason: state.disabled_reason,
+                failing_since: ts(state.failing_since),
+                pending: state.pending,
+                failed: state.failed,
+                delivered_total: state.delivered_total,
+                oldest_pending_at: ts(state.oldest_pending_at),
+                last_error: state.last_error,
+            });
+        }
+        self.shared.metrics.outbox_depth.set(depth);
+        out
+    }
+
+    /// Waits until every enabled endpoint has nothing due or in flight, or
+    /// `limit` passes. Returns what is still outstanding.
+    pub async fn flush(&self, limit: Duration) -> i64 {
+        let deadline = tokio::time::Instant::now() + limit;
+        let names: Vec<String> = {
+            let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            workers
+                .iter()
+                .filter(|(_, w)| w.config.load().enabled && !w.disabled.load(Ordering::Acquire))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        loop {
+            self.shared.wakeup.wake();
+            let left = self
+                .shared
+                .storage
+                .deliveries_outstanding(names.clone(), crate::now_ms())
+                .await
+                .unwrap_or(i64::MAX);
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every worker. In-flight requests are abandoned; their leases
+    /// lapse and they are sent again after the next start.
+    pub async fn stop(&self) {
+        self.maintenance.cancel();
+        let handles: Vec<WorkerHandle> = {
+            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            workers.drain().map(|(_, w)| w).collect()
+        };
+        for h in &handles {
+            h.stop.cancel();
+        }
+        for h in handles {
+            let _ = h.task.await;
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The delivery worker of one endpoint.
+//!
+//! Loop: move new outbox events into the endpoint's queue, claim what is
+//! due (at most one event per user at a time, so per-user order holds),
+//! send each claim as one signed request (a batch when `batch_max > 1`),
+//! settle the outcome in storage, and sleep until the next wake-up, the next
+//! due retry, or a new event. Up to `outbox.max_in_flight` requests run at
+//! once, each for different users.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::sign::sign;
+use super::Shared;
+use crate::config::{OutboxConfig, WebhookConfig};
+use crate::metrics::{EndpointLabel, EndpointOutcomeLabel};
+use crate::storage::{ClaimedEvent, Settlement};
+
+/// Longest the worker sleeps without checking storage.
+const MAX_IDLE: Duration = Duration::from_secs(5);
+/// Outbox rows considered per fan-out step.
+const FANOUT_STEP: usize = 1000;
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    config: Arc<ArcSwap<WebhookConfig>>,
+    disabled: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let name = config.load().name.clone();
+    let state = loop {
+        match shared.storage.endpoint_register(&name).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::error!(endpoint = %name, error = %e, "cannot register webhook endpoint; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    if let Some(reason) = &state.disabled_reason {
+        tracing::warn!(endpoint = %name, reason = %reason, "webhook endpoint is disabled; re-enable it through the admin API");
+        disabled.store(true, Ordering::Release);
+        shared
+            .metrics
+            .webhook_endpoint_disabled
+            .get_or_create(&EndpointLabel { endpoint: name.clone() })
+            .set(1);
+    }
+    let mut wake = shared.wakeup.subscribe();
+    let mut inflight: JoinSet<()> = JoinSet::new();
+    loop {
+        let cfg = config.load_full();
+        let settings = shared.settings.load_full();
+        // 1. Move new events into this endpoint's queue.
+        let accepts = {
+            let cfg = cfg.clone();
+            Arc::new(move |t: &str| cfg.accepts(t)) as Arc<dyn Fn(&str) -> bool + Send + Sync>
+        };
+        loop {
+            match shared.storage.endpoint_fanout(&name, accepts.clone(), FANOUT_STEP).await {
+                Ok(n) if n == FANOUT_STEP => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(endpoint = %name, error = %e, "webhook fan-out failed");
+                    break;
+                }
+            }
+        }
+        // 2. Claim and send what is due.
+        let mut idle = MAX_IDLE;
+        if cfg.enabled && !disabled.load(Ordering::Acquire) {
+            let per_request = cfg.batch_max.max(1);
+            while inflight.len() < settings.max_in_flight {
+                let now = crate::now_ms();
+                let lease = now + (settings.request_timeout + Duration::from_secs(5)).as_millis() as i64;
+                let claimed = match shared
+                    .storage
+                    .deliveries_claim(&name, now, per_request, lease)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(endpoint = %name, error = %e, "cannot claim deliveries");
+                        break;
+                    }
+                };
+                if claimed.is_empty() {
+                    break;
+                }
+                inflight.spawn(deliver(
+                    shared.clone(),
+                    cfg.clone(),
+                    settings.clone(),
+                    disabled.clone(),
+                    claimed,
+                ));
+            }
+            if let Ok(Some(next)) = shared.storage.deliveries_next_due(&name).await {
+                let wait = (next - crate::now_ms()).max(0) as u64;
+                idle = idle.min(Duration::from_millis(wait));
+            }
+        }
+        // 3. Wait for something to do.
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+            changed = wake.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if cfg.batch_max > 1 && !cfg.batch_linger.is_zero() {
+                    tokio::time::sleep(cfg.batch_linger).await;
+                }
+            }
+            _ = tokio::time::sleep(idle), if inflight.len() < settings.max_in_flight => {}
+        }
+    }
+    inflight.abort_all();
+}
+
+/// What one request came to.
+enum Outcome {
+    Success,
+    Gone,
+    Failure {
+        label: &'static str,
+        error: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+fn envelope(e: &ClaimedEvent) -> String {
+    format!(
+        r#"{{"id":{},"type":{},"timestamp":{},"data":{}}}"#,
+        json_str(&e.id),
+        json_str(&e.event_type),
+        json_str(&crate::rfc3339_ms(e.created_at)),
+        e.data
+    )
+}
+
+/// The webhook id and body of a request carrying `events`.
+pub fn request_body(events: &[ClaimedEvent], endpoint_batches: bool) -> (String, String) {
+    if !endpoint_batches && events.len() == 1 {
+        return (events[0].id.clone(), envelope(&events[0]));
+    }
+    let first = &events[0];
+    let id = format!("bat_{}", first.id.trim_start_matches("evt_"));
+    let items: Vec<String> = events.iter().map(envelope).collect();
+    let body = format!(
+        r#"{{"id":{},"type":"batch","timestamp":{},"data":{{"events":[{}]}}}}"#,
+        json_str(&id),
+        json_str(&crate::rfc3339_ms(crate::now_ms())),
+        items.join(",")
+    );
+    (id, body)
+}
+
+fn parse_retry_after(v: &reqwest::header::HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
+async fn deliver(
+    shared: Arc<Shared>,
+    cfg: Arc<WebhookConfig>,
+    settings: Arc<OutboxConfig>,
+    disabled: Arc<AtomicBool>,
+    events: Vec<ClaimedEvent>,
+) {
+    let (id, body) = request_body(&events, cfg.batch_max > 1);
+    let timestamp = crate::now_ms() / 1000;
+    let signature = sign(&cfg.key(), &id, timestamp, body.as_bytes());
+    let started = Instant::now();
+    let result = shared
+        .client
+        .post(&cfg.url)
+        .timeout(settings.request_timeout)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    let endpoint = EndpointLabel { endpoint: cfg.name.clone() };
+    shared
+        .metrics
+        .webhook_latency_seconds
+        .get_or_create(&endpoint)
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = match result {
+        Ok(resp) if resp.status().is_success() => Outcome::Success,
+        Ok(resp) if resp.status() == reqwest::StatusCode::GONE => Outcome::Gone,
+        Ok(resp) => {
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(parse_retry_after);
+            Outcome::Failure {
+                label: if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                    "rate_limited"
+                } else {
+                    "http_error"
+                },
+                error: format!("HTTP {status}"),
+                retry_after,
+            }
+        }
+        Err(e) => Outcome::Failure {
+            label: if e.is_timeout() { "timeout" } else { "network_error" },
+            error: format!("request failed: {}", error_chain(&e)),
+            retry_after: None,
+        },
+    };
+    let label = match &outcome {
+        Outcome::Success => "success",
+        Outcome::Gone => "gone",
+        Outcome::Failure { label, .. } => label,
+    };
+    shared
+        .metrics
+        .webhook_attempts
+        .get_or_create(&EndpointOutcomeLabel {
+            endpoint: cfg.name.clone(),
+            outcome: label.to_string(),
+        })
+        .inc();
+
+    let now = crate::now_ms();
+    let attempts_made = events.iter().map(|e| e.attempts).max().unwrap_or(0) as usize + 1;
+    let (settlement, disable_reason) = match &outcome {
+        Outcome::Success => (Settlement::Delivered, None),
+        Outcome::Gone => (
+            Settlement::Retry { next_at: now, error: "HTTP 410 Gone".into() },
+            Some("the endpoint answered 410 Gone".to_string()),
+        ),
+        Outcome::Failure { error, retry_after, .. } => {
+            if attempts_made >= settings.retry_schedule.len() {
+                tracing::warn!(
+                    endpoint = %cfg.name, webhook_id = %id, attempts = attempts_made, error = %error,
+                    "webhook delivery failed after its last retry; kept as failed"
+                );
+                (Settlement::Failed { error: error.clone() }, None)
+            } else {
+                let mut delay = jittered(settings.retry_schedule[attempts_made], settings.jitter);
+                if let Some(ra) = retry_after {
+                    delay = delay.max((*ra).min(settings.max_retry_after));
+                }
+                tracing::debug!(endpoint = %cfg.name, webhook_id = %id, error = %error, retry_in = ?delay, "webhook delivery failed; will retry");
+                (
+                    Settlement::Retry {
+                        next_at: now + delay.as_millis() as i64,
+                        error: error.clone(),
+                    },
+                    None,
+                )
+            }
+        }
+    };
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    match shared.storage.deliveries_settle(&cfg.name, seqs, settlement, now).await {
+        Ok(failing_since) => {
+            if matches!(outcome, Outcome::Success) {
+                let lag = shared.metrics.webhook_event_lag_seconds.get_or_create(&endpoint);
+                for e in &events {
+                    lag.observe(((now - e.created_at).max(0) as f64) / 1000.0);
+                }
+            }
+            let reason = disable_reason.or_else(|| {
+                failing_since
+                    .filter(|since| now - since >= settings.disable_after.as_millis() as i64)
+                    .map(|since| {
+                        format!(
+                            "failing continuously since {} (outbox.disable_after = {})",
+                            crate::rfc3339_ms(since),
+                            humantime::format_duration(settings.disable_after)
+                        )
+                    })
+            });
+            if let Some(reason) = reason {
+                if !disabled.swap(true, Ordering::AcqRel) {
+                    tracing::error!(endpoint = %cfg.name, reason = %reason, "webhook endpoint disabled; its events are kept until it is re-enabled");
+                    shared.metrics.webhook_endpoint_disabled.get_or_create(&endpoint).set(1);
+                    if let Err(e) = shared
+                        .storage
+                        .endpoint_set_disabled(&cfg.name, Some(reason), now)
+                        .await
+                    {
+                        tracing::error!(endpoint = %cfg.name, error = %e, "cannot record endpoint as disabled");
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::error!(
+            endpoint = %cfg.name, webhook_id = %id, error = %e,
+            "cannot record delivery outcome; the delivery will be attempted again"
+        ),
+    }
+}
+
+fn jittered(base: Duration, jitter: f64) -> Duration {
+    if base.is_zero() || jitter == 0.0 {
+        return base;
+    }
+    let factor = rand::thread_rng().gen_range((1.0 - jitter)..=(1.0 + jitter));
+    base.mul_f64(factor)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

@@ -1,0 +1,363 @@
+//! Wiring: starts a gateway on a given listener, reloads its config, and
+//! shuts it down in order.
+//!
+//! Start-up: open storage, close out sessions a crash left open, start the
+//! webhook workers, then accept. Shutdown: refuse new upgrades (503), tell
+//! every live client why and close it (1001), wait a bounded time for the
+//! close handshakes, stop accepting, flush the outbox within a bound, stop
+//! the workers. Whatever is not delivered stays in storage for the next start.
+//!
+//! The listener and the shutdown trigger are arguments, so tests run the
+//! real server on port 0 and stop it on demand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::auth::Secrets;
+use crate::config::Config;
+use crate::gateway::lifecycle::{CloseInfo, Lifecycle};
+use crate::gateway::registry::{LiveSession, Rejected};
+use crate::gateway::session::Admitted;
+use crate::gateway::{CloseReason, Registry};
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::outbox::{Outbox, Wakeup};
+use crate::storage::{SqliteStorage, Storage};
+
+/// Everything a request handler or session task can reach.
+pub struct App {
+    /// The config in force; replaced whole by a reload.
+    config: ArcSwap<Config>,
+    /// Where the config was read from, for reloads (`None`: defaults and environment only).
+    config_path: Option<PathBuf>,
+    secrets: ArcSwap<Secrets>,
+    pub storage: Arc<dyn Storage>,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Lifecycle,
+    pub outbox: Arc<Outbox>,
+    /// Every upgraded connection's task, so shutdown can wait for them.
+    pub sessions: TaskTracker,
+    /// Set once shutdown starts; never cleared.
+    shutting_down: AtomicBool,
+    /// Serialises reloads.
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// What a reload did.
+#[derive(Debug, Serialize)]
+pub struct ReloadReport {
+    pub applied: bool,
+    /// Keys that changed but need a restart; their old values stay in force.
+    pub restart_required: Vec<&'static str>,
+    pub websocket_enabled: bool,
+    /// Connections told to close because the service was disabled.
+    pub drained: usize,
+    pub webhook_endpoints: usize,
+}
+
+impl App {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn secrets(&self) -> Arc<Secrets> {
+        self.secrets.load_full()
+    }
+
+    /// Why new connections are refused right now, if they are.
+    pub fn not_accepting_reason(&self) -> Option<&'static str> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            Some("the gateway is shutting down")
+        } else if !self.config.load().gateway.enabled {
+            Some("the WebSocket service is disabled")
+        } else {
+            None
+        }
+    }
+
+    pub fn accepting_connections(&self) -> bool {
+        self.not_accepting_reason().is_none()
+    }
+
+    /// Applies the multi-device policy to a new authenticated connection and
+    /// registers it (not yet open).
+    pub fn admit(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        remote: &str,
+        token_exp: Option<u64>,
+    ) -> Result<Admitted, Rejected> {
+        let cfg = self.config();
+        let (live, outbound, close) = LiveSession::new(
+            crate::new_id("conn"),
+            user_id.to_string(),
+            device_id.to_string(),
+            remote.to_string(),
+            cfg.gateway.outbound_queue,
+        );
+        let displaces = self.registry.admit(live.clone(), &cfg.gateway.devices)?;
+        Ok(Admitted {
+            live,
+            outbound,
+            close,
+            token_exp,
+            displaces,
+        })
+    }
+
+    /// Asks every live session to close for `reason`. Returns how many were asked.
+    pub fn drain_all(&self, reason: CloseReason, message: &str) -> usize {
+        self.registry
+            .all()
+            .iter()
+            .filter(|s| s.request_close(reason, message))
+            .count()
+    }
+
+    /// Re-reads the config and applies what can change live.
+    pub async fn reload(&self) -> anyhow::Result<ReloadReport> {
+        let _guard = self.reload_lock.lock().await;
+        let result = self.reload_inner();
+        let label = ReasonLabel {
+            reason: if result.is_ok() { "ok" } else { "error" }.into(),
+        };
+        self.metrics.config_reloads.get_or_create(&label).inc();
+        match &result {
+            Ok(r) => tracing::info!(
+                restart_required = ?r.restart_required, websocket_enabled = r.websocket_enabled,
+                drained = r.drained, "config reloaded"
+            ),
+            Err(e) => tracing::error!(error = %e, "config reload refused; the old config stays in force"),
+        }
+        result
+    }
+
+    fn reload_inner(&self) -> anyhow::Result<ReloadReport> {
+        let old = self.config();
+        let mut new = Config::load(self.config_path.as_deref())?;
+        let restart_required = old.restart_required_changes(&new);
+        new.data_dir = old.data_dir.clone();
+        new.node_id = old.node_id.clone();
+        new.server = old.server.clone();
+        new.log = old.log.clone();
+        let secrets = Secrets::resolve(&new, |text| println!("{text}"))?;
+        let was_enabled = old.gateway.enabled;
+        let enabled = new.gateway.enabled;
+        let endpoints = new.webhooks.len();
+        self.outbox.reconcile(&new.webhooks, &new.outbox);
+        self.secrets.store(Arc::new(secrets));
+        self.config.store(Arc::new(new));
+        let drained = if was_enabled && !enabled {
+            tracing::warn!("WebSocket service disabled by reload; draining every connection");
+            self.drain_all(
+                CloseReason::ServiceDisabled,
+                "the WebSocket service was disabled by the operator",
+            )
+        } else {
+            if !was_enabled && enabled {
+                tracing::info!("WebSocket service re-enabled by reload");
+            }
+            0
+        };
+        Ok(ReloadReport {
+            applied: true,
+            restart_required,
+            websocket_enabled: enabled,
+            drained,
+            webhook_endpoints: endpoints,
+        })
+    }
+}
+
+/// A running gateway.
+pub struct Server {
+    app: Arc<App>,
+    local_addr: SocketAddr,
+    stop_accepting: CancellationToken,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Starts a gateway on `listener` with `config`.
+    pub async fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+        listener: TcpListener,
+    ) -> anyhow::Result<Server> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
+        })?;
+        let secrets = Secrets::resolve(&config, |text| println!("{text}"))?;
+        let metrics = Arc::new(Metrics::new());
+        let db_path = config.data_dir.join("plugboard.db");
+        let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&db_path, Some(metrics.clone()))?);
+        let wakeup = Wakeup::default();
+        let lifecycle = Lifecycle::new(
+            storage.clone(),
+            metrics.clone(),
+            wakeup.clone(),
+            config.node_id.clone(),
+        );
+        let recovered = lifecycle.recover_crashed().await?;
+        if recovered > 0 {
+            tracing::warn!(
+                count = recovered,
+                "closed connections left open by a previous run that did not shut down cleanly"
+            );
+        }
+        let outbox = Arc::new(Outbox::new(
+            storage.clone(),
+            metrics.clone(),
+            wakeup,
+            config.outbox.clone(),
+        )?);
+        outbox.reconcile(&config.webhooks, &config.outbox);
+        outbox.start_maintenance();
+        let header_read_timeout = config.server.header_read_timeout;
+        let app = Arc::new(App {
+            config: ArcSwap::from_pointee(config),
+            config_path,
+            secrets: ArcSwap::from_pointee(secrets),
+            storage,
+            registry: Registry::new(),
+            metrics,
+            lifecycle,
+            outbox,
+            sessions: TaskTracker::new(),
+            shutting_down: AtomicBool::new(false),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let local_addr = listener.local_addr()?;
+        let stop_accepting = CancellationToken::new();
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            crate::http::router(app.clone()),
+            header_read_timeout,
+            stop_accepting.clone(),
+        ));
+        tracing::info!(addr = %local_addr, "plugboard listening");
+        Ok(Server {
+            app,
+            local_addr,
+            stop_accepting,
+            accept_task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Graceful shutdown, bounded by `shutdown.drain_timeout` and
+    /// `shutdown.outbox_flush_timeout`.
+    pub async fn shutdown(self) {
+        let app = self.app;
+        let cfg = app.config();
+        app.shutting_down.store(true, Ordering::Release);
+        let asked = app.drain_all(CloseReason::Shutdown, "the gateway is shutting down");
+        tracing::info!(connections = asked, "shutting down: closing every connection");
+        app.sessions.close();
+        if tokio::time::timeout(cfg.shutdown.drain_timeout, app.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = app.registry.len(),
+                "drain timeout passed before every close handshake completed"
+            );
+        }
+        // Sessions still registered did not get to record their close: record it for them.
+        let info = CloseInfo {
+            reason: CloseReason::Shutdown,
+            code: CloseReason::Shutdown.code(),
+            message: "the gateway shut down before the close handshake completed".into(),
+        };
+        for s in app.registry.all() {
+            if s.is_opened() {
+                let _ = app.lifecycle.record_close(&s.connection_id, &info).await;
+            }
+            app.registry.remove(&s);
+        }
+        self.stop_accepting.cancel();
+        let _ = self.accept_task.await;
+        let left = app.outbox.flush(cfg.shutdown.outbox_flush_timeout).await;
+        if left > 0 {
+            tracing::warn!(
+                outstanding = left,
+                "outbox not fully delivered before shutdown; the rest is sent after the next start"
+            );
+        }
+        app.outbox.stop().await;
+        tracing::info!("shutdown complete");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    router: axum::Router,
+    header_read_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(remote));
+            router.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(remote = %remote, error = %e, "HTTP connection ended with an error");
+                    }
+                }
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), connections.wait()).await;
+}

@@ -1,0 +1,705 @@
+//! The embedded SQLite implementation of [`Storage`].
+//!
+//! One writer thread owns the write connection. Concurrent writes queue up
+//! and the thread runs as many as are waiting in one transaction (each inside
+//! its own savepoint, so one failing write does not undo the others), commits
+//! once, and only then answers them: durability costs one fsync per batch,
+//! not per write. Reads use a separate connection (WAL lets them run beside
+//! the writer).
+//!
+//! Delivery queue: a row per (endpoint, event). Only the oldest pending row
+//! of each order key is ever due (`next_at` holds a time); the rows behind it
+//! hold [`NOT_HEAD`]. Settling the head promotes the next row of its key.
+//! This keeps per-user order without scanning the rows that wait.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    ClaimedEvent, EndpointState, EventFilter, NewEvent, Presence, Result, SessionEvents, SessionRecord,
+    Settlement, Storage, StorageError,
+};
+use crate::metrics::Metrics;
+
+/// `next_at` of a delivery row waiting behind an earlier one of its key.
+const NOT_HEAD: i64 = i64::MAX;
+
+/// Most writes grouped into one transaction.
+const MAX_BATCH: usize = 1024;
+
+type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS sessions (
+    connection_id TEXT PRIMARY KEY,
+    user_id       TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    node_id       TEXT NOT NULL,
+    opened_at     INTEGER NOT NULL,
+    remote_addr   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id);
+CREATE INDEX IF NOT EXISTS sessions_by_node ON sessions(node_id);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    type       TEXT NOT NULL,
+    order_key  TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    data       TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS endpoints (
+    name            TEXT PRIMARY KEY,
+    cursor          INTEGER NOT NULL,
+    disabled_at     INTEGER,
+    disabled_reason TEXT,
+    failing_since   INTEGER,
+    delivered_total INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT
+);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    endpoint   TEXT NOT NULL,
+    event_seq  INTEGER NOT NULL,
+    order_key  TEXT NOT NULL,
+    state      TEXT NOT NULL,            -- 'pending' | 'failed'
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    next_at    INTEGER NOT NULL,
+    leased     INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    PRIMARY KEY (endpoint, event_seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(endpoint, state, next_at, event_seq);
+CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries(endpoint, order_key, state, event_seq);
+"#;
+
+/// SQLite storage: a writer thread plus a read connection.
+pub struct SqliteStorage {
+    jobs: mpsc::Sender<Job>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn open_connection(path: &Path) -> std::result::Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is synced at every commit, so an acknowledged write survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+impl SqliteStorage {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path, metrics: Option<Arc<Metrics>>) -> Result<SqliteStorage> {
+        let open_err = |e: rusqlite::Error| StorageError::Open {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let writer = open_connection(path).map_err(open_err)?;
+        writer.execute_batch(SCHEMA).map_err(open_err)?;
+        // Leases held by a previous process are void: make those deliveries due now.
+        writer
+            .execute(
+                "UPDATE deliveries SET next_at = ?1, leased = 0 WHERE leased = 1",
+                params![crate::now_ms()],
+            )
+            .map_err(open_err)?;
+        let reader = open_connection(path).map_err(open_err)?;
+        let (tx, rx) = mpsc::channel::<Job>(8192);
+        std::thread::Builder::new()
+            .name("plugboard-sqlite-writer".into())
+            .spawn(move || writer_loop(writer, rx, metrics))
+            .map_err(|e| StorageError::Open {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(SqliteStorage {
+            jobs: tx,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// Runs `f` in the next write transaction; resolves after the commit.
+    async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn: &Connection| {
+            let result = in_savepoint(conn, f);
+            Box::new(move |commit: std::result::Result<(), String>| {
+                let out = match (result, commit) {
+                    (Err(e), _) => Err(StorageError::Sqlite(e)),
+                    (Ok(_), Err(e)) => Err(StorageError::Commit(e)),
+                    (Ok(v), Ok(())) => Ok(v),
+                };
+                let _ = tx.send(out);
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Runs `f` on the read connection off the async runtime.
+    async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(StorageError::from)
+        })
+        .await
+        .map_err(|_| StorageError::Closed)?
+    }
+}
+
+fn in_savepoint<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+) -> rusqlite::Result<R> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            Err(e)
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, metrics: Option<Arc<Metrics>>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let size = batch.len();
+        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {
+                let completions: Vec<Completion> = batch.into_iter().map(|j| j(&conn)).collect();
+                let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+                if commit.is_err() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                for c in completions {
+                    c(commit.clone());
+                }
+                commit
+            }
+            Err(e) => {
+                // Could not even start: fail every job without running it.
+                let msg = e.to_string();
+                for job in batch {
+                    // Run nothing; answer with the error.
+                    drop(job);
+                }
+                Err(msg)
+            }
+        };
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "storage commit failed");
+        }
+        if let Some(m) = &metrics {
+            m.storage_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            m.storage_batch_size.observe(size as f64);
+        }
+    }
+}
+
+fn insert_events(conn: &Connection, events: &[NewEvent]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO outbox (id, type, order_key, created_at, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for e in events {
+        stmt.execute(params![
+            e.id,
+            e.event_type,
+            e.order_key,
+            e.created_at,
+            e.data.to_string()
+        ])?;
+    }
+    Ok(())
+}
+
+fn presence_of(conn: &Connection, user_id: &str) -> rusqlite::Result<Presence> {
+    conn.prepare_cached(
+        "SELECT COUNT(*), COUNT(DISTINCT device_id) FROM sessions WHERE user_id = ?1",
+    )?
+    .query_row(params![user_id], |r| {
+        Ok(Presence {
+            connections: r.get(0)?,
+            devices: r.get(1)?,
+        })
+    })
+}
+
+fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    Ok(SessionRecord {
+        connection_id: r.get(0)?,
+        user_id: r.get(1)?,
+        device_id: r.get(2)?,
+        node_id: r.get(3)?,
+        opened_at: r.get(4)?,
+        remote_addr: r.get(5)?,
+    })
+}
+
+const SESSION_COLUMNS: &str = "connection_id, user_id, device_id, node_id, opened_at, remote_addr";
+
+fn close_one(
+    conn: &Connection,
+    connection_id: &str,
+    events: &SessionEvents,
+) -> rusqlite::Result<Option<Presence>> {
+    let record = conn
+        .prepare_cached(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE connection_id = ?1"
+        ))?
+        .query_row(params![connection_id], session_from_row)
+        .optional()?;
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    conn.prepare_cached("DELETE FROM sessions WHERE connection_id = ?1")?
+        .execute(params![connection_id])?;
+    let presence = presence_of(conn, &record.user_id)?;
+    insert_events(conn, &events(&record, presence))?;
+    Ok(Some(presence))
+}
+
+/// Makes the oldest pending delivery of `key` due at `now` (after its predecessor settled).
+fn promote_head(conn: &Connection, name: &str, key: &str, now: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE deliveries SET next_at = ?3
+         WHERE endpoint = ?1 AND event_seq = (
+             SELECT MIN(event_seq) FROM deliveries
+             WHERE endpoint = ?1 AND order_key = ?2 AND state = 'pending')
+           AND next_at = ?4",
+    )?
+    .execute(params![name, key, now, NOT_HEAD])?;
+    Ok(())
+}
+
+fn endpoint_state_of(conn: &Connection, name: &str) -> rusqlite::Result<Option<EndpointState>> {
+    let state = conn
+        .prepare_cached(
+            "SELECT name, cursor, disabled_at, disabled_reason, failing_since, delivered_total, last_error
+             FROM endpoints WHERE name = ?1",
+        )?
+        .query_row(params![name], |r| {
+            Ok(EndpointState {
+                name: r.get(0)?,
+                cursor: r.get(1)?,
+                disabled_at: r.get(2)?,
+                disabled_reason: r.get(3)?,
+                failing_since: r.get(4)?,
+                delivered_total: r.get(5)?,
+                last_error: r.get(6)?,
+                ..Default::default()
+            })
+        })
+        .optional()?;
+    let Some(mut state) = state else {
+        return Ok(None);
+    };
+    let (pending, failed): (i64, i64) = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'failed'), 0)
+             FROM deliveries WHERE endpoint = ?1",
+        )?
+        .query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    state.pending = pending;
+    state.failed = failed;
+    state.oldest_pending_at = conn
+        .prepare_cached(
+            "SELECT o.created_at FROM deliveries d JOIN outbox o ON o.seq = d.event_seq
+             WHERE d.endpoint = ?1 AND d.state = 'pending' ORDER BY d.event_seq LIMIT 1",
+        )?
+        .query_row(params![name], |r| r.get(0))
+        .optional()?;
+    Ok(Some(state))
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    async fn open_session(&self, record: SessionRecord, events: SessionEvents) -> Result<Presence> {
+        self.write(move |conn| {
+            conn.prepare_cached(&format!(
+                "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))?
+            .execute(params![
+                record.connection_id,
+                record.user_id,
+                record.device_id,
+                record.node_id,
+                record.opened_at,
+                record.remote_addr
+            ])?;
+            let presence = presence_of(conn, &record.user_id)?;
+            insert_events(conn, &events(&record, presence))?;
+            Ok(presence)
+        })
+        .await
+    }
+
+    async fn close_session(
+        &self,
+        connection_id: &str,
+        events: SessionEvents,
+    ) -> Result<Option<Presence>> {
+        let id = connection_id.to_string();
+        self.write(move |conn| close_one(conn, &id, &events)).await
+    }
+
+    async fn close_node_sessions(&self, node_id: &str, events: SessionEvents) -> Result<usize> {
+        let node = node_id.to_string();
+        self.write(move |conn| {
+            let ids: Vec<String> = conn
+                .prepare("SELECT connection_id FROM sessions WHERE node_id = ?1 ORDER BY opened_at")?
+                .query_map(params![node], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut closed = 0;
+            for id in ids {
+                if close_one(conn, &id, &events)?.is_some() {
+                    closed += 1;
+                }
+            }
+            Ok(closed)
+        })
+        .await
+    }
+
+    async fn presence(&self, user_id: &str) -> Result<(Presence, Vec<SessionRecord>)> {
+        let user = user_id.to_string();
+        self.read(move |conn| {
+            let sessions: Vec<SessionRecord> = conn
+                .prepare_cached(&format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions WHERE user_id = ?1 ORDER BY opened_at"
+                ))?
+                .query_map(params![user], session_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            let presence = presence_of(conn, &user)?;
+            Ok((presence, sessions))
+        })
+        .await
+    }
+
+    async fn endpoint_register(&self, name: &str) -> Result<EndpointState> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO endpoints (name, cursor)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) FROM outbox))",
+                params![name],
+            )?;
+            Ok(endpoint_state_of(conn, &name)?.unwrap_or_default())
+        })
+        .await
+    }
+
+    async fn endpoint_fanout(
+        &self,
+        name: &str,
+        accepts: EventFilter,
+        limit: usize,
+    ) -> Result<usize> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            let cursor: i64 = conn
+                .prepare_cached("SELECT cursor FROM endpoints WHERE name = ?1")?
+                .query_row(params![name], |r| r.get(0))?;
+            let rows: Vec<(i64, String, String)> = conn
+                .prepare_cached(
+                    "SELECT seq, type, order_key FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )?
+                .query_map(params![cursor, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let Some(last) = rows.last().map(|r| r.0) else {
+                return Ok(0);
+            };
+            let now = crate::now_ms();
+            let mut has_pending = conn.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM deliveries
+                 WHERE endpoint = ?1 AND order_key = ?2 AND state = 'pending')",
+            )?;
+            let mut insert = conn.prepare_cached(
+                "INSERT OR IGNORE INTO deliveries (endpoint, event_seq, order_key, state, next_at)
+                 VALUES (?1, ?2, ?3, 'pending', ?4)",
+            )?;
+            for (seq, event_type, key) in &rows {
+                if !accepts(event_type) {
+                    continue;
+                }
+                let behind: bool = has_pending.query_row(params![name, key], |r| r.get(0))?;
+                let next_at = if behind { NOT_HEAD } else { now };
+                insert.execute(params![name, seq, key, next_at])?;
+            }
+            conn.prepare_cached("UPDATE endpoints SET cursor = ?2 WHERE name = ?1")?
+                .execute(params![name, last])?;
+            Ok(rows.len())
+        })
+        .await
+    }
+
+    async fn deliveries_claim(
+        &self,
+        name: &str,
+        now: i64,
+        limit: usize,
+        lease_until: i64,
+    ) -> Result<Vec<ClaimedEvent>> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            let claimed: Vec<ClaimedEvent> = conn
+                .prepare_cached(
+                    "SELECT d.event_seq, o.id, o.type, d.order_key, o.created_at, o.data, d.attempts
+                     FROM deliveries d JOIN outbox o ON o.seq = d.event_seq
+                     WHERE d.endpoint = ?1 AND d.state = 'pending' AND d.next_at <= ?2
+                     ORDER BY d.next_at, d.event_seq LIMIT ?3",
+                )?
+                .query_map(params![name, now, limit as i64], |r| {
+                    Ok(ClaimedEvent {
+                        seq: r.get(0)?,
+                        id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        order_key: r.get(3)?,
+                        created_at: r.get(4)?,
+                        data: r.get(5)?,
+                        attempts: r.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut lease = conn.prepare_cached(
+                "UPDATE deliveries SET next_at = ?3, leased = 1 WHERE endpoint = ?1 AND event_seq = ?2",
+            )?;
+            for c in &claimed {
+                lease.execute(params![name, c.seq, lease_until])?;
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn deliveries_next_due(&self, name: &str) -> Result<Option<i64>> {
+        let name = name.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT MIN(next_at) FROM deliveries
+                 WHERE endpoint = ?1 AND state = 'pending' AND next_at < ?2",
+            )?
+            .query_row(params![name, NOT_HEAD], |r| r.get(0))
+        })
+        .await
+    }
+
+    async fn deliveries_settle(
+        &self,
+        name: &str,
+        seqs: Vec<i64>,
+        outcome: Settlement,
+        now: i64,
+    ) -> Result<Option<i64>> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            let mut key_of = conn.prepare_cached(
+                "SELECT order_key FROM deliveries WHERE endpoint = ?1 AND event_seq = ?2",
+            )?;
+            for seq in &seqs {
+                let key: Option<String> = key_of
+                    .query_row(params![name, seq], |r| r.get(0))
+                    .optional()?;
+                let Some(key) = key else { continue };
+                match &outcome {
+                    Settlement::Delivered => {
+                        conn.prepare_cached(
+                            "DELETE FROM deliveries WHERE endpoint = ?1 AND event_seq = ?2",
+                        )?
+                        .execute(params![name, seq])?;
+                        promote_head(conn, &name, &key, now)?;
+                    }
+                    Settlement::Retry { next_at, error } => {
+                        conn.prepare_cached(
+                            "UPDATE deliveries SET attempts = attempts + 1, next_at = ?3, leased = 0,
+                             last_error = ?4 WHERE endpoint = ?1 AND event_seq = ?2",
+                        )?
+                        .execute(params![name, seq, next_at, error])?;
+                    }
+                    Settlement::Failed { error } => {
+                        conn.prepare_cached(
+                            "UPDATE deliveries SET attempts = attempts + 1, state = 'failed',
+                             next_at = ?3, leased = 0, last_error = ?4
+                             WHERE endpoint = ?1 AND event_seq = ?2",
+                        )?
+                        .execute(params![name, seq, now, error])?;
+                        promote_head(conn, &name, &key, now)?;
+                    }
+                }
+            }
+            match &outcome {
+                Settlement::Delivered => {
+                    conn.prepare_cached(
+                        "UPDATE endpoints SET failing_since = NULL,
+                         delivered_total = delivered_total + ?2 WHERE name = ?1",
+                    )?
+                    .execute(params![name, seqs.len() as i64])?;
+                }
+                Settlement::Retry { error, .. } | Settlement::Failed { error } => {
+                    conn.prepare_cached(
+                        "UPDATE endpoints SET failing_since = COALESCE(failing_since, ?2),
+                         last_error = ?3 WHERE name = ?1",
+                    )?
+                    .execute(params![name, now, error])?;
+                }
+            }
+            conn.prepare_cached("SELECT failing_since FROM endpoints WHERE name = ?1")?
+                .query_row(params![name], |r| r.get(0))
+                .optional()
+                .map(Option::flatten)
+        })
+        .await
+    }
+
+    async fn endpoint_set_disabled(
+        &self,
+        name: &str,
+        reason: Option<String>,
+        now: i64,
+    ) -> Result<()> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            match reason {
+                Some(reason) => {
+                    conn.execute(
+                        "UPDATE endpoints SET disabled_at = ?2, disabled_reason = ?3 WHERE name = ?1",
+                        params![name, now, reason],
+                    )?;
+                }
+                None => {
+                    conn.execute(
+                        "UPDATE endpoints SET disabled_at = NULL, disabled_reason = NULL,
+                         failing_since = NULL WHERE name = ?1",
+                        params![name],
+                    )?;
+                    // Heads waiting in backoff become due now.
+                    conn.execute(
+                        "UPDATE deliveries SET next_at = ?2
+                         WHERE endpoint = ?1 AND state = 'pending' AND leased = 0
+                           AND next_at > ?2 AND next_at < ?3",
+                        params![name, now, NOT_HEAD],
+                    )?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn endpoint_retry_failed(&self, name: &str, now: i64) -> Result<usize> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            let n = conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?2
+                 WHERE endpoint = ?1 AND state = 'failed'",
+                params![name, NOT_HEAD],
+            )?;
+            // A key with no head (no pending row holding a time) gets its oldest row promoted.
+            conn.execute(
+                "UPDATE deliveries SET next_at = ?2
+                 WHERE endpoint = ?1 AND state = 'pending' AND event_seq IN (
+                     SELECT MIN(event_seq) FROM deliveries
+                     WHERE endpoint = ?1 AND state = 'pending'
+                     GROUP BY order_key HAVING SUM(next_at < ?3) = 0)",
+                params![name, now, NOT_HEAD],
+            )?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn endpoint_state(&self, name: &str) -> Result<Option<EndpointState>> {
+        let name = name.to_string();
+        self.read(move |conn| endpoint_state_of(conn, &name)).await
+    }
+
+    async fn deliveries_outstanding(&self, names: Vec<String>, now: i64) -> Result<i64> {
+        self.read(move |conn| {
+            let mut total = 0i64;
+            let mut stmt = conn.prepare_cached(
+                "SELECT COUNT(*) FROM deliveries
+                 WHERE endpoint = ?1 AND state = 'pending' AND (next_at <= ?2 OR leased = 1)",
+            )?;
+            let mut unfanned = conn.prepare_cached(
+                "SELECT (SELECT COALESCE(MAX(seq), 0) FROM outbox) - cursor FROM endpoints WHERE name = ?1",
+            )?;
+            for name in &names {
+                total += stmt.query_row(params![name, now], |r| r.get::<_, i64>(0))?;
+                total += unfanned
+                    .query_row(params![name], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .unwrap_or(0);
+            }
+            Ok(total)
+        })
+        .await
+    }
+
+    async fn outbox_depth(&self) -> Result<i64> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn outbox_prune(&self, names: Vec<String>) -> Result<usize> {
+        self.write(move |conn| {
+            let mut floor = i64::MAX;
+            for name in &names {
+                let cursor: Option<i64> = conn
+                    .query_row(
+                        "SELECT cursor FROM endpoints WHERE name = ?1",
+                        params![name],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                floor = floor.min(cursor.unwrap_or(0));
+            }
+            if names.is_empty() {
+                floor = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))?;
+            }
+            conn.execute(
+                "DELETE FROM outbox WHERE seq <= ?1
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = outbox.seq)",
+                params![floor],
+            )
+        })
+        .await
+    }
+}

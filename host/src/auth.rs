@@ -56,11 +56,12 @@ pub fn verify_token(token: &str, secret: &[u8], leeway: Duration) -> Result<Clai
     validation.required_spec_claims = ["sub".to_string()].into_iter().collect();
     validation.validate_exp = true;
     validation.validate_nbf = true;
-    let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret), &validation)
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-            _ => TokenError::Invalid(e.to_string()),
-        })?;
+    let data =
+        jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret), &validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid(e.to_string()),
+            })?;
     let claims = data.claims;
     if !valid_id(&claims.sub) {
         return Err(TokenError::Invalid(format!(
@@ -76,7 +77,12 @@ pub fn verify_token(token: &str, secret: &[u8], leeway: Duration) -> Result<Clai
 }
 
 /// Mints a client token for `user` (used by `plugboard token` and tests).
-pub fn mint_token(user: &str, device: Option<&str>, ttl: Option<Duration>, secret: &[u8]) -> String {
+pub fn mint_token(
+    user: &str,
+    device: Option<&str>,
+    ttl: Option<Duration>,
+    secret: &[u8],
+) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -88,8 +94,12 @@ pub fn mint_token(user: &str, device: Option<&str>, ttl: Option<Duration>, secre
         nbf: None,
         device: device.map(str::to_string),
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
-        .expect("HS256 encoding cannot fail")
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("HS256 encoding cannot fail")
 }
 
 /// The credentials in force: from the config, or generated for development.
@@ -135,7 +145,9 @@ impl Secrets {
         };
         let pick = |configured: &str, dev_value: fn(&DevSecrets) -> &str| {
             if configured.is_empty() {
-                dev.as_ref().map(|d| dev_value(d).to_string()).unwrap_or_default()
+                dev.as_ref()
+                    .map(|d| dev_value(d).to_string())
+                    .unwrap_or_default()
             } else {
                 configured.to_string()
             }
@@ -152,7 +164,9 @@ impl Secrets {
     }
 
     pub fn api_key_ok(&self, presented: &str) -> bool {
-        self.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), presented.as_bytes()))
+        self.api_keys
+            .iter()
+            .any(|k| constant_time_eq(k.as_bytes(), presented.as_bytes()))
     }
 
     pub fn admin_ok(&self, presented: &str) -> bool {
@@ -213,7 +227,12 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_reject_tampering() {
         let secret = b"0123456789abcdef0123456789abcdef";
-        let t = mint_token("alice", Some("phone"), Some(Duration::from_secs(60)), secret);
+        let t = mint_token(
+            "alice",
+            Some("phone"),
+            Some(Duration::from_secs(60)),
+            secret,
+        );
         let c = verify_token(&t, secret, Duration::ZERO).unwrap();
         assert_eq!(c.sub, "alice");
         assert_eq!(c.device_id(), "phone");

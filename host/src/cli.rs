@@ -11,7 +11,11 @@ use crate::config::{Config, LogFormat};
 use crate::server::Server;
 
 #[derive(Debug, Parser)]
-#[command(name = "plugboard", version, about = "An IM gateway with sandboxed WebAssembly plugins")]
+#[command(
+    name = "plugboard",
+    version,
+    about = "An IM gateway with sandboxed WebAssembly plugins"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -461,7 +461,10 @@ impl Config {
             ("gateway.ping_interval", g.ping_interval),
             ("gateway.pong_timeout", g.pong_timeout),
             ("gateway.close_timeout", g.close_timeout),
-            ("server.header_read_timeout", self.server.header_read_timeout),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
             ("outbox.request_timeout", self.outbox.request_timeout),
             ("outbox.disable_after", self.outbox.disable_after),
         ];
@@ -471,7 +474,10 @@ impl Config {
             }
         }
         if g.max_frame_size < 128 {
-            return Err(key_err("gateway.max_frame_size", "must be at least 128 bytes"));
+            return Err(key_err(
+                "gateway.max_frame_size",
+                "must be at least 128 bytes",
+            ));
         }
         if g.max_message_size < g.max_frame_size {
             return Err(key_err(
@@ -510,7 +516,10 @@ impl Config {
             }
         }
         if !self.auth.admin_token.is_empty() && self.auth.admin_token.len() < 16 {
-            return Err(key_err("auth.admin_token", "must be at least 16 characters"));
+            return Err(key_err(
+                "auth.admin_token",
+                "must be at least 16 characters",
+            ));
         }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 32 {
             return Err(key_err("auth.jwt_secret", "must be at least 32 bytes"));
@@ -629,9 +638,7 @@ fn apply_env(
 /// Parses a byte size: an integer, or a string like `64KiB`, `1MiB`, `512B`.
 pub fn parse_size(text: &str) -> Result<usize, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: usize = num
         .parse()
@@ -641,7 +648,11 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         "KiB" | "K" | "KB" => 1024,
         "MiB" | "M" | "MB" => 1024 * 1024,
         "GiB" | "G" | "GB" => 1024 * 1024 * 1024,
-        other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KiB, MiB, GiB)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("`{text}` is too large"))
@@ -702,10 +713,19 @@ mod tests {
     #[test]
     fn unknown_and_bad_keys_are_named() {
         check_err("[gateway]\npign_interval = \"5s\"", "gateway.pign_interval");
-        check_err("[gateway]\nping_interval = \"soon\"", "gateway.ping_interval");
+        check_err(
+            "[gateway]\nping_interval = \"soon\"",
+            "gateway.ping_interval",
+        );
         check_err("bogus = 1", "bogus");
-        check_err("[gateway]\nmax_frame_size = \"10XB\"", "gateway.max_frame_size");
-        check_err("[gateway.devices]\nsame_device = \"maybe\"", "gateway.devices.same_device");
+        check_err(
+            "[gateway]\nmax_frame_size = \"10XB\"",
+            "gateway.max_frame_size",
+        );
+        check_err(
+            "[gateway.devices]\nsame_device = \"maybe\"",
+            "gateway.devices.same_device",
+        );
         check_err(
             "[[webhooks]]\nname = \"a\"\nurl = \"ftp://x\"\nsecret = \"whsec_MDEyMzQ1Njc4OWFiY2RlZg==\"",
             "webhooks[0].url",
@@ -724,8 +744,14 @@ mod tests {
     #[test]
     fn env_overrides_file() {
         let env = vec![
-            ("PLUGBOARD_GATEWAY__PING_INTERVAL".to_string(), "3s".to_string()),
-            ("PLUGBOARD_GATEWAY__OUTBOUND_QUEUE".to_string(), "7".to_string()),
+            (
+                "PLUGBOARD_GATEWAY__PING_INTERVAL".to_string(),
+                "3s".to_string(),
+            ),
+            (
+                "PLUGBOARD_GATEWAY__OUTBOUND_QUEUE".to_string(),
+                "7".to_string(),
+            ),
             ("PLUGBOARD_NODE_ID".to_string(), "edge-2".to_string()),
             ("PLUGBOARD_CONFIG".to_string(), "ignored.toml".to_string()),
         ];

@@ -101,7 +101,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("connections_open", "Open client connections", m.connections_open.clone());
+        r.register(
+            "connections_open",
+            "Open client connections",
+            m.connections_open.clone(),
+        );
         r.register(
             "lifecycle_events",
             "Connection lifecycle events recorded, by event (opened/closed) and reason",
@@ -112,9 +116,21 @@ impl Metrics {
             "Connection attempts that never opened, by reason",
             m.handshake_failures.clone(),
         );
-        r.register("frames_received", "Client frames received, by type", m.frames_received.clone());
-        r.register("frame_errors", "Client frames answered with an error, by reason", m.frame_errors.clone());
-        r.register("outbox_depth", "Webhook deliveries pending across all endpoints", m.outbox_depth.clone());
+        r.register(
+            "frames_received",
+            "Client frames received, by type",
+            m.frames_received.clone(),
+        );
+        r.register(
+            "frame_errors",
+            "Client frames answered with an error, by reason",
+            m.frame_errors.clone(),
+        );
+        r.register(
+            "outbox_depth",
+            "Webhook deliveries pending across all endpoints",
+            m.outbox_depth.clone(),
+        );
         r.register(
             "webhook_attempts",
             "Webhook delivery attempts, by endpoint and outcome",
@@ -130,7 +146,11 @@ impl Metrics {
             "Time from an event's creation to its successful delivery",
             m.webhook_event_lag_seconds.clone(),
         );
-        r.register("webhook_pending", "Deliveries pending per endpoint", m.webhook_pending.clone());
+        r.register(
+            "webhook_pending",
+            "Deliveries pending per endpoint",
+            m.webhook_pending.clone(),
+        );
         r.register(
             "webhook_failed",
             "Deliveries that exhausted their retries, per endpoint",
@@ -146,13 +166,21 @@ impl Metrics {
             "Duration of one storage transaction (a batch of writes)",
             m.storage_commit_seconds.clone(),
         );
-        r.register("storage_batch_size", "Writes grouped into one transaction", m.storage_batch_size.clone());
+        r.register(
+            "storage_batch_size",
+            "Writes grouped into one transaction",
+            m.storage_batch_size.clone(),
+        );
         r.register(
             "connection_open_seconds",
             "Time from upgrade to the durable record of an open connection",
             m.open_latency_seconds.clone(),
         );
-        r.register("config_reloads", "Config reloads, by outcome", m.config_reloads.clone());
+        r.register(
+            "config_reloads",
+            "Config reloads, by outcome",
+            m.config_reloads.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -166,7 +194,9 @@ impl Metrics {
 
     pub fn handshake_failed(&self, reason: &str) {
         self.handshake_failures
-            .get_or_create(&ReasonLabel { reason: reason.to_string() })
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
             .inc();
     }
 
@@ -181,7 +211,9 @@ impl Metrics {
 
     pub fn frame_error(&self, reason: &str) {
         self.frame_errors
-            .get_or_create(&ReasonLabel { reason: reason.to_string() })
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
             .inc();
     }
 }

@@ -141,7 +141,9 @@ impl App {
                 restart_required = ?r.restart_required, websocket_enabled = r.websocket_enabled,
                 drained = r.drained, "config reloaded"
             ),
-            Err(e) => tracing::error!(error = %e, "config reload refused; the old config stays in force"),
+            Err(e) => {
+                tracing::error!(error = %e, "config reload refused; the old config stays in force")
+            }
         }
         result
     }
@@ -204,7 +206,8 @@ impl Server {
         let secrets = Secrets::resolve(&config, |text| println!("{text}"))?;
         let metrics = Arc::new(Metrics::new());
         let db_path = config.data_dir.join("plugboard.db");
-        let storage: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&db_path, Some(metrics.clone()))?);
+        let storage: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&db_path, Some(metrics.clone()))?);
         let wakeup = Wakeup::default();
         let lifecycle = Lifecycle::new(
             storage.clone(),
@@ -273,7 +276,10 @@ impl Server {
         let cfg = app.config();
         app.shutting_down.store(true, Ordering::Release);
         let asked = app.drain_all(CloseReason::Shutdown, "the gateway is shutting down");
-        tracing::info!(connections = asked, "shutting down: closing every connection");
+        tracing::info!(
+            connections = asked,
+            "shutting down: closing every connection"
+        );
         app.sessions.close();
         if tokio::time::timeout(cfg.shutdown.drain_timeout, app.sessions.wait())
             .await

@@ -1,1 +1,19 @@
+//! Integration tests: a real gateway process, real WebSocket clients over
+//! real sockets, a real webhook receiver. One binary, one module per area.
 
+mod churn;
+mod config;
+mod drain;
+mod frames;
+mod lifecycle;
+mod ops;
+mod webhooks;
+
+use plugboard_tests::{Gateway, GatewayOptions, Receiver};
+
+/// A gateway with a webhook receiver, and optional extra TOML.
+pub async fn setup(extra: &str) -> (Gateway, Receiver) {
+    let rx = Receiver::start().await;
+    let gw = Gateway::start(GatewayOptions::with_receiver(&rx.url).extra(extra)).await;
+    (gw, rx)
+}

@@ -135,8 +135,18 @@ fn event(event_type: &str, order_key: &str, data: serde_json::Value) -> NewEvent
 }
 
 impl Lifecycle {
-    pub fn new(storage: Arc<dyn Storage>, metrics: Arc<Metrics>, wakeup: Wakeup, node_id: String) -> Self {
-        Lifecycle { storage, metrics, wakeup, node_id }
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        metrics: Arc<Metrics>,
+        wakeup: Wakeup,
+        node_id: String,
+    ) -> Self {
+        Lifecycle {
+            storage,
+            metrics,
+            wakeup,
+            node_id,
+        }
     }
 
     pub fn node_id(&self) -> &str {
@@ -197,7 +207,11 @@ impl Lifecycle {
 
     /// Records the end of a connection. Returns false (and records nothing)
     /// when it was already recorded as closed.
-    pub async fn record_close(&self, connection_id: &str, info: &CloseInfo) -> Result<bool, StorageError> {
+    pub async fn record_close(
+        &self,
+        connection_id: &str,
+        info: &CloseInfo,
+    ) -> Result<bool, StorageError> {
         let closed = self
             .storage
             .close_session(connection_id, close_events(info.clone()))
@@ -216,7 +230,9 @@ impl Lifecycle {
         let info = CloseInfo {
             reason: CloseReason::GatewayCrash,
             code: CloseReason::GatewayCrash.code(),
-            message: "the gateway stopped without closing this connection; closed at the next start".into(),
+            message:
+                "the gateway stopped without closing this connection; closed at the next start"
+                    .into(),
         };
         let n = self
             .storage

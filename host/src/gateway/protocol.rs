@@ -159,11 +159,17 @@ mod tests {
         );
         check(
             r#"{"type":"auth","token":"t"}"#,
-            Ok(ClientFrame::Auth { token: "t".into(), id: None }),
+            Ok(ClientFrame::Auth {
+                token: "t".into(),
+                id: None,
+            }),
         );
         check(
             r#"{"type":"send"}"#,
-            Ok(ClientFrame::Unknown { kind: "send".into(), id: None }),
+            Ok(ClientFrame::Unknown {
+                kind: "send".into(),
+                id: None,
+            }),
         );
         check("{", Err("malformed_frame"));
         check("[]", Err("malformed_frame"));

@@ -61,7 +61,11 @@ impl LiveSession {
         device_id: String,
         remote_addr: String,
         queue: usize,
-    ) -> (Arc<LiveSession>, mpsc::Receiver<Message>, oneshot::Receiver<CloseCommand>) {
+    ) -> (
+        Arc<LiveSession>,
+        mpsc::Receiver<Message>,
+        oneshot::Receiver<CloseCommand>,
+    ) {
         let (out_tx, out_rx) = mpsc::channel(queue);
         let (close_tx, close_rx) = oneshot::channel();
         let s = Arc::new(LiveSession {
@@ -144,7 +148,9 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("count", &self.len()).finish()
+        f.debug_struct("Registry")
+            .field("count", &self.len())
+            .finish()
     }
 }
 
@@ -169,7 +175,10 @@ impl Registry {
         session: Arc<LiveSession>,
         policy: &DevicesConfig,
     ) -> Result<Vec<Arc<LiveSession>>, Rejected> {
-        let mut shard = self.shard(&session.user_id).lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self
+            .shard(&session.user_id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let existing = shard.entry(session.user_id.clone()).or_default();
         let mut victims: Vec<Arc<LiveSession>> = Vec::new();
         let same: Vec<Arc<LiveSession>> = existing
@@ -214,8 +223,11 @@ impl Registry {
                 DeviceLimitPolicy::ReplaceOldest => {
                     devices.sort_by_key(|(_, t)| *t);
                     let excess = total - policy.max_devices;
-                    let drop: Vec<String> =
-                        devices.iter().take(excess).map(|(d, _)| d.to_string()).collect();
+                    let drop: Vec<String> = devices
+                        .iter()
+                        .take(excess)
+                        .map(|(d, _)| d.to_string())
+                        .collect();
                     victims.extend(
                         existing
                             .iter()
@@ -232,7 +244,10 @@ impl Registry {
 
     /// Removes a session (idempotent).
     pub fn remove(&self, session: &LiveSession) {
-        let mut shard = self.shard(&session.user_id).lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self
+            .shard(&session.user_id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(list) = shard.get_mut(&session.user_id) {
             let before = list.len();
             list.retain(|s| s.connection_id != session.connection_id);
@@ -246,7 +261,10 @@ impl Registry {
     }
 
     pub fn user_sessions(&self, user_id: &str) -> Vec<Arc<LiveSession>> {
-        let shard = self.shard(user_id).lock().unwrap_or_else(|p| p.into_inner());
+        let shard = self
+            .shard(user_id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         shard.get(user_id).cloned().unwrap_or_default()
     }
 
@@ -285,11 +303,22 @@ mod tests {
     use super::*;
 
     fn session(user: &str, device: &str) -> Arc<LiveSession> {
-        LiveSession::new(crate::new_id("conn"), user.into(), device.into(), "test".into(), 4).0
+        LiveSession::new(
+            crate::new_id("conn"),
+            user.into(),
+            device.into(),
+            "test".into(),
+            4,
+        )
+        .0
     }
 
     fn policy(max: usize, same: SameDevicePolicy, full: DeviceLimitPolicy) -> DevicesConfig {
-        DevicesConfig { max_devices: max, same_device: same, when_full: full }
+        DevicesConfig {
+            max_devices: max,
+            same_device: same,
+            when_full: full,
+        }
     }
 
     #[test]
@@ -318,7 +347,11 @@ mod tests {
     #[test]
     fn device_limit_policies() {
         let r = Registry::new();
-        let p = policy(2, SameDevicePolicy::Replace, DeviceLimitPolicy::ReplaceOldest);
+        let p = policy(
+            2,
+            SameDevicePolicy::Replace,
+            DeviceLimitPolicy::ReplaceOldest,
+        );
         let a = session("u", "a");
         r.admit(a.clone(), &p).unwrap();
         r.admit(session("u", "b"), &p).unwrap();

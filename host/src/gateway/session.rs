@@ -48,9 +48,15 @@ enum End {
     /// The client sent a close frame.
     Client { code: u16, reason: String },
     /// The server decided to close (request, timer).
-    Server { reason: CloseReason, message: String },
+    Server {
+        reason: CloseReason,
+        message: String,
+    },
     /// The client broke a rule the server answers with a close code.
-    Violation { reason: CloseReason, message: String },
+    Violation {
+        reason: CloseReason,
+        message: String,
+    },
     /// The socket is gone.
     Abnormal { message: String },
 }
@@ -68,7 +74,12 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
     let started = StdInstant::now();
     if let Err(e) = app
         .lifecycle
-        .record_open(&live.connection_id, &live.user_id, &live.device_id, &live.remote_addr)
+        .record_open(
+            &live.connection_id,
+            &live.user_id,
+            &live.device_id,
+            &live.remote_addr,
+        )
         .await
     {
         tracing::error!(connection_id = %live.connection_id, error = %e, "cannot record open connection; refusing it");
@@ -95,7 +106,10 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
     for victim in displaces {
         victim.request_close(
             CloseReason::Replaced,
-            format!("replaced by connection {} of the same user", live.connection_id),
+            format!(
+                "replaced by connection {} of the same user",
+                live.connection_id
+            ),
         );
     }
 
@@ -217,11 +231,17 @@ async fn handle_message(app: &App, ws: &mut WsStream, msg: Message) -> Result<()
         Message::Text(text) => {
             let reply = match protocol::parse_client_frame(text.as_str()) {
                 Ok(ClientFrame::Ping { id }) => {
-                    app.metrics.frames_received.get_or_create(&kind("ping")).inc();
+                    app.metrics
+                        .frames_received
+                        .get_or_create(&kind("ping"))
+                        .inc();
                     protocol::heartbeat_frame(id.as_ref())
                 }
                 Ok(ClientFrame::Auth { id, .. }) => {
-                    app.metrics.frames_received.get_or_create(&kind("auth")).inc();
+                    app.metrics
+                        .frames_received
+                        .get_or_create(&kind("auth"))
+                        .inc();
                     app.metrics.frame_error("already_authenticated");
                     protocol::error_frame(
                         "already_authenticated",
@@ -230,7 +250,10 @@ async fn handle_message(app: &App, ws: &mut WsStream, msg: Message) -> Result<()
                     )
                 }
                 Ok(ClientFrame::Unknown { kind: k, id }) => {
-                    app.metrics.frames_received.get_or_create(&kind("unknown")).inc();
+                    app.metrics
+                        .frames_received
+                        .get_or_create(&kind("unknown"))
+                        .inc();
                     app.metrics.frame_error("unknown_type");
                     protocol::error_frame(
                         "unknown_type",
@@ -263,7 +286,9 @@ async fn handle_message(app: &App, ws: &mut WsStream, msg: Message) -> Result<()
 }
 
 fn kind(k: &str) -> crate::metrics::FrameLabel {
-    crate::metrics::FrameLabel { kind: k.to_string() }
+    crate::metrics::FrameLabel {
+        kind: k.to_string(),
+    }
 }
 
 fn map_error(e: WsError) -> End {
@@ -326,10 +351,7 @@ pub fn close_message(code: u16, reason: &str) -> Message {
 /// stream ends, or `limit` passes. Reading is what flushes tungstenite's
 /// queued close reply.
 pub async fn drain(ws: &mut WsStream, limit: Duration) {
-    let _ = timeout(limit, async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
+    let _ = timeout(limit, async { while let Some(Ok(_)) = ws.next().await {} }).await;
 }
 
 fn instant_of_unix(secs: u64) -> Instant {
@@ -342,7 +364,12 @@ fn instant_of_unix(secs: u64) -> Instant {
 /// within `gateway.auth_timeout`, then admits and runs the session. An
 /// attempt that fails here never opened: it is logged and counted, and no
 /// lifecycle event is written.
-pub async fn authenticate_then_run(app: Arc<App>, mut ws: WsStream, remote: String, query_device: Option<String>) {
+pub async fn authenticate_then_run(
+    app: Arc<App>,
+    mut ws: WsStream,
+    remote: String,
+    query_device: Option<String>,
+) {
     let cfg = app.config();
     let outcome = timeout(cfg.gateway.auth_timeout, async {
         loop {
@@ -350,15 +377,24 @@ pub async fn authenticate_then_run(app: Arc<App>, mut ws: WsStream, remote: Stri
                 Some(Ok(Message::Text(text))) => {
                     return match protocol::parse_client_frame(text.as_str()) {
                         Ok(ClientFrame::Auth { token, .. }) => Ok(token),
-                        Ok(_) => Err(("auth_required", "the first frame must be an `auth` frame".to_string())),
+                        Ok(_) => Err((
+                            "auth_required",
+                            "the first frame must be an `auth` frame".to_string(),
+                        )),
                         Err(e) => Err(("malformed_auth", e.message)),
                     };
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    return Err(("malformed_auth", "binary frames are not supported".to_string()))
+                    return Err((
+                        "malformed_auth",
+                        "binary frames are not supported".to_string(),
+                    ))
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                    return Err(("closed_before_auth", "the client left before authenticating".to_string()))
+                    return Err((
+                        "closed_before_auth",
+                        "the client left before authenticating".to_string(),
+                    ))
                 }
                 Some(Ok(_)) => continue,
             }
@@ -367,25 +403,47 @@ pub async fn authenticate_then_run(app: Arc<App>, mut ws: WsStream, remote: Stri
     .await;
     let token = match outcome {
         Err(_) => {
-            return refuse(&app, &mut ws, &remote, 1008, "auth_timeout", "no auth frame before the deadline".into()).await
+            return refuse(
+                &app,
+                &mut ws,
+                &remote,
+                1008,
+                "auth_timeout",
+                "no auth frame before the deadline".into(),
+            )
+            .await
         }
         Ok(Err(("closed_before_auth", message))) => {
             app.metrics.handshake_failed("closed_before_auth");
             tracing::info!(remote = %remote, detail = %message, "connection attempt ended before auth");
             return;
         }
-        Ok(Err((reason, message))) => return refuse(&app, &mut ws, &remote, 1008, reason, message).await,
+        Ok(Err((reason, message))) => {
+            return refuse(&app, &mut ws, &remote, 1008, reason, message).await
+        }
         Ok(Ok(token)) => token,
     };
     if !app.accepting_connections() {
-        return refuse(&app, &mut ws, &remote, 1012, "service_unavailable", "the WebSocket service is not accepting connections".into()).await;
+        return refuse(
+            &app,
+            &mut ws,
+            &remote,
+            1012,
+            "service_unavailable",
+            "the WebSocket service is not accepting connections".into(),
+        )
+        .await;
     }
     let secrets = app.secrets();
     let claims = match verify_token(&token, secrets.jwt_secret.as_bytes(), cfg.auth.token_leeway) {
         Ok(c) => c,
         Err(e) => return refuse(&app, &mut ws, &remote, 1008, "bad_token", e.to_string()).await,
     };
-    let device = claims.device.clone().or(query_device).unwrap_or_else(|| "default".into());
+    let device = claims
+        .device
+        .clone()
+        .or(query_device)
+        .unwrap_or_else(|| "default".into());
     match app.admit(&claims.sub, &device, &remote, claims.exp) {
         Ok(adm) => run(app, ws, adm).await,
         Err(rejected) => refuse(&app, &mut ws, &remote, 1008, "device_policy", rejected.0).await,
@@ -393,7 +451,14 @@ pub async fn authenticate_then_run(app: Arc<App>, mut ws: WsStream, remote: Stri
 }
 
 /// Refuses a connection that never opened: counted, logged, told why, closed.
-async fn refuse(app: &App, ws: &mut WsStream, remote: &str, code: u16, reason: &'static str, message: String) {
+async fn refuse(
+    app: &App,
+    ws: &mut WsStream,
+    remote: &str,
+    code: u16,
+    reason: &'static str,
+    message: String,
+) {
     app.metrics.handshake_failed(reason);
     tracing::info!(remote = %remote, reason, detail = %message, "connection attempt refused before open");
     let g = app.config().gateway.clone();

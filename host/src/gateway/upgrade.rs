@@ -40,7 +40,10 @@ fn credentials(req: &Request) -> (Option<String>, Option<String>) {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(|t| t.trim().to_string());
     let mut token = None;
     let mut device = None;
@@ -53,12 +56,19 @@ fn credentials(req: &Request) -> (Option<String>, Option<String>) {
             }
         }
     }
-    (bearer.or(token), device.filter(|d| !d.is_empty() && d.len() <= crate::auth::MAX_ID_LEN))
+    (
+        bearer.or(token),
+        device.filter(|d| !d.is_empty() && d.len() <= crate::auth::MAX_ID_LEN),
+    )
 }
 
 fn url_pairs(q: &str) -> Vec<(String, String)> {
     reqwest::Url::parse(&format!("http://query.invalid/?{q}"))
-        .map(|u| u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+        .map(|u| {
+            u.query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -75,8 +85,13 @@ pub async fn handler(
     };
 
     if let Some(why) = app.not_accepting_reason() {
-        let mut resp = fail(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", why.to_string());
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        let mut resp = fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            why.to_string(),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return resp;
     }
     let headers = req.headers();
@@ -90,18 +105,28 @@ pub async fn handler(
             "this endpoint only accepts a WebSocket upgrade (GET with Connection: upgrade, Upgrade: websocket)".into(),
         );
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
         let mut resp = fail(
             StatusCode::UPGRADE_REQUIRED,
             "bad_upgrade",
             "unsupported Sec-WebSocket-Version; use 13".into(),
         );
-        resp.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return resp;
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return fail(StatusCode::BAD_REQUEST, "bad_upgrade", "missing Sec-WebSocket-Key".into());
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "bad_upgrade",
+            "missing Sec-WebSocket-Key".into(),
+        );
     };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return fail(
@@ -122,13 +147,18 @@ pub async fn handler(
         None => None,
         Some(token) => {
             let secrets = app.secrets();
-            let claims = match verify_token(&token, secrets.jwt_secret.as_bytes(), cfg.auth.token_leeway) {
-                Ok(c) => c,
-                Err(TokenError::Expired) => {
-                    return fail(StatusCode::UNAUTHORIZED, "token_expired", "the token has expired".into())
-                }
-                Err(e) => return fail(StatusCode::UNAUTHORIZED, "bad_token", e.to_string()),
-            };
+            let claims =
+                match verify_token(&token, secrets.jwt_secret.as_bytes(), cfg.auth.token_leeway) {
+                    Ok(c) => c,
+                    Err(TokenError::Expired) => {
+                        return fail(
+                            StatusCode::UNAUTHORIZED,
+                            "token_expired",
+                            "the token has expired".into(),
+                        )
+                    }
+                    Err(e) => return fail(StatusCode::UNAUTHORIZED, "bad_token", e.to_string()),
+                };
             let device = claims
                 .device
                 .clone()
@@ -155,7 +185,9 @@ pub async fn handler(
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
         match admitted {
             Some(adm) => session::run(task_app, ws, adm).await,
             None => session::authenticate_then_run(task_app, ws, task_remote, query_device).await,

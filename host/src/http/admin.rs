@@ -23,7 +23,9 @@ pub fn router() -> Router<Arc<App>> {
 
 async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
     match app.reload().await {
-        Ok(report) => Ok(Json(serde_json::to_value(report).map_err(ApiError::internal)?)),
+        Ok(report) => Ok(Json(
+            serde_json::to_value(report).map_err(ApiError::internal)?,
+        )),
         Err(e) => Err(ApiError::new(
             http::StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_config",
@@ -51,11 +53,13 @@ async fn webhooks(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({ "endpoints": app.outbox.views().await }))
 }
 
-async fn enable(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    app.outbox
-        .enable(&name)
-        .await
-        .ok_or_else(|| ApiError::not_found(format!("no webhook endpoint `{name}` in the config")))?;
+async fn enable(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    app.outbox.enable(&name).await.ok_or_else(|| {
+        ApiError::not_found(format!("no webhook endpoint `{name}` in the config"))
+    })?;
     Ok(Json(json!({ "name": name, "enabled": true })))
 }
 
@@ -63,10 +67,8 @@ async fn retry_failed(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let n = app
-        .outbox
-        .retry_failed(&name)
-        .await
-        .ok_or_else(|| ApiError::not_found(format!("no webhook endpoint `{name}` in the config")))?;
+    let n = app.outbox.retry_failed(&name).await.ok_or_else(|| {
+        ApiError::not_found(format!("no webhook endpoint `{name}` in the config"))
+    })?;
     Ok(Json(json!({ "name": name, "requeued": n })))
 }

@@ -53,7 +53,10 @@ async fn kick(
         }
     }
     tracing::info!(user_id = %uid, count = kicked.len(), "kick requested through the API");
-    Ok(Json(KickResponse { user_id: uid, kicked }))
+    Ok(Json(KickResponse {
+        user_id: uid,
+        kicked,
+    }))
 }
 
 #[derive(Debug, Serialize)]
@@ -88,7 +91,11 @@ async fn presence(
     State(app): State<Arc<App>>,
     Path(uid): Path<String>,
 ) -> Result<Json<PresenceResponse>, ApiError> {
-    let (p, sessions) = app.storage.presence(&uid).await.map_err(ApiError::internal)?;
+    let (p, sessions) = app
+        .storage
+        .presence(&uid)
+        .await
+        .map_err(ApiError::internal)?;
     Ok(Json(PresenceResponse {
         user_id: uid,
         online: p.connections > 0,

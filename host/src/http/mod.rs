@@ -86,7 +86,8 @@ fn bearer(req: &Request) -> Option<&str> {
 async fn require_api_key(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     match bearer(&req) {
         Some(key) if app.secrets().api_key_ok(key) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key").into_response(),
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key")
+            .into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -100,7 +101,12 @@ async fn require_api_key(State(app): State<Arc<App>>, req: Request, next: Next) 
 async fn require_admin(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     match bearer(&req) {
         Some(token) if app.secrets().admin_ok(token) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid admin token").into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid admin token",
+        )
+        .into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -113,8 +119,14 @@ async fn require_admin(State(app): State<Arc<App>>, req: Request, next: Next) ->
 /// The whole HTTP surface of one gateway.
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.config().server.max_body_size;
-    let api = api::router().route_layer(axum::middleware::from_fn_with_state(app.clone(), require_api_key));
-    let admin = admin::router().route_layer(axum::middleware::from_fn_with_state(app.clone(), require_admin));
+    let api = api::router().route_layer(axum::middleware::from_fn_with_state(
+        app.clone(),
+        require_api_key,
+    ));
+    let admin = admin::router().route_layer(axum::middleware::from_fn_with_state(
+        app.clone(),
+        require_admin,
+    ));
     Router::new()
         .route("/v1/ws", get(crate::gateway::upgrade::handler))
         .merge(api)

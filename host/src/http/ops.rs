@@ -29,7 +29,11 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     let storage_ok = app.storage.outbox_depth().await.is_ok();
     let reason = app.not_accepting_reason();
     let ready = storage_ok && reason.is_none();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "ready": ready,
         "storage": if storage_ok { "ok" } else { "unavailable" },
@@ -42,7 +46,10 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     // Refreshes the outbox gauges from storage.
     app.outbox.views().await;
     (
-        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         app.metrics.render(),
     )
         .into_response()

@@ -135,7 +135,12 @@ impl Outbox {
     }
 
     fn names(&self) -> Vec<String> {
-        self.workers.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Applies the endpoint list and delivery settings: starts workers for new
@@ -153,7 +158,9 @@ impl Outbox {
             keep
         });
         for ep in endpoints {
-            let label = EndpointLabel { endpoint: ep.name.clone() };
+            let label = EndpointLabel {
+                endpoint: ep.name.clone(),
+            };
             match workers.get(&ep.name) {
                 Some(w) => {
                     if **w.config.load() != *ep {
@@ -173,7 +180,12 @@ impl Outbox {
                     ));
                     workers.insert(
                         ep.name.clone(),
-                        WorkerHandle { config, disabled, stop, task },
+                        WorkerHandle {
+                            config,
+                            disabled,
+                            stop,
+                            task,
+                        },
                     );
                 }
             }
@@ -206,7 +218,9 @@ impl Outbox {
         self.shared
             .metrics
             .webhook_endpoint_disabled
-            .get_or_create(&EndpointLabel { endpoint: name.to_string() })
+            .get_or_create(&EndpointLabel {
+                endpoint: name.to_string(),
+            })
             .set(0);
         tracing::info!(endpoint = %name, "webhook endpoint re-enabled");
         self.shared.wakeup.wake();
@@ -237,7 +251,12 @@ impl Outbox {
             let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
             let mut v: Vec<_> = workers
                 .values()
-                .map(|w| ((**w.config.load()).clone(), w.disabled.load(Ordering::Acquire)))
+                .map(|w| {
+                    (
+                        (**w.config.load()).clone(),
+                        w.disabled.load(Ordering::Acquire),
+                    )
+                })
                 .collect();
             v.sort_by(|a, b| a.0.name.cmp(&b.0.name));
             v
@@ -253,7 +272,9 @@ impl Outbox {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-            let label = EndpointLabel { endpoint: cfg.name.clone() };
+            let label = EndpointLabel {
+                endpoint: cfg.name.clone(),
+            };
             let m = &self.shared.metrics;
             m.webhook_pending.get_or_create(&label).set(state.pending);
             m.webhook_failed.get_or_create(&label).set(state.failed);

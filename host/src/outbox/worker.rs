@@ -52,7 +52,9 @@ pub(crate) async fn run(
         shared
             .metrics
             .webhook_endpoint_disabled
-            .get_or_create(&EndpointLabel { endpoint: name.clone() })
+            .get_or_create(&EndpointLabel {
+                endpoint: name.clone(),
+            })
             .set(1);
     }
     let mut wake = shared.wakeup.subscribe();
@@ -66,7 +68,11 @@ pub(crate) async fn run(
             Arc::new(move |t: &str| cfg.accepts(t)) as Arc<dyn Fn(&str) -> bool + Send + Sync>
         };
         loop {
-            match shared.storage.endpoint_fanout(&name, accepts.clone(), FANOUT_STEP).await {
+            match shared
+                .storage
+                .endpoint_fanout(&name, accepts.clone(), FANOUT_STEP)
+                .await
+            {
                 Ok(n) if n == FANOUT_STEP => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -81,7 +87,8 @@ pub(crate) async fn run(
             let per_request = cfg.batch_max.max(1);
             while inflight.len() < settings.max_in_flight {
                 let now = crate::now_ms();
-                let lease = now + (settings.request_timeout + Duration::from_secs(5)).as_millis() as i64;
+                let lease =
+                    now + (settings.request_timeout + Duration::from_secs(5)).as_millis() as i64;
                 let claimed = match shared
                     .storage
                     .deliveries_claim(&name, now, per_request, lease)
@@ -175,7 +182,10 @@ fn parse_retry_after(v: &reqwest::header::HeaderValue) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(s).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 async fn deliver(
@@ -200,7 +210,9 @@ async fn deliver(
         .body(body)
         .send()
         .await;
-    let endpoint = EndpointLabel { endpoint: cfg.name.clone() };
+    let endpoint = EndpointLabel {
+        endpoint: cfg.name.clone(),
+    };
     shared
         .metrics
         .webhook_latency_seconds
@@ -226,7 +238,11 @@ async fn deliver(
             }
         }
         Err(e) => Outcome::Failure {
-            label: if e.is_timeout() { "timeout" } else { "network_error" },
+            label: if e.is_timeout() {
+                "timeout"
+            } else {
+                "network_error"
+            },
             error: format!("request failed: {}", error_chain(&e)),
             retry_after: None,
         },
@@ -250,16 +266,26 @@ async fn deliver(
     let (settlement, disable_reason) = match &outcome {
         Outcome::Success => (Settlement::Delivered, None),
         Outcome::Gone => (
-            Settlement::Retry { next_at: now, error: "HTTP 410 Gone".into() },
+            Settlement::Retry {
+                next_at: now,
+                error: "HTTP 410 Gone".into(),
+            },
             Some("the endpoint answered 410 Gone".to_string()),
         ),
-        Outcome::Failure { error, retry_after, .. } => {
+        Outcome::Failure {
+            error, retry_after, ..
+        } => {
             if attempts_made >= settings.retry_schedule.len() {
                 tracing::warn!(
                     endpoint = %cfg.name, webhook_id = %id, attempts = attempts_made, error = %error,
                     "webhook delivery failed after its last retry; kept as failed"
                 );
-                (Settlement::Failed { error: error.clone() }, None)
+                (
+                    Settlement::Failed {
+                        error: error.clone(),
+                    },
+                    None,
+                )
             } else {
                 let mut delay = jittered(settings.retry_schedule[attempts_made], settings.jitter);
                 if let Some(ra) = retry_after {
@@ -277,10 +303,17 @@ async fn deliver(
         }
     };
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-    match shared.storage.deliveries_settle(&cfg.name, seqs, settlement, now).await {
+    match shared
+        .storage
+        .deliveries_settle(&cfg.name, seqs, settlement, now)
+        .await
+    {
         Ok(failing_since) => {
             if matches!(outcome, Outcome::Success) {
-                let lag = shared.metrics.webhook_event_lag_seconds.get_or_create(&endpoint);
+                let lag = shared
+                    .metrics
+                    .webhook_event_lag_seconds
+                    .get_or_create(&endpoint);
                 for e in &events {
                     lag.observe(((now - e.created_at).max(0) as f64) / 1000.0);
                 }
@@ -299,7 +332,11 @@ async fn deliver(
             if let Some(reason) = reason {
                 if !disabled.swap(true, Ordering::AcqRel) {
                     tracing::error!(endpoint = %cfg.name, reason = %reason, "webhook endpoint disabled; its events are kept until it is re-enabled");
-                    shared.metrics.webhook_endpoint_disabled.get_or_create(&endpoint).set(1);
+                    shared
+                        .metrics
+                        .webhook_endpoint_disabled
+                        .get_or_create(&endpoint)
+                        .set(1);
                     if let Err(e) = shared
                         .storage
                         .endpoint_set_disabled(&cfg.name, Some(reason), now)

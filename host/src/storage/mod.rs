@@ -92,9 +92,14 @@ pub struct ClaimedEvent {
 pub enum Settlement {
     Delivered,
     /// Try again at `next_at` (unix ms).
-    Retry { next_at: i64, error: String },
+    Retry {
+        next_at: i64,
+        error: String,
+    },
     /// Retries exhausted: kept as failed, visible in the admin API.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 /// Durable state of one webhook endpoint.
@@ -175,8 +180,12 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Result<Option<i64>>;
 
     /// Disables (with a reason) or re-enables an endpoint.
-    async fn endpoint_set_disabled(&self, name: &str, reason: Option<String>, now: i64)
-        -> Result<()>;
+    async fn endpoint_set_disabled(
+        &self,
+        name: &str,
+        reason: Option<String>,
+        now: i64,
+    ) -> Result<()>;
 
     /// Puts failed deliveries of an endpoint back in the queue. Returns how many.
     async fn endpoint_retry_failed(&self, name: &str, now: i64) -> Result<usize>;

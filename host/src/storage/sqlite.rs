@@ -21,8 +21,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ClaimedEvent, EndpointState, EventFilter, NewEvent, Presence, Result, SessionEvents, SessionRecord,
-    Settlement, Storage, StorageError,
+    ClaimedEvent, EndpointState, EventFilter, NewEvent, Presence, Result, SessionEvents,
+    SessionRecord, Settlement, Storage, StorageError,
 };
 use crate::metrics::Metrics;
 
@@ -146,7 +146,10 @@ impl SqliteStorage {
                 let _ = tx.send(out);
             })
         });
-        self.jobs.send(job).await.map_err(|_| StorageError::Closed)?;
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -377,7 +380,9 @@ impl Storage for SqliteStorage {
         let node = node_id.to_string();
         self.write(move |conn| {
             let ids: Vec<String> = conn
-                .prepare("SELECT connection_id FROM sessions WHERE node_id = ?1 ORDER BY opened_at")?
+                .prepare(
+                    "SELECT connection_id FROM sessions WHERE node_id = ?1 ORDER BY opened_at",
+                )?
                 .query_map(params![node], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut closed = 0;
@@ -692,7 +697,8 @@ impl Storage for SqliteStorage {
                 floor = floor.min(cursor.unwrap_or(0));
             }
             if names.is_empty() {
-                floor = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))?;
+                floor =
+                    conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))?;
             }
             conn.execute(
                 "DELETE FROM outbox WHERE seq <= ?1

@@ -1,0 +1,357 @@
+//! A real gateway process (the `plugboard` command line) on port 0, with its
+//! own data folder, that tests can reload, signal, kill and restart.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::receiver::SECRET;
+
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef-0123456789";
+pub const API_KEY: &str = "test-api-key-0123456789";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// Path of the gateway binary built beside the tests (`PLUGBOARD_BIN` overrides).
+/// Cargo puts `gateway-under-test` in the profile folder, and test binaries in
+/// its `deps/` folder, so it is found next to, or one folder above, this executable.
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("PLUGBOARD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join("gateway-under-test");
+        if candidate.exists() {
+            return candidate;
+        }
+        dir = d.parent();
+    }
+    panic!("gateway-under-test binary not found near {}; build it with `cargo build -p plugboard-tests`", exe.display())
+}
+
+/// What a test changes in the gateway's config.
+#[derive(Clone, Debug, Default)]
+pub struct GatewayOptions {
+    /// Webhook receiver URL; a `[[webhooks]]` entry named `rx` is added for it.
+    pub webhook_url: Option<String>,
+    /// Extra TOML merged over the test defaults (tables merge key by key).
+    pub extra: String,
+}
+
+impl GatewayOptions {
+    pub fn with_receiver(url: &str) -> Self {
+        GatewayOptions {
+            webhook_url: Some(url.to_string()),
+            extra: String::new(),
+        }
+    }
+
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Builds the config text for a test gateway.
+pub fn config_text(data_dir: &std::path::Path, opts: &GatewayOptions) -> String {
+    let base = format!(
+        r#"
+data_dir = {data_dir:?}
+[server]
+listen = "127.0.0.1:0"
+[auth]
+jwt_secret = "{JWT_SECRET}"
+api_keys = ["{API_KEY}"]
+admin_token = "{ADMIN_TOKEN}"
+token_leeway = "0s"
+[gateway]
+ping_interval = "1s"
+pong_timeout = "1s"
+close_timeout = "2s"
+auth_timeout = "1s"
+[shutdown]
+drain_timeout = "5s"
+outbox_flush_timeout = "10s"
+[outbox]
+retry_schedule = ["0s", "100ms", "200ms", "300ms", "400ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms", "500ms"]
+jitter = 0.1
+[log]
+level = "info,plugboard=debug"
+"#,
+        data_dir = data_dir.display().to_string()
+    );
+    let mut table: toml::Table = base.parse().expect("base test config parses");
+    let extra: toml::Table = opts.extra.parse().expect("test config overrides parse");
+    merge(&mut table, extra);
+    if let Some(url) = &opts.webhook_url {
+        let hooks = table
+            .entry("webhooks")
+            .or_insert_with(|| toml::Value::Array(vec![]));
+        if let toml::Value::Array(list) = hooks {
+            if list.is_empty() {
+                let mut rx = toml::Table::new();
+                rx.insert("name".into(), "rx".into());
+                rx.insert("url".into(), url.as_str().into());
+                rx.insert("secret".into(), SECRET.into());
+                list.push(toml::Value::Table(rx));
+            }
+        }
+    }
+    toml::to_string(&table).expect("config serialises")
+}
+
+/// The data folder and config of a gateway, to start it again.
+pub struct RestartHandle {
+    dir: Arc<tempfile::TempDir>,
+    config_path: PathBuf,
+}
+
+impl RestartHandle {
+    pub async fn restart(&self) -> Gateway {
+        Gateway::spawn(self.dir.clone(), self.config_path.clone()).await
+    }
+}
+
+/// A running gateway child process.
+pub struct Gateway {
+    pub dir: Arc<tempfile::TempDir>,
+    pub config_path: PathBuf,
+    pub addr: String,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    /// Starts a gateway with its own new data folder.
+    pub async fn start(opts: GatewayOptions) -> Gateway {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let config_path = dir.path().join("plugboard.toml");
+        std::fs::write(&config_path, config_text(&dir.path().join("data"), &opts)).unwrap();
+        Self::spawn(dir, config_path).await
+    }
+
+    /// Starts another gateway process on the same data folder and config
+    /// (after a crash or a shutdown).
+    pub async fn restart(&self) -> Gateway {
+        self.restart_handle().restart().await
+    }
+
+    /// What is needed to start this gateway again after it is gone.
+    pub fn restart_handle(&self) -> RestartHandle {
+        RestartHandle {
+            dir: self.dir.clone(),
+            config_path: self.config_path.clone(),
+        }
+    }
+
+    async fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> Gateway {
+        let mut child = Command::new(binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the gateway binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log3 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("plugboard: listening on http://") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.to_string());
+                    }
+                }
+                log3.lock().unwrap().push(line);
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let addr = match addr {
+            Ok(a) => a,
+            Err(_) => {
+                let status = child.try_wait();
+                panic!(
+                    "gateway did not start ({status:?}); its output:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Gateway {
+            dir,
+            config_path,
+            addr,
+            child: Some(child),
+            log,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The gateway's log so far (stdout and stderr lines).
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// A client token for `user`, optionally for a device and with a lifetime.
+    pub fn token(&self, user: &str, device: Option<&str>, ttl: Option<Duration>) -> String {
+        plugboard::auth::mint_token(user, device, ttl, JWT_SECRET.as_bytes())
+    }
+
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.request(method, path, API_KEY, body).await
+    }
+
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.request(method, path, ADMIN_TOKEN, body).await
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("gateway answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("gateway answers");
+        (
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        )
+    }
+
+    /// Rewrites the config file with `opts` and reloads through the admin API.
+    pub async fn reload_with(&self, opts: &GatewayOptions) -> (u16, Value) {
+        self.write_config(opts);
+        self.admin(reqwest::Method::POST, "/admin/reload", None)
+            .await
+    }
+
+    pub fn write_config(&self, opts: &GatewayOptions) {
+        std::fs::write(
+            &self.config_path,
+            config_text(&self.dir.path().join("data"), opts),
+        )
+        .unwrap();
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, sig);
+        }
+    }
+
+    /// SIGKILL: the gateway dies without any cleanup.
+    pub async fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns its exit code.
+    pub async fn terminate(mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        status.code()
+    }
+
+    /// A metric's value from `/metrics` (sum over series whose labels contain `labels`).
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, text) = self.get_text("/metrics").await;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .filter(|l| l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Config errors are caught at load and name the key.
+
+use std::process::Command;
+
+use plugboard_tests::gateway::binary;
+use plugboard_tests::GatewayOptions;
+use reqwest::Method;
+
+use crate::setup;
+
+#[track_caller]
+fn check_refused(toml: &str, key: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("PLUGBOARD_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started with a bad config: {toml}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(key),
+        "error does not name `{key}`: {stderr}"
+    );
+}
+
+#[test]
+fn bad_config_keys_fail_at_load_naming_the_key() {
+    check_refused("[gateway]\nping_intervl = \"5s\"\n", "gateway.ping_intervl");
+    check_refused(
+        "[gateway]\nping_interval = \"often\"\n",
+        "gateway.ping_interval",
+    );
+    check_refused(
+        "[gateway]\nmax_message_size = \"1KiB\"\nmax_frame_size = \"4KiB\"\n",
+        "gateway.max_message_size",
+    );
+    check_refused(
+        "[[webhooks]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/\"\nsecret = \"plain\"\n",
+        "webhooks[0].secret",
+    );
+    check_refused("[server]\nlisten = \"nowhere\"\n", "server.listen");
+    check_refused("listen = \"127.0.0.1:1\"\n", "listen");
+}
+
+#[test]
+fn environment_overrides_are_validated_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args(["config", "check"])
+        .env("PLUGBOARD_DATA_DIR", dir.path().join("data"))
+        .env("PLUGBOARD_GATEWAY__OUTBOUND_QUEUE", "zero")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gateway.outbound_queue"));
+    let out = Command::new(binary())
+        .args(["config", "check"])
+        .env("PLUGBOARD_DATA_DIR", dir.path().join("data"))
+        .env("PLUGBOARD_GATEWAY__OUTBOUND_QUEUE", "77")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("outbound_queue = 77"));
+}
+
+#[tokio::test]
+async fn a_bad_config_on_reload_is_refused_and_the_old_one_stays() {
+    let (gw, rx) = setup("").await;
+    std::fs::write(&gw.config_path, "[gateway]\nenabled = maybe\n").unwrap();
+    let (status, body) = gw.admin(Method::POST, "/admin/reload", None).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_config");
+    std::fs::write(&gw.config_path, "[gateway]\nenabeld = false\n").unwrap();
+    let (status, body) = gw.admin(Method::POST, "/admin/reload", None).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gateway.enabeld"),
+        "{body}"
+    );
+    // Still serving with the old config.
+    let c = plugboard_tests::WsClient::connect(&gw, "quinn").await;
+    c.close(1000, "");
+    rx.assert_exactly_once(&c.connection_id).await;
+    // A restart-only key is reported, not applied.
+    let opts = GatewayOptions::with_receiver(&rx.url).extra("[server]\nmax_body_size = \"2MiB\"");
+    let (status, body) = gw.reload_with(&opts).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart_required"], serde_json::json!(["server"]));
+}

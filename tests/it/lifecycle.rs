@@ -1,0 +1,416 @@
+//! P1: one `connection.opened` and one `connection.closed` per open
+//! connection, with the right reason and code, for every way it can end.
+
+use std::time::Duration;
+
+use plugboard_tests::{RawClient, WsClient, WAIT};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::setup;
+
+#[tokio::test]
+async fn client_close_frame_records_the_clients_code() {
+    let (gw, rx) = setup("").await;
+    let mut c = WsClient::connect(&gw, "alice").await;
+    assert_eq!(c.connect["user_id"], "alice");
+    c.close(4100, "bye");
+    let (_, closed) = c.closed().await;
+    assert_eq!(closed.code, Some(4100), "server echoes the client's code");
+    let ev = rx.assert_exactly_once(&c.connection_id).await;
+    assert_eq!(ev.str("reason"), "client_close");
+    assert_eq!(ev.code(), 4100);
+
+    let mut c = WsClient::connect(&gw, "alice").await;
+    c.close(1000, "");
+    c.closed().await;
+    let ev = rx.assert_exactly_once(&c.connection_id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("client_close", 1000));
+}
+
+#[tokio::test]
+async fn tcp_reset_and_eof_without_close_frame_are_1006() {
+    let (gw, rx) = setup("").await;
+    let reset = WsClient::connect(&gw, "bob").await;
+    reset.reset();
+    let ev = rx.assert_exactly_once(&reset.connection_id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("abnormal", 1006));
+
+    let eof = WsClient::connect(&gw, "bob").await;
+    eof.drop_tcp();
+    let ev = rx.assert_exactly_once(&eof.connection_id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("abnormal", 1006));
+}
+
+async fn open_raw(gw: &plugboard_tests::Gateway, user: &str) -> (RawClient, String) {
+    let token = gw.token(user, None, None);
+    let (mut raw, status) = RawClient::upgrade(&gw.addr, &format!("/v1/ws?token={token}")).await;
+    assert!(status.contains("101"), "{status}");
+    let frame = raw.read_frame(WAIT).await.expect("connect frame");
+    let connect: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap();
+    (raw, connect["connection_id"].as_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn protocol_violation_is_1002() {
+    let (gw, rx) = setup("").await;
+    let (mut raw, id) = open_raw(&gw, "carol").await;
+    // Client frames must be masked.
+    raw.write_frame(1, br#"{"type":"ping"}"#, false).await;
+    assert_eq!(raw.read_close_code(WAIT).await, Some(1002));
+    let ev = rx.assert_exactly_once(&id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("protocol_error", 1002));
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_1007() {
+    let (gw, rx) = setup("").await;
+    let (mut raw, id) = open_raw(&gw, "dave").await;
+    raw.write_frame(1, &[0x7b, 0xff, 0xfe, 0x7d], true).await;
+    assert_eq!(raw.read_close_code(WAIT).await, Some(1007));
+    let ev = rx.assert_exactly_once(&id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("invalid_utf8", 1007));
+}
+
+#[tokio::test]
+async fn oversize_message_is_1009() {
+    let (gw, rx) = setup("[gateway]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"").await;
+    let mut c = WsClient::connect(&gw, "erin").await;
+    c.send_json(json!({ "type": "ping", "pad": "x".repeat(8 * 1024) }));
+    let (_, closed) = c.closed().await;
+    assert_eq!(closed.code, Some(1009));
+    let ev = rx.assert_exactly_once(&c.connection_id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("message_too_big", 1009));
+}
+
+#[tokio::test]
+async fn silent_peer_is_closed_within_the_heartbeat_bound() {
+    // ping every 1s, 1s to answer: a peer that never answers is found within ~2s.
+    let (gw, rx) = setup("").await;
+    let token = gw.token("frank", None, None);
+    let (raw, status) = RawClient::upgrade(&gw.addr, &format!("/v1/ws?token={token}")).await;
+    assert!(status.contains("101"));
+    let started = std::time::Instant::now();
+    // Never read or write again: pings go unanswered.
+    let ev = rx
+        .wait_for("heartbeat close", WAIT, |ds| {
+            ds.iter()
+                .find(|d| d.event_type == "connection.closed" && d.str("user_id") == "frank")
+                .cloned()
+        })
+        .await;
+    let took = started.elapsed();
+    assert_eq!((ev.str("reason"), ev.code()), ("heartbeat_timeout", 4000));
+    // Bound: ping_interval + pong_timeout, plus slack for a loaded machine.
+    assert!(took < Duration::from_secs(8), "closed only after {took:?}");
+    rx.assert_exactly_once(ev.str("connection_id")).await;
+    drop(raw);
+}
+
+#[tokio::test]
+async fn an_answering_client_is_not_closed_by_heartbeats() {
+    let (gw, rx) = setup("").await;
+    let mut c = WsClient::connect(&gw, "grace").await;
+    // Several heartbeat periods pass while the client's reader answers pings.
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        c.send_json(json!({ "type": "ping", "id": i }));
+        let hb = c.next_json().await;
+        assert_eq!(
+            (hb["type"].as_str(), hb["event"].as_str(), hb["id"].as_i64()),
+            (Some("meta"), Some("heartbeat"), Some(i))
+        );
+    }
+    c.close(1000, "done");
+    let ev = rx.assert_exactly_once(&c.connection_id).await;
+    assert_eq!(ev.str("reason"), "client_close");
+}
+
+#[tokio::test]
+async fn token_expiry_closes_with_4001() {
+    let (gw, rx) = setup("").await;
+    let token = gw.token("heidi", None, Some(Duration::from_secs(2)));
+    let mut c = WsClient::connect_token(&gw, &token).await;
+    let (frames, closed) = c.closed().await;
+    assert_eq!(closed.code, Some(4001));
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["event"] == "disconnect" && f["reason"] == "token_expired"),
+        "meta frame explains the close: {frames:?}"
+    );
+    let ev = rx.assert_exactly_once(&c.connection_id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("token_expired", 4001));
+}
+
+#[tokio::test]
+async fn kick_through_the_api_closes_with_4002() {
+    let (gw, rx) = setup("").await;
+    let mut phone = WsClient::connect_device(&gw, "ivan", "phone").await;
+    let mut laptop = WsClient::connect_device(&gw, "ivan", "laptop").await;
+    let (status, body) = gw
+        .api(
+            Method::POST,
+            "/v1/users/ivan/kick",
+            Some(json!({ "device_id": "phone", "reason": "password changed" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["kicked"], json!([phone.connection_id]));
+    let (frames, closed) = phone.closed().await;
+    assert_eq!(closed.code, Some(4002));
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["reason"] == "kicked" && f["message"] == "password changed"),
+        "{frames:?}"
+    );
+    let ev = rx.assert_exactly_once(&phone.connection_id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("kicked", 4002));
+
+    // The other device stays; a kick without a device takes it too.
+    let (status, body) = gw.api(Method::POST, "/v1/users/ivan/kick", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["kicked"], json!([laptop.connection_id]));
+    assert_eq!(laptop.closed().await.1.code, Some(4002));
+    rx.assert_exactly_once(&laptop.connection_id).await;
+}
+
+#[tokio::test]
+async fn second_login_on_the_same_device_replaces_the_first() {
+    let (gw, rx) = setup("").await;
+    let mut first = WsClient::connect_device(&gw, "judy", "phone").await;
+    let second = WsClient::connect_device(&gw, "judy", "phone").await;
+    let (frames, closed) = first.closed().await;
+    assert_eq!(closed.code, Some(4003));
+    assert!(
+        frames.iter().any(|f| f["reason"] == "replaced"),
+        "{frames:?}"
+    );
+    let ev = rx.assert_exactly_once(&first.connection_id).await;
+    assert_eq!((ev.str("reason"), ev.code()), ("replaced", 4003));
+    // The user never went offline: one user.online, no user.offline.
+    second.close(1000, "");
+    rx.assert_exactly_once(&second.connection_id).await;
+    rx.wait_for("user.offline of judy", WAIT, |ds| {
+        ds.iter()
+            .find(|d| d.event_type == "user.offline" && d.str("user_id") == "judy")
+            .cloned()
+    })
+    .await;
+    let types: Vec<String> = rx
+        .for_user("judy")
+        .iter()
+        .filter(|d| d.event_type.starts_with("user."))
+        .map(|d| d.event_type.clone())
+        .collect();
+    assert_eq!(types, ["user.online", "user.offline"]);
+}
+
+#[tokio::test]
+async fn device_limit_replaces_the_oldest_or_rejects() {
+    let (gw, rx) = setup("[gateway.devices]\nmax_devices = 2").await;
+    let mut a = WsClient::connect_device(&gw, "ken", "a").await;
+    let _b = WsClient::connect_device(&gw, "ken", "b").await;
+    let _c = WsClient::connect_device(&gw, "ken", "c").await;
+    assert_eq!(a.closed().await.1.code, Some(4003));
+    let ev = rx.assert_exactly_once(&a.connection_id).await;
+    assert_eq!(ev.str("reason"), "replaced");
+
+    let (gw, _rx) = setup(
+        "[gateway.devices]\nmax_devices = 1\nwhen_full = \"reject\"\nsame_device = \"reject\"",
+    )
+    .await;
+    let _a = WsClient::connect_device(&gw, "ken", "a").await;
+    for device in ["b", "a"] {
+        let token = gw.token("ken", Some(device), None);
+        let refused = WsClient::try_connect(&gw, &format!("{}?token={token}", gw.ws_url()), None)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(refused.status, Some(409), "{refused:?}");
+        assert!(refused.body.contains("device_policy"), "{refused:?}");
+    }
+}
+
+#[tokio::test]
+async fn bearer_header_and_auth_frame_both_authenticate() {
+    let (gw, rx) = setup("").await;
+    let token = gw.token("leo", Some("web"), None);
+    let c = WsClient::try_connect(&gw, &gw.ws_url(), Some(&token))
+        .await
+        .expect("bearer works");
+    assert_eq!(c.connect["device_id"], "web");
+    c.close(1000, "");
+    rx.assert_exactly_once(&c.connection_id).await;
+
+    // No token on the request: an `auth` frame opens the connection.
+    let (req_ws, _) = tokio_tungstenite::connect_async(gw.ws_url()).await.unwrap();
+    let mut c = WsClient::from_stream(req_ws);
+    c.send_json(json!({ "type": "auth", "token": token }));
+    let connect = c.next_json().await;
+    assert_eq!(
+        (connect["event"].as_str(), connect["user_id"].as_str()),
+        (Some("connect"), Some("leo"))
+    );
+    c.close(1000, "");
+    rx.assert_exactly_once(connect["connection_id"].as_str().unwrap())
+        .await;
+}
+
+#[tokio::test]
+async fn attempts_that_never_opened_produce_no_events() {
+    let (gw, rx) = setup("").await;
+    let ws = gw.ws_url();
+    // Bad signature.
+    let forged =
+        plugboard::auth::mint_token("mallory", None, None, b"not-the-secret-not-the-secret-000");
+    let r = WsClient::try_connect(&gw, &format!("{ws}?token={forged}"), None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(r.status, Some(401));
+    // Expired.
+    let expired = {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = json!({ "sub": "mallory", "exp": now - 60 });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(
+                plugboard_tests::gateway::JWT_SECRET.as_bytes(),
+            ),
+        )
+        .unwrap()
+    };
+    let r = WsClient::try_connect(&gw, &format!("{ws}?token={expired}"), None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(r.status, Some(401));
+    assert!(r.body.contains("token_expired"), "{r:?}");
+    // Not an upgrade at all.
+    let (status, _) = gw.get_text("/v1/ws").await;
+    assert_eq!(status, 426);
+    // Upgraded, but never authenticates (auth_timeout = 1s).
+    let (mut raw, status) = RawClient::upgrade(&gw.addr, "/v1/ws").await;
+    assert!(status.contains("101"));
+    assert_eq!(raw.read_close_code(WAIT).await, Some(1008));
+    // Upgraded, authenticates with a bad token in the frame.
+    let (req_ws, _) = tokio_tungstenite::connect_async(gw.ws_url()).await.unwrap();
+    let mut c = WsClient::from_stream(req_ws);
+    c.send_json(json!({ "type": "auth", "token": forged }));
+    let (frames, closed) = c.closed().await;
+    assert_eq!(closed.code, Some(1008));
+    assert_eq!(frames[0]["code"], "bad_token");
+
+    // Counted by reason.
+    assert!(
+        gw.metric("plugboard_handshake_failures_total", "reason=\"bad_token\"")
+            .await
+            >= 2.0
+    );
+    assert!(
+        gw.metric(
+            "plugboard_handshake_failures_total",
+            "reason=\"token_expired\""
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        gw.metric(
+            "plugboard_handshake_failures_total",
+            "reason=\"bad_upgrade\""
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        gw.metric(
+            "plugboard_handshake_failures_total",
+            "reason=\"auth_timeout\""
+        )
+        .await
+            >= 1.0
+    );
+
+    // A sentinel connection of the same user: events are ordered per user, so
+    // had any attempt above produced an event, it would arrive before these.
+    let sentinel = WsClient::connect(&gw, "mallory").await;
+    sentinel.close(1000, "");
+    rx.assert_exactly_once(&sentinel.connection_id).await;
+    rx.wait_for("user.offline of mallory", WAIT, |ds| {
+        ds.iter()
+            .find(|d| d.event_type == "user.offline" && d.str("user_id") == "mallory")
+            .cloned()
+    })
+    .await;
+    let others: Vec<_> = rx
+        .for_user("mallory")
+        .into_iter()
+        .filter(|d| {
+            d.data.get("connection_id").and_then(|v| v.as_str())
+                != Some(sentinel.connection_id.as_str())
+        })
+        .collect();
+    assert!(
+        others.is_empty(),
+        "events for attempts that never opened: {others:#?}"
+    );
+    // The raw client from the auth-timeout attempt has nothing to say either.
+    drop(raw);
+}
+
+#[tokio::test]
+async fn presence_counts_devices_and_connections() {
+    let (gw, rx) = setup("[gateway.devices]\nsame_device = \"allow\"").await;
+    let a = WsClient::connect_device(&gw, "nina", "phone").await;
+    let b = WsClient::connect_device(&gw, "nina", "phone").await;
+    let c = WsClient::connect_device(&gw, "nina", "laptop").await;
+    let (status, p) = gw.api(Method::GET, "/v1/users/nina/presence", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            p["online"].as_bool(),
+            p["devices"].as_u64(),
+            p["connections"].as_u64()
+        ),
+        (Some(true), Some(2), Some(3))
+    );
+    let online = rx
+        .wait_for("user.online", WAIT, |ds| {
+            ds.iter()
+                .find(|d| d.event_type == "user.online" && d.str("user_id") == "nina")
+                .cloned()
+        })
+        .await;
+    assert_eq!(online.str("connection_id"), a.connection_id);
+    for cl in [&a, &b, &c] {
+        cl.close(1000, "");
+        rx.assert_exactly_once(&cl.connection_id).await;
+    }
+    let offline = rx
+        .wait_for("user.offline", WAIT, |ds| {
+            ds.iter()
+                .find(|d| d.event_type == "user.offline" && d.str("user_id") == "nina")
+                .cloned()
+        })
+        .await;
+    assert_eq!(offline.data["connections"], 0);
+    let (_, p) = gw.api(Method::GET, "/v1/users/nina/presence", None).await;
+    assert_eq!(
+        (p["online"].as_bool(), p["connections"].as_u64()),
+        (Some(false), Some(0))
+    );
+    let count = |t: &str| {
+        rx.for_user("nina")
+            .iter()
+            .filter(|d| d.event_type == t)
+            .count()
+    };
+    assert_eq!((count("user.online"), count("user.offline")), (1, 1));
+}

@@ -120,7 +120,10 @@ fn raise_nofile_limit() {
     #[allow(unsafe_code)]
     // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
     unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             let wanted = lim.rlim_max;
             lim.rlim_cur = wanted;

@@ -253,3 +253,36 @@ async fn batching_sends_many_events_per_request() {
         assert_eq!(types, ["connection.opened", "user.online"]);
     }
 }
+
+#[tokio::test]
+async fn an_endpoint_failing_for_too_long_is_disabled_and_reported() {
+    let (gw, rx) = setup("[outbox]\ndisable_after = \"1s\"").await;
+    rx.reply(Reply::Status(502));
+    let c = WsClient::connect(&gw, "flaky").await;
+    let view =
+        plugboard_tests::wait_until_admin(&gw, |v| v["endpoints"][0]["disabled"] == true).await;
+    let reason = view["endpoints"][0]["disabled_reason"].as_str().unwrap();
+    assert!(reason.contains("failing continuously"), "{view}");
+    assert!(
+        gw.log().contains("webhook endpoint disabled"),
+        "the log says so"
+    );
+    assert_eq!(
+        gw.metric("plugboard_webhook_endpoint_disabled", "endpoint=\"rx\"")
+            .await,
+        1.0
+    );
+    // No more attempts while disabled; the backlog is kept and goes out once re-enabled.
+    c.close(1000, "");
+    let before = rx.attempts().len();
+    let pending =
+        plugboard_tests::wait_until_admin(&gw, |v| v["endpoints"][0]["pending"] == 4).await;
+    assert_eq!(pending["endpoints"][0]["failed"], 0);
+    assert_eq!(rx.attempts().len(), before);
+    rx.reply(Reply::Status(200));
+    gw.admin(Method::POST, "/admin/webhooks/rx/enable", None)
+        .await;
+    rx.assert_exactly_once(&c.connection_id).await;
+    rx.wait_for("all 4 events", WAIT, |ds| (ds.len() == 4).then_some(()))
+        .await;
+}

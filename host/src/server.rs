@@ -131,7 +131,7 @@ impl App {
     /// Re-reads the config and applies what can change live.
     pub async fn reload(&self) -> anyhow::Result<ReloadReport> {
         let _guard = self.reload_lock.lock().await;
-        let result = self.reload_inner();
+        let result = self.reload_inner().await;
         let label = ReasonLabel {
             reason: if result.is_ok() { "ok" } else { "error" }.into(),
         };
@@ -148,7 +148,7 @@ impl App {
         result
     }
 
-    fn reload_inner(&self) -> anyhow::Result<ReloadReport> {
+    async fn reload_inner(&self) -> anyhow::Result<ReloadReport> {
         let old = self.config();
         let mut new = Config::load(self.config_path.as_deref())?;
         let restart_required = old.restart_required_changes(&new);
@@ -160,7 +160,7 @@ impl App {
         let was_enabled = old.gateway.enabled;
         let enabled = new.gateway.enabled;
         let endpoints = new.webhooks.len();
-        self.outbox.reconcile(&new.webhooks, &new.outbox);
+        self.outbox.reconcile(&new.webhooks, &new.outbox).await?;
         self.secrets.store(Arc::new(secrets));
         self.config.store(Arc::new(new));
         let drained = if was_enabled && !enabled {
@@ -215,6 +215,16 @@ impl Server {
             wakeup.clone(),
             config.node_id.clone(),
         );
+        // Endpoints are registered before anything can write an event, so a
+        // new endpoint also receives the events of the crash recovery below.
+        let outbox = Arc::new(Outbox::new(
+            storage.clone(),
+            metrics.clone(),
+            wakeup,
+            config.outbox.clone(),
+        )?);
+        outbox.reconcile(&config.webhooks, &config.outbox).await?;
+        outbox.start_maintenance();
         let recovered = lifecycle.recover_crashed().await?;
         if recovered > 0 {
             tracing::warn!(
@@ -222,14 +232,6 @@ impl Server {
                 "closed connections left open by a previous run that did not shut down cleanly"
             );
         }
-        let outbox = Arc::new(Outbox::new(
-            storage.clone(),
-            metrics.clone(),
-            wakeup,
-            config.outbox.clone(),
-        )?);
-        outbox.reconcile(&config.webhooks, &config.outbox);
-        outbox.start_maintenance();
         let header_read_timeout = config.server.header_read_timeout;
         let app = Arc::new(App {
             config: ArcSwap::from_pointee(config),

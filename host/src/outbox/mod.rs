@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{OutboxConfig, WebhookConfig};
 use crate::metrics::{EndpointLabel, Metrics};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 
 /// Wakes the delivery workers when new events were committed. Waking is
 /// level-triggered (a counter in a watch channel), so a wake-up that comes
@@ -146,7 +146,26 @@ impl Outbox {
     /// Applies the endpoint list and delivery settings: starts workers for new
     /// endpoints, updates changed ones in place, stops removed ones (their
     /// queued deliveries stay in storage and resume if the name comes back).
-    pub fn reconcile(&self, endpoints: &[WebhookConfig], settings: &OutboxConfig) {
+    ///
+    /// A new endpoint is registered in storage before this returns, so every
+    /// event committed afterwards reaches it, even if its worker has not run yet.
+    pub async fn reconcile(
+        &self,
+        endpoints: &[WebhookConfig],
+        settings: &OutboxConfig,
+    ) -> Result<(), StorageError> {
+        let added: Vec<&WebhookConfig> = {
+            let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            endpoints
+                .iter()
+                .filter(|e| !workers.contains_key(&e.name))
+                .collect()
+        };
+        let mut registered = HashMap::new();
+        for ep in added {
+            let state = self.shared.storage.endpoint_register(&ep.name).await?;
+            registered.insert(ep.name.clone(), state);
+        }
         self.shared.settings.store(Arc::new(settings.clone()));
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         workers.retain(|name, w| {
@@ -161,33 +180,31 @@ impl Outbox {
             let label = EndpointLabel {
                 endpoint: ep.name.clone(),
             };
-            match workers.get(&ep.name) {
-                Some(w) => {
-                    if **w.config.load() != *ep {
-                        tracing::info!(endpoint = %ep.name, "webhook endpoint updated");
-                        w.config.store(Arc::new(ep.clone()));
-                    }
+            if let Some(w) = workers.get(&ep.name) {
+                if **w.config.load() != *ep {
+                    tracing::info!(endpoint = %ep.name, "webhook endpoint updated");
+                    w.config.store(Arc::new(ep.clone()));
                 }
-                None => {
-                    let config = Arc::new(ArcSwap::from_pointee(ep.clone()));
-                    let disabled = Arc::new(AtomicBool::new(false));
-                    let stop = CancellationToken::new();
-                    let task = tokio::spawn(worker::run(
-                        self.shared.clone(),
-                        config.clone(),
-                        disabled.clone(),
-                        stop.clone(),
-                    ));
-                    workers.insert(
-                        ep.name.clone(),
-                        WorkerHandle {
-                            config,
-                            disabled,
-                            stop,
-                            task,
-                        },
-                    );
-                }
+            } else if let Some(state) = registered.remove(&ep.name) {
+                let config = Arc::new(ArcSwap::from_pointee(ep.clone()));
+                let disabled = Arc::new(AtomicBool::new(false));
+                let stop = CancellationToken::new();
+                let task = tokio::spawn(worker::run(
+                    self.shared.clone(),
+                    state,
+                    config.clone(),
+                    disabled.clone(),
+                    stop.clone(),
+                ));
+                workers.insert(
+                    ep.name.clone(),
+                    WorkerHandle {
+                        config,
+                        disabled,
+                        stop,
+                        task,
+                    },
+                );
             }
             let off = !ep.enabled
                 || workers
@@ -200,6 +217,7 @@ impl Outbox {
                 .set(i64::from(off));
         }
         self.shared.wakeup.wake();
+        Ok(())
     }
 
     /// Re-enables an endpoint disabled at run time; its backlog is sent again.

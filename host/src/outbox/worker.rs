@@ -20,7 +20,7 @@ use super::sign::sign;
 use super::Shared;
 use crate::config::{OutboxConfig, WebhookConfig};
 use crate::metrics::{EndpointLabel, EndpointOutcomeLabel};
-use crate::storage::{ClaimedEvent, Settlement};
+use crate::storage::{ClaimedEvent, EndpointState, Settlement};
 
 /// Longest the worker sleeps without checking storage.
 const MAX_IDLE: Duration = Duration::from_secs(5);
@@ -29,23 +29,12 @@ const FANOUT_STEP: usize = 1000;
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
+    state: EndpointState,
     config: Arc<ArcSwap<WebhookConfig>>,
     disabled: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     let name = config.load().name.clone();
-    let state = loop {
-        match shared.storage.endpoint_register(&name).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::error!(endpoint = %name, error = %e, "cannot register webhook endpoint; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
     if let Some(reason) = &state.disabled_reason {
         tracing::warn!(endpoint = %name, reason = %reason, "webhook endpoint is disabled; re-enable it through the admin API");
         disabled.store(true, Ordering::Release);
@@ -330,19 +319,23 @@ async fn deliver(
                     })
             });
             if let Some(reason) = reason {
-                if !disabled.swap(true, Ordering::AcqRel) {
-                    tracing::error!(endpoint = %cfg.name, reason = %reason, "webhook endpoint disabled; its events are kept until it is re-enabled");
-                    shared
-                        .metrics
-                        .webhook_endpoint_disabled
-                        .get_or_create(&endpoint)
-                        .set(1);
+                if !disabled.load(Ordering::Acquire) {
+                    // Recorded before the flag flips, so whoever sees the
+                    // endpoint disabled also sees why.
                     if let Err(e) = shared
                         .storage
-                        .endpoint_set_disabled(&cfg.name, Some(reason), now)
+                        .endpoint_set_disabled(&cfg.name, Some(reason.clone()), now)
                         .await
                     {
                         tracing::error!(endpoint = %cfg.name, error = %e, "cannot record endpoint as disabled");
+                    }
+                    if !disabled.swap(true, Ordering::AcqRel) {
+                        tracing::error!(endpoint = %cfg.name, reason = %reason, "webhook endpoint disabled; its events are kept until it is re-enabled");
+                        shared
+                            .metrics
+                            .webhook_endpoint_disabled
+                            .get_or_create(&endpoint)
+                            .set(1);
                     }
                 }
             }

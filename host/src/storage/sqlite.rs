@@ -599,7 +599,8 @@ impl Storage for SqliteStorage {
             match reason {
                 Some(reason) => {
                     conn.execute(
-                        "UPDATE endpoints SET disabled_at = ?2, disabled_reason = ?3 WHERE name = ?1",
+                        "UPDATE endpoints SET disabled_at = ?2, disabled_reason = ?3
+                         WHERE name = ?1 AND disabled_at IS NULL",
                         params![name, now, reason],
                     )?;
                 }

@@ -31,7 +31,22 @@ impl RawClient {
     /// Performs the HTTP upgrade with `path_and_query` (e.g. `/v1/ws?token=…`).
     /// Returns the client and the HTTP status line.
     pub async fn upgrade(addr: &str, path_and_query: &str) -> (RawClient, String) {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        Self::upgrade_tcp(tcp, addr, path_and_query).await
+    }
+
+    /// Upgrades an already connected socket; panics unless the answer is 101.
+    pub async fn upgrade_over(tcp: TcpStream, addr: &str, path_and_query: &str) -> RawClient {
+        let (raw, status) = Self::upgrade_tcp(tcp, addr, path_and_query).await;
+        assert!(status.contains("101"), "{status}");
+        raw
+    }
+
+    async fn upgrade_tcp(
+        mut tcp: TcpStream,
+        addr: &str,
+        path_and_query: &str,
+    ) -> (RawClient, String) {
         let req = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         );

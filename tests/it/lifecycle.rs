@@ -414,3 +414,39 @@ async fn presence_counts_devices_and_connections() {
     };
     assert_eq!((count("user.online"), count("user.offline")), (1, 1));
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
+    let (gw, rx) = setup("[gateway]\nwrite_timeout = \"1s\"\nping_interval = \"30s\"").await;
+    let token = gw.token("sloth", None, None);
+    // A tiny receive buffer so the server's writes back up quickly.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(gw.addr.parse().unwrap()).await.unwrap();
+    let mut raw = RawClient::upgrade_over(tcp, &gw.addr, &format!("/v1/ws?token={token}")).await;
+    // Ask for heartbeats without ever reading the answers.
+    let ping = br#"{"type":"ping","id":"0123456789abcdef0123456789abcdef0123456789abcdef"}"#;
+    let flood = async {
+        loop {
+            raw.write_frame(1, ping, true).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::select! {
+            _ = flood => {}
+            _ = rx.wait_for("slow consumer close", WAIT, |ds| {
+                ds.iter().find(|d| d.event_type == "connection.closed" && d.str("user_id") == "sloth").cloned()
+            }) => {}
+        }
+    })
+    .await;
+    let ev = rx
+        .wait_for("slow consumer close", WAIT, |ds| {
+            ds.iter()
+                .find(|d| d.event_type == "connection.closed" && d.str("user_id") == "sloth")
+                .cloned()
+        })
+        .await;
+    assert_eq!((ev.str("reason"), ev.code()), ("slow_consumer", 4004));
+    rx.assert_exactly_once(ev.str("connection_id")).await;
+}

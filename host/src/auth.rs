@@ -45,14 +45,27 @@ pub enum TokenError {
 /// Largest accepted user or device id, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 
-fn valid_id(id: &str) -> bool {
+/// Whether `id` is acceptable as a user or device id.
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(|c| c.is_control())
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header (the scheme
+/// is case-insensitive, as HTTP requires).
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// Verifies a client token.
 pub fn verify_token(token: &str, secret: &[u8], leeway: Duration) -> Result<Claims, TokenError> {
     let mut validation = Validation::new(Algorithm::HS256);
-    validation.leeway = leeway.as_secs();
+    // Whole seconds, rounded up, as JWT times are in seconds.
+    validation.leeway = leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0);
     validation.required_spec_claims = ["sub".to_string()].into_iter().collect();
     validation.validate_exp = true;
     validation.validate_nbf = true;

@@ -107,7 +107,8 @@ pub fn main() -> anyhow::Result<()> {
             command: ConfigCommand::Check { config },
         } => {
             let cfg = Config::load(config.as_deref())?;
-            println!("{}", toml::to_string_pretty(&cfg)?);
+            // Secrets are redacted: the output is meant to be shared when debugging.
+            println!("{}", toml::to_string_pretty(&cfg.redacted())?);
             eprintln!("config is valid");
             Ok(())
         }

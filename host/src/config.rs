@@ -22,7 +22,7 @@ const ENV_RESERVED: &[&str] = &["PLUGBOARD_CONFIG"];
 /// A configuration error. The message always names the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -222,8 +222,9 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
-    /// Delay before each attempt; the first entry is the first attempt.
-    /// After the last entry fails, the delivery is marked failed.
+    /// Delay before each retry: the first attempt is immediate, retry `n`
+    /// waits entry `n`. After the last retry fails the delivery is kept as
+    /// failed, so there are `len + 1` attempts in all.
     #[serde(with = "humantime_list")]
     pub retry_schedule: Vec<Duration>,
     /// Each delay is multiplied by a random factor in `[1 - jitter, 1 + jitter]`.
@@ -246,7 +247,6 @@ impl Default for OutboxConfig {
         let s = Duration::from_secs;
         OutboxConfig {
             retry_schedule: vec![
-                s(0),
                 s(5),
                 s(30),
                 s(2 * 60),
@@ -441,7 +441,9 @@ impl Config {
         let value = toml::Value::Table(table);
         serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
+            // The first line is the message; later lines only name the enclosing table.
             let inner = e.into_inner().to_string();
+            let inner = inner.lines().next().unwrap_or_default().trim().to_string();
             key_err(if key == "." { "<root>".into() } else { key }, inner)
         })
     }
@@ -453,6 +455,9 @@ impl Config {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(key_err("data_dir", "must not be empty"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(key_err("log.level", format!("is not a valid filter: {e}")));
         }
         let g = &self.gateway;
         let positive = [
@@ -566,6 +571,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// A copy with every secret replaced, for printing.
+    pub fn redacted(&self) -> Config {
+        let hide = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                "<redacted>".to_string()
+            }
+        };
+        let mut c = self.clone();
+        c.auth.jwt_secret = hide(&c.auth.jwt_secret);
+        c.auth.admin_token = hide(&c.auth.admin_token);
+        c.auth.api_keys = c.auth.api_keys.iter().map(|k| hide(k)).collect();
+        for w in &mut c.webhooks {
+            w.secret = hide(&w.secret);
+        }
+        c
     }
 
     /// Keys whose change a live reload cannot apply; they keep their old

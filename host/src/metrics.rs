@@ -47,7 +47,7 @@ fn latency_histogram() -> Histogram {
 }
 
 fn lag_histogram() -> Histogram {
-    // 1 ms .. ~9 h
+    // 1 ms .. ~36 h
     Histogram::new(exponential_buckets(0.001, 3.0, 18))
 }
 

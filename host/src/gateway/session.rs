@@ -122,7 +122,10 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
         cfg.gateway.pong_timeout.as_millis() as u64,
     );
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    let expiry = token_exp.map(instant_of_unix).unwrap_or(far);
+    // Tokens are accepted up to `token_leeway` past `exp`, so they expire then too.
+    let expiry = token_exp
+        .map(|exp| instant_of_unix(exp) + cfg.auth.token_leeway)
+        .unwrap_or(far);
     let mut next_ping = Instant::now() + cfg.gateway.ping_interval;
     let mut pong_deadline: Option<Instant> = None;
 
@@ -269,7 +272,7 @@ async fn handle_message(app: &App, ws: &mut WsStream, msg: Message) -> Result<()
             send(ws, Message::text(reply), write_timeout).await
         }
         Message::Binary(_) => {
-            app.metrics.frame_error("binary_frame");
+            app.metrics.frame_error("binary_not_supported");
             let reply = protocol::error_frame(
                 "binary_not_supported",
                 "binary frames are not supported: send JSON in text frames",
@@ -371,6 +374,7 @@ pub async fn authenticate_then_run(
     query_device: Option<String>,
 ) {
     let cfg = app.config();
+    // Err: (reason for the metric and error frame, close code, message).
     let outcome = timeout(cfg.gateway.auth_timeout, async {
         loop {
             match ws.next().await {
@@ -379,20 +383,35 @@ pub async fn authenticate_then_run(
                         Ok(ClientFrame::Auth { token, .. }) => Ok(token),
                         Ok(_) => Err((
                             "auth_required",
+                            1008,
                             "the first frame must be an `auth` frame".to_string(),
                         )),
-                        Err(e) => Err(("malformed_auth", e.message)),
+                        Err(e) => Err(("malformed_auth", 1008, e.message)),
                     };
                 }
                 Some(Ok(Message::Binary(_))) => {
                     return Err((
                         "malformed_auth",
+                        1008,
                         "binary frames are not supported".to_string(),
                     ))
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                Some(Err(e)) => {
+                    return Err(match map_error(e) {
+                        End::Violation { reason, message } => {
+                            (reason.as_str(), reason.code(), message)
+                        }
+                        _ => (
+                            "closed_before_auth",
+                            1006,
+                            "the client left before authenticating".to_string(),
+                        ),
+                    })
+                }
+                Some(Ok(Message::Close(_))) | None => {
                     return Err((
                         "closed_before_auth",
+                        1006,
                         "the client left before authenticating".to_string(),
                     ))
                 }
@@ -413,13 +432,13 @@ pub async fn authenticate_then_run(
             )
             .await
         }
-        Ok(Err(("closed_before_auth", message))) => {
+        Ok(Err(("closed_before_auth", _, message))) => {
             app.metrics.handshake_failed("closed_before_auth");
             tracing::info!(remote = %remote, detail = %message, "connection attempt ended before auth");
             return;
         }
-        Ok(Err((reason, message))) => {
-            return refuse(&app, &mut ws, &remote, 1008, reason, message).await
+        Ok(Err((reason, code, message))) => {
+            return refuse(&app, &mut ws, &remote, code, reason, message).await
         }
         Ok(Ok(token)) => token,
     };
@@ -437,6 +456,9 @@ pub async fn authenticate_then_run(
     let secrets = app.secrets();
     let claims = match verify_token(&token, secrets.jwt_secret.as_bytes(), cfg.auth.token_leeway) {
         Ok(c) => c,
+        Err(e @ crate::auth::TokenError::Expired) => {
+            return refuse(&app, &mut ws, &remote, 1008, "token_expired", e.to_string()).await
+        }
         Err(e) => return refuse(&app, &mut ws, &remote, 1008, "bad_token", e.to_string()).await,
     };
     let device = claims

@@ -36,15 +36,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// The token from `Authorization: Bearer …` or `?token=…`, and `?device=…`.
 fn credentials(req: &Request) -> (Option<String>, Option<String>) {
-    let bearer = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_string());
+    let bearer = crate::auth::bearer_token(req.headers()).map(str::to_string);
     let mut token = None;
     let mut device = None;
     if let Some(q) = req.uri().query() {
@@ -58,7 +50,7 @@ fn credentials(req: &Request) -> (Option<String>, Option<String>) {
     }
     (
         bearer.or(token),
-        device.filter(|d| !d.is_empty() && d.len() <= crate::auth::MAX_ID_LEN),
+        device.filter(|d| crate::auth::valid_id(d)),
     )
 }
 

@@ -9,7 +9,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::ApiError;
+use crate::config::ConfigError;
 use crate::gateway::Registry;
+use crate::outbox::Enable;
 use crate::server::App;
 
 pub fn router() -> Router<Arc<App>> {
@@ -26,11 +28,12 @@ async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
         Ok(report) => Ok(Json(
             serde_json::to_value(report).map_err(ApiError::internal)?,
         )),
-        Err(e) => Err(ApiError::new(
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => Err(ApiError::new(
             http::StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_config",
             e.to_string(),
         )),
+        Err(e) => Err(ApiError::internal(format!("{e:#}"))),
     }
 }
 
@@ -57,18 +60,30 @@ async fn enable(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    app.outbox.enable(&name).await.ok_or_else(|| {
-        ApiError::not_found(format!("no webhook endpoint `{name}` in the config"))
-    })?;
-    Ok(Json(json!({ "name": name, "enabled": true })))
+    match app.outbox.enable(&name).await.map_err(ApiError::internal)? {
+        Enable::Enabled => Ok(Json(json!({ "name": name, "enabled": true }))),
+        Enable::StillDisabledInConfig => Err(ApiError::new(
+            http::StatusCode::CONFLICT,
+            "disabled_in_config",
+            format!("`{name}` has enabled = false in the config; change it there and reload"),
+        )),
+        Enable::Unknown => Err(ApiError::not_found(format!(
+            "no webhook endpoint `{name}` in the config"
+        ))),
+    }
 }
 
 async fn retry_failed(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let n = app.outbox.retry_failed(&name).await.ok_or_else(|| {
-        ApiError::not_found(format!("no webhook endpoint `{name}` in the config"))
-    })?;
+    let n = app
+        .outbox
+        .retry_failed(&name)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no webhook endpoint `{name}` in the config"))
+        })?;
     Ok(Json(json!({ "name": name, "requeued": n })))
 }

@@ -74,12 +74,7 @@ impl IntoResponse for ApiError {
 }
 
 fn bearer(req: &Request) -> Option<&str> {
-    req.headers()
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    crate::auth::bearer_token(req.headers())
 }
 
 /// Requires a server API key.

@@ -84,6 +84,15 @@ pub struct EndpointView {
     pub last_error: Option<String>,
 }
 
+/// What `enable` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enable {
+    Enabled,
+    /// Cleared the run-time disable, but the config has `enabled = false`.
+    StillDisabledInConfig,
+    Unknown,
+}
+
 /// The delivery service: one worker per endpoint, reconciled on reload.
 pub struct Outbox {
     shared: Arc<Shared>,
@@ -221,17 +230,14 @@ impl Outbox {
     }
 
     /// Re-enables an endpoint disabled at run time; its backlog is sent again.
-    pub async fn enable(&self, name: &str) -> Option<()> {
-        let disabled = self.handle_flag(name)?;
-        if let Err(e) = self
-            .shared
+    pub async fn enable(&self, name: &str) -> Result<Enable, StorageError> {
+        let Some((disabled, in_config)) = self.handle_flag(name) else {
+            return Ok(Enable::Unknown);
+        };
+        self.shared
             .storage
             .endpoint_set_disabled(name, None, crate::now_ms())
-            .await
-        {
-            tracing::error!(endpoint = %name, error = %e, "cannot re-enable endpoint");
-            return None;
-        }
+            .await?;
         disabled.store(false, Ordering::Release);
         self.shared
             .metrics
@@ -239,28 +245,37 @@ impl Outbox {
             .get_or_create(&EndpointLabel {
                 endpoint: name.to_string(),
             })
-            .set(0);
+            .set(i64::from(!in_config));
         tracing::info!(endpoint = %name, "webhook endpoint re-enabled");
         self.shared.wakeup.wake();
-        Some(())
+        Ok(if in_config {
+            Enable::Enabled
+        } else {
+            Enable::StillDisabledInConfig
+        })
     }
 
-    /// Queues an endpoint's failed deliveries again. Returns how many.
-    pub async fn retry_failed(&self, name: &str) -> Option<usize> {
-        self.handle_flag(name)?;
+    /// Queues an endpoint's failed deliveries again. Returns how many, or
+    /// `None` for an endpoint not in the config.
+    pub async fn retry_failed(&self, name: &str) -> Result<Option<usize>, StorageError> {
+        if self.handle_flag(name).is_none() {
+            return Ok(None);
+        }
         let n = self
             .shared
             .storage
             .endpoint_retry_failed(name, crate::now_ms())
-            .await
-            .ok()?;
+            .await?;
         self.shared.wakeup.wake();
-        Some(n)
+        Ok(Some(n))
     }
 
-    fn handle_flag(&self, name: &str) -> Option<Arc<AtomicBool>> {
+    /// The run-time disabled flag and the config's `enabled` of an endpoint.
+    fn handle_flag(&self, name: &str) -> Option<(Arc<AtomicBool>, bool)> {
         let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        workers.get(name).map(|w| w.disabled.clone())
+        workers
+            .get(name)
+            .map(|w| (w.disabled.clone(), w.config.load().enabled))
     }
 
     /// State and counts of every configured endpoint; also refreshes the gauges.

@@ -48,6 +48,7 @@ pub(crate) async fn run(
     }
     let mut wake = shared.wakeup.subscribe();
     let mut inflight: JoinSet<()> = JoinSet::new();
+    let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
         let cfg = config.load_full();
         let settings = shared.settings.load_full();
@@ -72,7 +73,13 @@ pub(crate) async fn run(
         }
         // 2. Claim and send what is due.
         let mut idle = MAX_IDLE;
-        if cfg.enabled && !disabled.load(Ordering::Acquire) {
+        let lingering = linger_until.is_some_and(|t| t > tokio::time::Instant::now());
+        if lingering {
+            idle = linger_until
+                .unwrap()
+                .saturating_duration_since(tokio::time::Instant::now());
+        } else if cfg.enabled && !disabled.load(Ordering::Acquire) {
+            linger_until = None;
             let per_request = cfg.batch_max.max(1);
             while inflight.len() < settings.max_in_flight {
                 let now = crate::now_ms();
@@ -113,8 +120,9 @@ pub(crate) async fn run(
                 if changed.is_err() {
                     break;
                 }
-                if cfg.batch_max > 1 && !cfg.batch_linger.is_zero() {
-                    tokio::time::sleep(cfg.batch_linger).await;
+                // A batching endpoint lets a batch fill before claiming it.
+                if cfg.batch_max > 1 && !cfg.batch_linger.is_zero() && linger_until.is_none() {
+                    linger_until = Some(tokio::time::Instant::now() + cfg.batch_linger);
                 }
             }
             _ = tokio::time::sleep(idle), if inflight.len() < settings.max_in_flight => {}
@@ -251,52 +259,71 @@ async fn deliver(
         .inc();
 
     let now = crate::now_ms();
-    let attempts_made = events.iter().map(|e| e.attempts).max().unwrap_or(0) as usize + 1;
-    let (settlement, disable_reason) = match &outcome {
-        Outcome::Success => (Settlement::Delivered, None),
-        Outcome::Gone => (
-            Settlement::Retry {
-                next_at: now,
-                error: "HTTP 410 Gone".into(),
-            },
-            Some("the endpoint answered 410 Gone".to_string()),
-        ),
+    // Each event is settled on its own attempt count: in a batch, an event on
+    // its last retry may fail for good while a fresh one is retried.
+    let mut settlements: Vec<(Settlement, Vec<i64>)> = Vec::new();
+    let mut disable_reason = None;
+    match &outcome {
+        Outcome::Success => settlements.push((
+            Settlement::Delivered,
+            events.iter().map(|e| e.seq).collect(),
+        )),
+        Outcome::Gone => {
+            settlements.push((
+                Settlement::Hold {
+                    error: "HTTP 410 Gone".into(),
+                },
+                events.iter().map(|e| e.seq).collect(),
+            ));
+            disable_reason = Some("the endpoint answered 410 Gone".to_string());
+        }
         Outcome::Failure {
             error, retry_after, ..
         } => {
-            if attempts_made >= settings.retry_schedule.len() {
+            let (exhausted, retry): (Vec<&ClaimedEvent>, Vec<&ClaimedEvent>) = events
+                .iter()
+                .partition(|e| e.attempts as usize >= settings.retry_schedule.len());
+            if !exhausted.is_empty() {
                 tracing::warn!(
-                    endpoint = %cfg.name, webhook_id = %id, attempts = attempts_made, error = %error,
+                    endpoint = %cfg.name, webhook_id = %id, events = exhausted.len(), error = %error,
                     "webhook delivery failed after its last retry; kept as failed"
                 );
-                (
+                settlements.push((
                     Settlement::Failed {
                         error: error.clone(),
                     },
-                    None,
-                )
-            } else {
-                let mut delay = jittered(settings.retry_schedule[attempts_made], settings.jitter);
+                    exhausted.iter().map(|e| e.seq).collect(),
+                ));
+            }
+            if !retry.is_empty() {
+                // Retry n waits retry_schedule[n - 1]; a batch waits for its oldest event's next delay.
+                let n = retry.iter().map(|e| e.attempts as usize).max().unwrap_or(0);
+                let mut delay = jittered(settings.retry_schedule[n], settings.jitter);
                 if let Some(ra) = retry_after {
                     delay = delay.max((*ra).min(settings.max_retry_after));
                 }
                 tracing::debug!(endpoint = %cfg.name, webhook_id = %id, error = %error, retry_in = ?delay, "webhook delivery failed; will retry");
-                (
+                settlements.push((
                     Settlement::Retry {
                         next_at: now + delay.as_millis() as i64,
                         error: error.clone(),
                     },
-                    None,
-                )
+                    retry.iter().map(|e| e.seq).collect(),
+                ));
             }
         }
-    };
-    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-    match shared
-        .storage
-        .deliveries_settle(&cfg.name, seqs, settlement, now)
-        .await
-    {
+    }
+    let mut settled = Ok(None);
+    for (settlement, seqs) in settlements {
+        settled = shared
+            .storage
+            .deliveries_settle(&cfg.name, seqs, settlement, now)
+            .await;
+        if settled.is_err() {
+            break;
+        }
+    }
+    match settled {
         Ok(failing_since) => {
             if matches!(outcome, Outcome::Success) {
                 let lag = shared

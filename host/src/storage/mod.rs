@@ -96,6 +96,11 @@ pub enum Settlement {
         next_at: i64,
         error: String,
     },
+    /// Not counted against the retry budget (the endpoint was disabled by
+    /// this answer): due again at once when it is re-enabled.
+    Hold {
+        error: String,
+    },
     /// Retries exhausted: kept as failed, visible in the admin API.
     Failed {
         error: String,

@@ -553,6 +553,13 @@ impl Storage for SqliteStorage {
                         )?
                         .execute(params![name, seq, next_at, error])?;
                     }
+                    Settlement::Hold { error } => {
+                        conn.prepare_cached(
+                            "UPDATE deliveries SET next_at = ?3, leased = 0, last_error = ?4
+                             WHERE endpoint = ?1 AND event_seq = ?2",
+                        )?
+                        .execute(params![name, seq, now, error])?;
+                    }
                     Settlement::Failed { error } => {
                         conn.prepare_cached(
                             "UPDATE deliveries SET attempts = attempts + 1, state = 'failed',
@@ -572,7 +579,9 @@ impl Storage for SqliteStorage {
                     )?
                     .execute(params![name, seqs.len() as i64])?;
                 }
-                Settlement::Retry { error, .. } | Settlement::Failed { error } => {
+                Settlement::Retry { error, .. }
+                | Settlement::Failed { error }
+                | Settlement::Hold { error } => {
                     conn.prepare_cached(
                         "UPDATE endpoints SET failing_since = COALESCE(failing_since, ?2),
                          last_error = ?3 WHERE name = ?1",

@@ -2,7 +2,7 @@
 //! and the development secrets generated when the config names none.
 //!
 //! A client token's claims: `sub` (user id, required), `exp` (optional; the
-//! connection is closed when it passes), `nbf`, `iat`, and `device` (optional
+//! connection is closed when it passes, plus `auth.token_leeway`), `nbf`, `iat`, and `device` (optional
 //! device id, default `default`).
 
 use std::path::{Path, PathBuf};
@@ -61,11 +61,16 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The leeway in whole seconds, rounded up, as JWT times are in seconds.
+/// The handshake and the expiry of an open connection both use this.
+pub fn leeway_secs(leeway: Duration) -> u64 {
+    leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0)
+}
+
 /// Verifies a client token.
 pub fn verify_token(token: &str, secret: &[u8], leeway: Duration) -> Result<Claims, TokenError> {
     let mut validation = Validation::new(Algorithm::HS256);
-    // Whole seconds, rounded up, as JWT times are in seconds.
-    validation.leeway = leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0);
+    validation.leeway = leeway_secs(leeway);
     validation.required_spec_claims = ["sub".to_string()].into_iter().collect();
     validation.validate_exp = true;
     validation.validate_nbf = true;

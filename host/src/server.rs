@@ -142,7 +142,10 @@ impl App {
                 drained = r.drained, "config reloaded"
             ),
             Err(e) => {
-                tracing::error!(error = %e, "config reload refused; the old config stays in force")
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "config reload refused; the old config stays in force"
+                )
             }
         }
         result

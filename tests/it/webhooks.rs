@@ -167,7 +167,7 @@ async fn rate_limited_deliveries_honour_retry_after() {
 
 #[tokio::test]
 async fn retries_exhausted_are_kept_as_failed_and_can_be_requeued() {
-    let (gw, rx) = setup("[outbox]\nretry_schedule = [\"0s\", \"50ms\", \"50ms\"]").await;
+    let (gw, rx) = setup("[outbox]\nretry_schedule = [\"50ms\", \"50ms\", \"50ms\"]").await;
     rx.reply(Reply::Status(500));
     let c = WsClient::connect(&gw, "unlucky").await;
     c.close(1000, "");

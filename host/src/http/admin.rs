@@ -31,7 +31,7 @@ async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => Err(ApiError::new(
             http::StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_config",
-            e.to_string(),
+            format!("{e:#}"),
         )),
         Err(e) => Err(ApiError::internal(format!("{e:#}"))),
     }

@@ -43,11 +43,50 @@ pub enum Command {
         #[arg(long, short, env = "PLUGBOARD_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Check or try a plugin component without a running gateway.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Work with the config file.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Load a component as the gateway would: which hooks it exports, the WIT
+    /// version, and whether its init accepts the config. Exits 1 if refused.
+    Check {
+        file: PathBuf,
+        /// A config entry handed to the plugin, `key=value` (repeatable).
+        #[arg(long = "config", short = 'c', value_parser = parse_pair)]
+        config: Vec<(String, String)>,
+    },
+    /// Call one hook once with a JSON input and print the result and the plugin's log.
+    Run {
+        file: PathBuf,
+        /// webhook-formatter, conversation-filter or control-handler.
+        #[arg(long)]
+        hook: String,
+        /// JSON input file (`-` for standard input); see docs/plugins.md.
+        #[arg(long)]
+        input: PathBuf,
+        /// A config entry handed to the plugin, `key=value` (repeatable).
+        #[arg(long = "config", short = 'c', value_parser = parse_pair)]
+        config: Vec<(String, String)>,
+        /// CPU deadline of the call.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +142,13 @@ pub fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Plugin { command } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(plugin_command(command))
+        }
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
@@ -135,11 +181,23 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Binds the listener with a backlog that absorbs reconnect storms (the
+/// default of 128 drops SYNs when thousands of clients reconnect at once).
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     raise_nofile_limit();
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-        .await
+    let listener = bind(cfg.server.listen)
         .with_context(|| format!("cannot listen on {} (server.listen)", cfg.server.listen))?;
     let server = Server::start(cfg, config_path, listener).await?;
     println!("plugboard: listening on http://{}", server.local_addr());
@@ -166,4 +224,45 @@ async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> 
     });
     server.shutdown().await;
     Ok(())
+}
+
+async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+    use crate::plugins::tool;
+    match command {
+        PluginCommand::Check { file, config } => {
+            let loaded = tool::load(&file, config, Duration::from_secs(1))
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: refused: {e}", file.display()))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&tool::describe(&file, &loaded))?
+            );
+            tool::print_logs(&loaded.log);
+            Ok(())
+        }
+        PluginCommand::Run {
+            file,
+            hook,
+            input,
+            config,
+            deadline,
+        } => {
+            let text = if input.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&input)
+                    .with_context(|| format!("cannot read {}", input.display()))?
+            };
+            let input: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", input.display()))?;
+            let loaded = tool::load(&file, config, deadline)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: refused: {e}", file.display()))?;
+            let result = tool::run(&loaded, &hook, &input).await;
+            tool::print_logs(&loaded.log);
+            let result = result?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+    }
 }

@@ -59,6 +59,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Webhook endpoints; events go to each endpoint whose filter matches.
     pub webhooks: Vec<WebhookConfig>,
+    /// Settings of the plugin runtime.
+    pub plugin_runtime: PluginRuntimeConfig,
+    /// Plugins to load (WebAssembly components).
+    pub plugins: Vec<PluginConfig>,
 }
 
 impl Default for Config {
@@ -73,6 +77,8 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             webhooks: Vec::new(),
+            plugin_runtime: PluginRuntimeConfig::default(),
+            plugins: Vec::new(),
         }
     }
 }
@@ -287,6 +293,112 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Settings shared by every plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginRuntimeConfig {
+    /// Folder plugin files are read from (relative `file` names resolve here).
+    /// Empty: `<data_dir>/plugins`.
+    pub dir: PathBuf,
+    /// Folder for compiled plugins. Empty: `<data_dir>/plugin-cache`.
+    pub cache_dir: PathBuf,
+    /// Reload a plugin when its file in `dir` changes.
+    pub watch: bool,
+    /// Consecutive failures after which a plugin's circuit breaker opens.
+    pub breaker_failures: u32,
+    /// How long an open breaker skips the plugin before trying it again.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Idle instances kept per plugin for reuse.
+    pub pool_size: usize,
+}
+
+impl Default for PluginRuntimeConfig {
+    fn default() -> Self {
+        PluginRuntimeConfig {
+            dir: PathBuf::new(),
+            cache_dir: PathBuf::new(),
+            watch: true,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            pool_size: 8,
+        }
+    }
+}
+
+/// What happens to the work at hand when a plugin call fails (trap,
+/// timeout, error result or malformed output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Go on as if the plugin were not there.
+    FailOpen,
+    /// Stop: the work is refused (or, for webhooks, retried later).
+    FailClosed,
+}
+
+/// One plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Unique name; webhook endpoints and the admin API refer to it.
+    pub name: String,
+    /// The component file, absolute or relative to `plugin_runtime.dir`.
+    pub file: PathBuf,
+    /// Hooks the plugin must export and serves: `webhook-formatter`,
+    /// `conversation-filter`, `control-handler`. Empty: every hook it exports.
+    #[serde(default)]
+    pub hooks: Vec<String>,
+    /// Position in each hook's chain (lower runs first; ties by name).
+    #[serde(default)]
+    pub order: i32,
+    /// Cap on the plugin's linear memory (all memories of an instance together).
+    #[serde(
+        default = "default_plugin_memory",
+        deserialize_with = "de_size",
+        serialize_with = "ser_size"
+    )]
+    pub memory_limit: usize,
+    /// CPU deadline of one hook call.
+    #[serde(default = "default_plugin_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Deadline of `init` (language runtimes start slower than a hook call).
+    #[serde(default = "default_init_deadline", with = "humantime_serde")]
+    pub init_deadline: Duration,
+    /// Policy when a call fails.
+    #[serde(default = "default_on_error")]
+    pub on_error: OnError,
+    /// Calls after which an instance is replaced by a fresh one.
+    #[serde(default = "default_max_calls")]
+    pub max_calls_per_instance: u64,
+    /// Handed to the plugin (`host.config` and `init`).
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
+}
+
+fn default_plugin_memory() -> usize {
+    128 * 1024 * 1024
+}
+fn default_plugin_deadline() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_init_deadline() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_on_error() -> OnError {
+    OnError::FailOpen
+}
+fn default_max_calls() -> u64 {
+    100_000
+}
+
+/// The hook names a plugin can serve.
+pub const HOOKS: &[&str] = &[
+    "webhook-formatter",
+    "conversation-filter",
+    "control-handler",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -333,6 +445,10 @@ pub struct WebhookConfig {
     /// With batching, how long to wait for a batch to fill.
     #[serde(default, with = "humantime_serde")]
     pub batch_linger: Duration,
+    /// Name of a plugin (exporting `webhook-formatter`) that turns each event
+    /// into the request sent to this endpoint. The default JSON body otherwise.
+    #[serde(default)]
+    pub formatter: Option<String>,
 }
 
 fn all_events() -> Vec<String> {
@@ -569,8 +685,109 @@ impl Config {
             if w.batch_max == 0 || w.batch_max > 1000 {
                 return Err(key_err(at("batch_max"), "must be between 1 and 1000"));
             }
+            if w.formatter.is_some() && w.batch_max > 1 {
+                return Err(key_err(
+                    at("formatter"),
+                    "cannot be combined with batch_max > 1 (a formatter shapes one event per request)",
+                ));
+            }
+            if let Some(f) = &w.formatter {
+                match self.plugins.iter().find(|p| &p.name == f) {
+                    None => {
+                        return Err(key_err(
+                            at("formatter"),
+                            format!("names no plugin (no [[plugins]] entry named `{f}`)"),
+                        ))
+                    }
+                    Some(p)
+                        if !p.hooks.is_empty()
+                            && !p.hooks.iter().any(|h| h == "webhook-formatter") =>
+                    {
+                        return Err(key_err(
+                            at("formatter"),
+                            format!("plugin `{f}` does not list the `webhook-formatter` hook"),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let r = &self.plugin_runtime;
+        if r.breaker_failures == 0 {
+            return Err(key_err(
+                "plugin_runtime.breaker_failures",
+                "must be at least 1",
+            ));
+        }
+        if r.breaker_cooldown.is_zero() {
+            return Err(key_err(
+                "plugin_runtime.breaker_cooldown",
+                "must be greater than zero",
+            ));
+        }
+        let mut plugin_names = BTreeSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            let at = |field: &str| format!("plugins[{i}].{field}");
+            if p.name.is_empty()
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(key_err(
+                    at("name"),
+                    "must be non-empty letters, digits, `-` or `_`",
+                ));
+            }
+            if !plugin_names.insert(p.name.as_str()) {
+                return Err(key_err(at("name"), format!("`{}` is used twice", p.name)));
+            }
+            if p.file.as_os_str().is_empty() {
+                return Err(key_err(at("file"), "must name a .wasm component"));
+            }
+            for h in &p.hooks {
+                if !HOOKS.contains(&h.as_str()) {
+                    return Err(key_err(
+                        at("hooks"),
+                        format!("`{h}` is not a hook (known: {})", HOOKS.join(", ")),
+                    ));
+                }
+            }
+            if p.memory_limit < 1024 * 1024 || p.memory_limit > 512 * 1024 * 1024 {
+                return Err(key_err(
+                    at("memory_limit"),
+                    "must be between 1MiB and 512MiB",
+                ));
+            }
+            if p.deadline.is_zero() {
+                return Err(key_err(at("deadline"), "must be greater than zero"));
+            }
+            if p.init_deadline.is_zero() {
+                return Err(key_err(at("init_deadline"), "must be greater than zero"));
+            }
+            if p.max_calls_per_instance == 0 {
+                return Err(key_err(at("max_calls_per_instance"), "must be at least 1"));
+            }
         }
         Ok(())
+    }
+
+    /// The folder plugin files are read from.
+    pub fn plugins_dir(&self) -> PathBuf {
+        if self.plugin_runtime.dir.as_os_str().is_empty() {
+            self.data_dir.join("plugins")
+        } else {
+            self.plugin_runtime.dir.clone()
+        }
+    }
+
+    /// The folder for compiled plugins.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        if self.plugin_runtime.cache_dir.as_os_str().is_empty() {
+            self.data_dir.join("plugin-cache")
+        } else {
+            self.plugin_runtime.cache_dir.clone()
+        }
     }
 
     /// A copy with every secret replaced, for printing.
@@ -607,6 +824,11 @@ impl Config {
         }
         if self.log != new.log {
             keys.push("log");
+        }
+        if self.plugin_runtime.dir != new.plugin_runtime.dir
+            || self.plugin_runtime.cache_dir != new.plugin_runtime.cache_dir
+        {
+            keys.push("plugin_runtime.dir/cache_dir");
         }
         keys
     }

@@ -11,6 +11,7 @@
 //! - [`gateway`]: accept, upgrade and authenticate, the session task, the frame
 //!   protocol, the live-session registry, the lifecycle state machine.
 //! - [`outbox`]: event payloads, the per-endpoint delivery worker, signing.
+//! - [`plugins`]: the WebAssembly plugin runtime (engine, sandbox, registry, hot swap).
 //! - [`http`]: routers for the server API, admin API and operations, and the
 //!   one error type at the HTTP edge.
 //! - [`server`]: wiring: starts everything, reloads config, shuts down in order.
@@ -24,6 +25,7 @@ pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod outbox;
+pub mod plugins;
 pub mod server;
 pub mod storage;
 

@@ -39,6 +39,30 @@ pub struct FrameLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    pub plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginHookLabel {
+    pub plugin: String,
+    pub hook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginOutcomeLabel {
+    pub plugin: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginCallLabel {
+    pub plugin: String,
+    pub hook: String,
+    pub outcome: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -70,6 +94,17 @@ pub struct Metrics {
     pub storage_batch_size: Histogram,
     pub open_latency_seconds: Histogram,
     pub config_reloads: Family<ReasonLabel, Counter>,
+    pub webhook_skipped: Family<EndpointLabel, Counter>,
+    pub plugin_calls: Family<PluginCallLabel, Counter>,
+    pub plugin_call_seconds: HistogramFamily<PluginHookLabel>,
+    pub plugin_breaker_open: Family<PluginLabel, Gauge>,
+    pub plugin_breaker_trips: Family<PluginLabel, Counter>,
+    pub plugin_loads: Family<PluginOutcomeLabel, Counter>,
+}
+
+fn plugin_histogram() -> Histogram {
+    // 1 µs .. ~0.5 s
+    Histogram::new(exponential_buckets(0.000001, 2.5, 15))
 }
 
 impl Default for Metrics {
@@ -98,6 +133,12 @@ impl Metrics {
             storage_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             open_latency_seconds: latency_histogram(),
             config_reloads: Family::default(),
+            webhook_skipped: Family::default(),
+            plugin_calls: Family::default(),
+            plugin_call_seconds: Family::new_with_constructor(plugin_histogram),
+            plugin_breaker_open: Family::default(),
+            plugin_breaker_trips: Family::default(),
+            plugin_loads: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -180,6 +221,36 @@ impl Metrics {
             "config_reloads",
             "Config reloads, by outcome",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "webhook_skipped",
+            "Events a formatter declined for an endpoint",
+            m.webhook_skipped.clone(),
+        );
+        r.register(
+            "plugin_calls",
+            "Plugin hook calls, by plugin, hook and outcome (ok, error, trap, timeout, memory_limit, malformed, breaker_open, unavailable)",
+            m.plugin_calls.clone(),
+        );
+        r.register(
+            "plugin_call_seconds",
+            "Duration of one plugin hook call",
+            m.plugin_call_seconds.clone(),
+        );
+        r.register(
+            "plugin_breaker_open",
+            "1 while a plugin's circuit breaker is open",
+            m.plugin_breaker_open.clone(),
+        );
+        r.register(
+            "plugin_breaker_trips",
+            "Times a plugin's circuit breaker opened",
+            m.plugin_breaker_trips.clone(),
+        );
+        r.register(
+            "plugin_loads",
+            "Plugin versions loaded or refused, by plugin and outcome",
+            m.plugin_loads.clone(),
         );
         Metrics { registry, ..m }
     }

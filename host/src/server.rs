@@ -34,6 +34,9 @@ use crate::gateway::session::Admitted;
 use crate::gateway::{CloseReason, Registry};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::outbox::{Outbox, Wakeup};
+use crate::plugins::engine::PluginEngine;
+use crate::plugins::registry::LoadReport;
+use crate::plugins::{Kv, PluginRegistry};
 use crate::storage::{SqliteStorage, Storage};
 
 /// Everything a request handler or session task can reach.
@@ -48,6 +51,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub lifecycle: Lifecycle,
     pub outbox: Arc<Outbox>,
+    pub plugins: Arc<PluginRegistry>,
+    /// Keeps the plugins-folder watcher alive.
+    _watcher: Option<notify::RecommendedWatcher>,
     /// Every upgraded connection's task, so shutdown can wait for them.
     pub sessions: TaskTracker,
     /// Set once shutdown starts; never cleared.
@@ -66,6 +72,8 @@ pub struct ReloadReport {
     /// Connections told to close because the service was disabled.
     pub drained: usize,
     pub webhook_endpoints: usize,
+    /// Plugins loaded or reloaded because their config changed.
+    pub plugins_loaded: Vec<LoadReport>,
 }
 
 impl App {
@@ -163,6 +171,8 @@ impl App {
         let was_enabled = old.gateway.enabled;
         let enabled = new.gateway.enabled;
         let endpoints = new.webhooks.len();
+        // Plugins first: an endpoint may name a formatter the reload adds.
+        let plugins_loaded = self.plugins.apply(&new, false).await?;
         self.outbox.reconcile(&new.webhooks, &new.outbox).await?;
         self.secrets.store(Arc::new(secrets));
         self.config.store(Arc::new(new));
@@ -184,6 +194,7 @@ impl App {
             websocket_enabled: enabled,
             drained,
             webhook_endpoints: endpoints,
+            plugins_loaded,
         })
     }
 }
@@ -218,6 +229,16 @@ impl Server {
             wakeup.clone(),
             config.node_id.clone(),
         );
+        let engine = PluginEngine::new(Some(config.plugin_cache_dir()))?;
+        let plugins = Arc::new(PluginRegistry::new(
+            engine,
+            Arc::new(Kv::Storage(storage.clone())),
+            metrics.clone(),
+            &config,
+        ));
+        // A plugin that cannot load stops the start: better now than at the first event.
+        plugins.apply(&config, true).await?;
+        let watcher = plugins.start_watcher();
         // Endpoints are registered before anything can write an event, so a
         // new endpoint also receives the events of the crash recovery below.
         let outbox = Arc::new(Outbox::new(
@@ -225,6 +246,7 @@ impl Server {
             metrics.clone(),
             wakeup,
             config.outbox.clone(),
+            Some(plugins.clone()),
         )?);
         outbox.reconcile(&config.webhooks, &config.outbox).await?;
         outbox.start_maintenance();
@@ -245,6 +267,8 @@ impl Server {
             metrics,
             lifecycle,
             outbox,
+            plugins,
+            _watcher: watcher,
             sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -291,7 +315,7 @@ impl Server {
             .is_err()
         {
             tracing::warn!(
-                remaining = app.registry.len(),
+                remaining = app.sessions.len(),
                 "drain timeout passed before every close handshake completed"
             );
         }

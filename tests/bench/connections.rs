@@ -45,6 +45,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -79,6 +80,8 @@ usage: bench-connections [options]
   --settle SECS          wait before each RSS reading (default 5)
   --attempt-timeout SECS limit for one attempt: TCP connect to connect frame (default 30)
   --ramp-timeout SECS    limit for opening all N connections (default 600)
+  --hold SECS            after the RSS reading, keep holding this long and read
+                         again, e.g. past a ping interval (default 0: no extra hold)
   --sources K            client source addresses 127.0.0.2 .. 127.0.0.(K+1) (default 8)
   --baseline-read-buffers LIST
                          one baseline run per entry: `default` (tokio-tungstenite's
@@ -95,10 +98,13 @@ struct Options {
     settle: Duration,
     attempt_timeout: Duration,
     ramp_timeout: Duration,
+    hold: Duration,
     sources: usize,
     /// One baseline per entry; `None` is tokio-tungstenite's default config.
     baselines: Vec<Option<usize>>,
     gateway: bool,
+    /// Most client sockets this process may have at once (from the open-files limit).
+    socket_budget: usize,
 }
 
 impl Default for Options {
@@ -109,9 +115,11 @@ impl Default for Options {
             settle: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(30),
             ramp_timeout: Duration::from_secs(600),
+            hold: Duration::ZERO,
             sources: 8,
             baselines: vec![None],
             gateway: true,
+            socket_budget: usize::MAX,
         }
     }
 }
@@ -144,6 +152,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--ramp-timeout" => {
                 o.ramp_timeout = Duration::from_secs(number(&flag, value(&flag)?)?.max(1) as u64)
             }
+            "--hold" => o.hold = Duration::from_secs(number(&flag, value(&flag)?)? as u64),
             "--sources" => o.sources = number(&flag, value(&flag)?)?.clamp(1, 250),
             "--baseline-read-buffers" => {
                 o.baselines = value(&flag)?
@@ -202,9 +211,19 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------
 // Process facts
 
-/// Raises RLIMIT_NOFILE to `wanted` (soft and hard; works as root), falling
-/// back to soft = hard. Returns the limits now in force.
-fn raise_nofile(wanted: u64) -> (u64, u64) {
+/// The open-files limit after [`raise_nofile`].
+#[derive(Clone, Debug)]
+struct Nofile {
+    soft: u64,
+    hard: u64,
+    /// Why the wanted limit could not be set, if it could not.
+    refused: Option<String>,
+}
+
+/// Raises RLIMIT_NOFILE to `wanted` (soft and hard; needs CAP_SYS_RESOURCE
+/// to go past the hard limit), falling back to soft = hard.
+fn raise_nofile(wanted: u64) -> Nofile {
+    let mut refused = None;
     #[allow(unsafe_code)]
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
@@ -212,20 +231,34 @@ fn raise_nofile(wanted: u64) -> (u64, u64) {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && (lim.rlim_cur as u64) < wanted {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < wanted {
             let want = libc::rlimit {
                 rlim_cur: wanted as libc::rlim_t,
-                rlim_max: (lim.rlim_max as u64).max(wanted) as libc::rlim_t,
+                rlim_max: lim.rlim_max.max(wanted),
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 && lim.rlim_cur < lim.rlim_max {
-                lim.rlim_cur = lim.rlim_max;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                refused = Some(format!(
+                    "setrlimit(RLIMIT_NOFILE, {wanted}) failed: {}",
+                    std::io::Error::last_os_error()
+                ));
+                if lim.rlim_cur < lim.rlim_max {
+                    lim.rlim_cur = lim.rlim_max;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
             }
         }
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        (lim.rlim_cur as u64, lim.rlim_max as u64)
+        Nofile {
+            soft: lim.rlim_cur,
+            hard: lim.rlim_max,
+            refused,
+        }
     }
 }
+
+/// Descriptors kept free in this process (runtime, pipes to the servers,
+/// the HTTP client reading the gateway's metrics).
+const FD_RESERVE: u64 = 128;
 
 /// Memory facts of a process, from `/proc/<pid>/status` (kB there, KiB here).
 #[derive(Clone, Copy, Debug, Default)]
@@ -318,6 +351,8 @@ struct Shared {
     failed: AtomicUsize,
     /// Connections currently open on the client side.
     alive: AtomicUsize,
+    /// Client sockets in use: attempts in flight and open connections.
+    sockets: AtomicUsize,
     /// Set before the server is stopped: ends after it are expected.
     teardown: AtomicBool,
     latencies: Mutex<Vec<Duration>>,
@@ -410,7 +445,10 @@ async fn hold(mut ws: ClientWs, shared: Arc<Shared>) {
                 close_code = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
             }
             Some(Ok(_)) => {}
-            None | Some(Err(WsError::ConnectionClosed)) | Some(Err(WsError::AlreadyClosed)) => {
+            None
+            | Some(Err(WsError::ConnectionClosed))
+            | Some(Err(WsError::AlreadyClosed))
+            | Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
                 break match close_code {
                     Some(c) => format!("close frame {c}, close handshake completed"),
                     None => "EOF without a close frame".to_string(),
@@ -425,6 +463,8 @@ async fn hold(mut ws: ClientWs, shared: Arc<Shared>) {
         }
     };
     shared.alive.fetch_sub(1, Ordering::SeqCst);
+    drop(ws);
+    shared.sockets.fetch_sub(1, Ordering::SeqCst);
     if shared.teardown.load(Ordering::SeqCst) {
         bump(&shared.ended_at_teardown, how);
     } else {
@@ -447,6 +487,8 @@ struct Run {
     latencies: Vec<Duration>,
     before: Option<ProcMem>,
     after: Option<ProcMem>,
+    /// With `--hold`: the reading at its end, and connections still open then.
+    after_hold: Option<(Option<ProcMem>, usize)>,
     failures: BTreeMap<String, usize>,
     ended_early: BTreeMap<String, usize>,
     ended_at_teardown: BTreeMap<String, usize>,
@@ -525,6 +567,25 @@ async fn ramp_and_measure(
     };
     let mut handles = Vec::with_capacity(opts.connections);
     for i in 0..opts.connections {
+        // Stay within this process's open-files limit: a socket that cannot
+        // be created is not a measurement of the server.
+        let mut out_of_sockets = false;
+        while shared.sockets.load(Ordering::SeqCst) >= opts.socket_budget {
+            let in_flight = opts.concurrency - semaphore.available_permits();
+            if in_flight == 0 || Instant::now() >= ramp_deadline {
+                out_of_sockets = true;
+                break;
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+        if out_of_sockets {
+            run.notes.push(format!(
+                "stopped launching after {i} attempts: {} client sockets open, the most this \
+                 process's open-files limit allows (limit minus {FD_RESERVE} kept free)",
+                opts.socket_budget
+            ));
+            break;
+        }
         let permit = match timeout_at(ramp_deadline, semaphore.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             _ => {
@@ -539,6 +600,7 @@ async fn ramp_and_measure(
         let url = format!("ws://{server}/v1/ws?token={}", tokens[i]);
         let deadline = Instant::now() + opts.attempt_timeout;
         let shared = shared.clone();
+        shared.sockets.fetch_add(1, Ordering::SeqCst);
         handles.push(tokio::spawn(async move {
             match connect_one(server, source, &url, deadline).await {
                 Ok((ws, latency)) => {
@@ -549,6 +611,7 @@ async fn ramp_and_measure(
                     hold(ws, shared).await;
                 }
                 Err(why) => {
+                    shared.sockets.fetch_sub(1, Ordering::SeqCst);
                     shared.failed.fetch_add(1, Ordering::SeqCst);
                     bump(&shared.failures, why);
                     drop(permit);
@@ -587,6 +650,11 @@ async fn ramp_and_measure(
     if run.after.is_none() {
         run.notes
             .push("the server process was gone at the second RSS reading".into());
+    }
+    if !opts.hold.is_zero() {
+        eprintln!("[{label}] holding them {:?} more", opts.hold);
+        sleep(opts.hold).await;
+        run.after_hold = Some((proc_status(pid), shared.alive.load(Ordering::SeqCst)));
     }
     let mut latencies = shared.latencies.lock().unwrap().clone();
     latencies.sort_unstable();
@@ -647,6 +715,7 @@ async fn bench_gateway(
             .lines()
             .filter(|l| !l.starts_with('#'))
             .filter(|l| {
+                let l = l.strip_prefix("plugboard_").unwrap_or(l);
                 [
                     "connections_open",
                     "handshake_failures",
@@ -838,17 +907,22 @@ fn baseline_server(args: &[String]) -> ExitCode {
 // ---------------------------------------------------------------------------
 // The whole run and the report
 
-async fn run(opts: Options, nofile: (u64, u64)) -> anyhow::Result<()> {
+async fn run(mut opts: Options, nofile: Nofile) -> anyhow::Result<()> {
     let cpus = machine();
     eprintln!(
         "bench-connections: {} connections, {} in flight, {} source addresses; {cpus}; open-files limit {} (hard {})",
-        opts.connections, opts.concurrency, opts.sources, nofile.0, nofile.1
+        opts.connections, opts.concurrency, opts.sources, nofile.soft, nofile.hard
     );
-    let needed = opts.connections as u64 + 1_000;
-    if nofile.0 < needed {
+    if let Some(why) = &nofile.refused {
+        eprintln!("bench-connections: {why}");
+    }
+    opts.socket_budget =
+        usize::try_from(nofile.soft.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    if opts.socket_budget < opts.connections {
         eprintln!(
-            "bench-connections: warning: the open-files limit {} is below the {needed} the client side needs; expect `Too many open files`",
-            nofile.0
+            "bench-connections: warning: the open-files limit ({}) caps each process, the servers included, \
+             at fewer than {} connections; at most {} will be attempted at a time",
+            nofile.soft, opts.connections, opts.socket_budget
         );
     }
     let tokens: Arc<Vec<String>> = Arc::new(
@@ -886,7 +960,7 @@ async fn run(opts: Options, nofile: (u64, u64)) -> anyhow::Result<()> {
         sleep(Duration::from_secs(2)).await;
     }
 
-    report(&opts, nofile, &cpus, &runs, extras.as_ref());
+    report(&opts, &nofile, &cpus, &runs, extras.as_ref());
     Ok(())
 }
 
@@ -903,7 +977,7 @@ fn ms(d: Option<Duration>) -> String {
 
 fn report(
     opts: &Options,
-    nofile: (u64, u64),
+    nofile: &Nofile,
     machine: &str,
     runs: &[Run],
     extras: Option<&GatewayExtras>,
@@ -974,6 +1048,28 @@ fn report(
         },
         "<= 20 KiB",
     );
+    if opts.hold > Duration::ZERO {
+        let hold = format!("after {} s more", opts.hold.as_secs());
+        row(
+            &format!("held {hold}"),
+            &|r| {
+                r.after_hold
+                    .map(|(_, n)| n.to_string())
+                    .unwrap_or("-".into())
+            },
+            "",
+        );
+        row(
+            &format!("RSS {hold}"),
+            &|r| {
+                r.after_hold
+                    .and_then(|(m, _)| m)
+                    .map(|m| mib(m.rss_kib))
+                    .unwrap_or("-".into())
+            },
+            "",
+        );
+    }
     row(
         "server threads",
         &|r| r.after.map(|m| m.threads.to_string()).unwrap_or("-".into()),
@@ -1003,9 +1099,15 @@ fn report(
     println!();
     println!("== bench-connections: idle authenticated WebSocket connections ==");
     println!(
-        "machine: {machine}; open-files limit {} (hard {})",
-        nofile.0, nofile.1
+        "machine: {machine}; open-files limit {} (hard {}), inherited by the servers",
+        nofile.soft, nofile.hard
     );
+    if let Some(why) = &nofile.refused {
+        println!(
+            "open-files limit: {why}; every process here, the gateway included, can hold at most about {} sockets",
+            nofile.soft
+        );
+    }
     println!(
         "{} connections per server, {} attempts in flight, client sources 127.0.0.2-127.0.0.{}",
         opts.connections,

@@ -34,6 +34,15 @@ pub fn binary() -> PathBuf {
     panic!("gateway-under-test binary not found near {}; build it with `cargo build -p plugboard-tests`", exe.display())
 }
 
+/// One compile cache for every test gateway, beside the test binaries, so a
+/// large JavaScript or Python component is compiled once per build, not per test.
+pub fn plugin_cache_dir() -> PathBuf {
+    binary()
+        .parent()
+        .map(|d| d.join("plugin-cache"))
+        .unwrap_or_else(|| std::env::temp_dir().join("plugboard-test-plugin-cache"))
+}
+
 /// What a test changes in the gateway's config.
 #[derive(Clone, Debug, Default)]
 pub struct GatewayOptions {
@@ -94,8 +103,11 @@ retry_schedule = ["100ms", "200ms", "300ms", "400ms", "500ms", "500ms", "500ms",
 jitter = 0.1
 [log]
 level = "info,plugboard=debug"
+[plugin_runtime]
+cache_dir = {cache_dir:?}
 "#,
-        data_dir = data_dir.display().to_string()
+        data_dir = data_dir.display().to_string(),
+        cache_dir = plugin_cache_dir().display().to_string(),
     );
     let mut table: toml::Table = base.parse().expect("base test config parses");
     let extra: toml::Table = opts.extra.parse().expect("test config overrides parse");
@@ -195,7 +207,7 @@ impl Gateway {
                 log3.lock().unwrap().push(line);
             }
         });
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(120)))
             .await
             .unwrap();
         let addr = match addr {

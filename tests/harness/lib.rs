@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod plugins;
 pub mod raw;
 pub mod receiver;
 
@@ -86,6 +87,24 @@ pub async fn wait_until_admin(
         }
         if tokio::time::Instant::now() >= deadline {
             panic!("admin view never matched; last: {view}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls the async `check` until it returns `Some`, or panics after `timeout`.
+pub async fn wait_until_async<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} (async condition)");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

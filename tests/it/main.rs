@@ -7,6 +7,7 @@ mod drain;
 mod frames;
 mod lifecycle;
 mod ops;
+mod plugins;
 mod webhooks;
 
 use plugboard_tests::{Gateway, GatewayOptions, Receiver};

@@ -132,6 +132,9 @@ pub async fn handler(
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(cfg.gateway.max_message_size))
         .max_frame_size(Some(cfg.gateway.max_frame_size))
+        // tungstenite's default 128 KiB read buffer is zero-filled on the first
+        // read and stays resident: idle connections would cost ~130 KiB each.
+        .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_write_buffer_size(cfg.gateway.max_message_size.saturating_mul(4).max(1 << 20));
 

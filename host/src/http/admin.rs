@@ -12,6 +12,7 @@ use super::ApiError;
 use crate::config::ConfigError;
 use crate::gateway::Registry;
 use crate::outbox::Enable;
+use crate::plugins::PluginError;
 use crate::server::App;
 
 pub fn router() -> Router<Arc<App>> {
@@ -21,6 +22,14 @@ pub fn router() -> Router<Arc<App>> {
         .route("/admin/webhooks", get(webhooks))
         .route("/admin/webhooks/{name}/enable", post(enable))
         .route("/admin/webhooks/{name}/retry-failed", post(retry_failed))
+        .route("/admin/plugins", get(plugins))
+        .route(
+            "/admin/plugins/{name}",
+            axum::routing::put(upload_plugin)
+                .delete(unload_plugin)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_UPLOAD)),
+        )
+        .route("/admin/plugins/{name}/reload", post(reload_plugin))
 }
 
 async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
@@ -86,4 +95,61 @@ async fn retry_failed(
             ApiError::not_found(format!("no webhook endpoint `{name}` in the config"))
         })?;
     Ok(Json(json!({ "name": name, "requeued": n })))
+}
+
+/// Largest component accepted by `PUT /admin/plugins/{name}`.
+const MAX_PLUGIN_UPLOAD: usize = 64 * 1024 * 1024;
+
+fn plugin_error(e: PluginError) -> ApiError {
+    match e {
+        PluginError::Unknown(_) => ApiError::not_found(e.to_string()),
+        PluginError::Engine(_) => ApiError::internal(e),
+        other => ApiError::new(
+            http::StatusCode::UNPROCESSABLE_ENTITY,
+            "plugin_refused",
+            format!("{other}; the previous version keeps serving"),
+        ),
+    }
+}
+
+async fn plugins(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({ "plugins": app.plugins.views(20) }))
+}
+
+async fn upload_plugin(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "the request body must be the component (.wasm)",
+        ));
+    }
+    let report = app
+        .plugins
+        .install(&name, body.to_vec())
+        .await
+        .map_err(plugin_error)?;
+    Ok(Json(
+        serde_json::to_value(report).map_err(ApiError::internal)?,
+    ))
+}
+
+async fn reload_plugin(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let report = app.plugins.reload(&name).await.map_err(plugin_error)?;
+    Ok(Json(
+        serde_json::to_value(report).map_err(ApiError::internal)?,
+    ))
+}
+
+async fn unload_plugin(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    app.plugins.unload(&name).map_err(plugin_error)?;
+    Ok(Json(json!({ "name": name, "loaded": false })))
 }

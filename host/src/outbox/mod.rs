@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub wakeup: Wakeup,
     pub client: reqwest::Client,
     pub settings: ArcSwap<OutboxConfig>,
+    /// Formatter plugins named by endpoints.
+    pub plugins: Option<Arc<crate::plugins::PluginRegistry>>,
 }
 
 struct WorkerHandle {
@@ -80,6 +82,7 @@ pub struct EndpointView {
     pub pending: i64,
     pub failed: i64,
     pub delivered_total: i64,
+    pub skipped_total: i64,
     pub oldest_pending_at: Option<String>,
     pub last_error: Option<String>,
 }
@@ -106,6 +109,7 @@ impl Outbox {
         metrics: Arc<Metrics>,
         wakeup: Wakeup,
         settings: OutboxConfig,
+        plugins: Option<Arc<crate::plugins::PluginRegistry>>,
     ) -> anyhow::Result<Outbox> {
         let client = reqwest::Client::builder()
             .user_agent(concat!("plugboard/", env!("CARGO_PKG_VERSION")))
@@ -119,6 +123,7 @@ impl Outbox {
                 wakeup,
                 client,
                 settings: ArcSwap::from_pointee(settings),
+                plugins,
             }),
             workers: Mutex::new(HashMap::new()),
             maintenance: CancellationToken::new(),
@@ -325,6 +330,7 @@ impl Outbox {
                 pending: state.pending,
                 failed: state.failed,
                 delivered_total: state.delivered_total,
+                skipped_total: state.skipped_total,
                 oldest_pending_at: ts(state.oldest_pending_at),
                 last_error: state.last_error,
             });

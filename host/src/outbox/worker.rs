@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::sign::sign;
 use super::Shared;
-use crate::config::{OutboxConfig, WebhookConfig};
+use crate::config::{OnError, OutboxConfig, WebhookConfig};
 use crate::metrics::{EndpointLabel, EndpointOutcomeLabel};
+use crate::plugins::bindings::exports::plugboard::plugin::webhook_formatter as wf;
 use crate::storage::{ClaimedEvent, EndpointState, Settlement};
 
 /// Longest the worker sleeps without checking storage.
@@ -135,6 +136,8 @@ pub(crate) async fn run(
 enum Outcome {
     Success,
     Gone,
+    /// The formatter declined the event for this endpoint.
+    Skipped,
     Failure {
         label: &'static str,
         error: String,
@@ -192,30 +195,134 @@ async fn deliver(
     disabled: Arc<AtomicBool>,
     events: Vec<ClaimedEvent>,
 ) {
-    let (id, body) = request_body(&events, cfg.batch_max > 1);
-    let timestamp = crate::now_ms() / 1000;
-    let signature = sign(&cfg.key(), &id, timestamp, body.as_bytes());
-    let started = Instant::now();
-    let result = shared
-        .client
-        .post(&cfg.url)
-        .timeout(settings.request_timeout)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header("webhook-id", &id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", signature)
-        .body(body)
-        .send()
-        .await;
+    let (id, default_body) = request_body(&events, cfg.batch_max > 1);
     let endpoint = EndpointLabel {
         endpoint: cfg.name.clone(),
     };
+    let mut request = Prepared {
+        url: cfg.url.clone(),
+        content_type: reqwest::header::HeaderValue::from_static("application/json"),
+        headers: Vec::new(),
+        body: default_body.into_bytes(),
+    };
+    let mut early = None;
+    if let (Some(formatter), Some(plugins)) = (&cfg.formatter, &shared.plugins) {
+        // Validation keeps formatters to endpoints without batching: one event.
+        let e = &events[0];
+        let event = wf::Event {
+            id: e.id.clone(),
+            event_type: e.event_type.clone(),
+            timestamp_ms: e.created_at,
+            data: e.data.clone(),
+            endpoint: cfg.name.clone(),
+        };
+        match plugins.format(formatter, &event).await {
+            Ok(None) => early = Some(Outcome::Skipped),
+            Ok(Some(req)) => {
+                request.url = join_url(&cfg.url, req.path_suffix.as_deref(), req.query.as_deref());
+                request.content_type = req.content_type;
+                request.headers = req.headers;
+                request.body = req.body;
+            }
+            Err(failure) => match plugins.on_error(formatter) {
+                OnError::FailOpen => tracing::warn!(
+                    endpoint = %cfg.name, plugin = %formatter, webhook_id = %id, error = %failure,
+                    "formatter failed; sending the default body (on_error = fail-open)"
+                ),
+                OnError::FailClosed => {
+                    early = Some(Outcome::Failure {
+                        label: "formatter_failed",
+                        error: format!("formatter `{formatter}` failed: {failure}"),
+                        retry_after: None,
+                    })
+                }
+            },
+        }
+    }
+    let outcome = match early {
+        Some(outcome) => outcome,
+        None => send(&shared, &settings, &endpoint, &id, request, &cfg.key()).await,
+    };
+    let label = match &outcome {
+        Outcome::Success => "success",
+        Outcome::Gone => "gone",
+        Outcome::Skipped => "skipped",
+        Outcome::Failure { label, .. } => label,
+    };
+    shared
+        .metrics
+        .webhook_attempts
+        .get_or_create(&EndpointOutcomeLabel {
+            endpoint: cfg.name.clone(),
+            outcome: label.to_string(),
+        })
+        .inc();
+    settle(
+        &shared, &cfg, &settings, &disabled, &endpoint, &id, events, outcome,
+    )
+    .await;
+}
+
+/// The request about to be signed and sent.
+struct Prepared {
+    url: String,
+    content_type: reqwest::header::HeaderValue,
+    headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    body: Vec<u8>,
+}
+
+/// The endpoint URL with a formatter's path suffix and query.
+fn join_url(base: &str, suffix: Option<&str>, query: Option<&str>) -> String {
+    let Ok(mut url) = reqwest::Url::parse(base) else {
+        return base.to_string();
+    };
+    if let Some(s) = suffix {
+        let path = format!("{}{}", url.path().trim_end_matches('/'), s);
+        url.set_path(&path);
+    }
+    if let Some(q) = query {
+        let joined = match url.query() {
+            Some(existing) if !existing.is_empty() => format!("{existing}&{q}"),
+            _ => q.to_string(),
+        };
+        url.set_query(Some(&joined));
+    }
+    url.to_string()
+}
+
+/// Signs and sends one request; classifies the answer.
+async fn send(
+    shared: &Shared,
+    settings: &OutboxConfig,
+    endpoint: &EndpointLabel,
+    id: &str,
+    request: Prepared,
+    key: &[u8],
+) -> Outcome {
+    let timestamp = crate::now_ms() / 1000;
+    let signature = sign(key, id, timestamp, &request.body);
+    let started = Instant::now();
+    let mut builder = shared
+        .client
+        .post(&request.url)
+        .timeout(settings.request_timeout);
+    for (name, value) in request.headers {
+        builder = builder.header(name, value);
+    }
+    let result = builder
+        .header(reqwest::header::CONTENT_TYPE, request.content_type)
+        .header("webhook-id", id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(request.body)
+        .send()
+        .await;
     shared
         .metrics
         .webhook_latency_seconds
-        .get_or_create(&endpoint)
+        .get_or_create(endpoint)
         .observe(started.elapsed().as_secs_f64());
-    let outcome = match result {
+    match result {
         Ok(resp) if resp.status().is_success() => Outcome::Success,
         Ok(resp) if resp.status() == reqwest::StatusCode::GONE => Outcome::Gone,
         Ok(resp) => {
@@ -243,21 +350,21 @@ async fn deliver(
             error: format!("request failed: {}", error_chain(&e)),
             retry_after: None,
         },
-    };
-    let label = match &outcome {
-        Outcome::Success => "success",
-        Outcome::Gone => "gone",
-        Outcome::Failure { label, .. } => label,
-    };
-    shared
-        .metrics
-        .webhook_attempts
-        .get_or_create(&EndpointOutcomeLabel {
-            endpoint: cfg.name.clone(),
-            outcome: label.to_string(),
-        })
-        .inc();
+    }
+}
 
+/// Records the outcome of one request for its events.
+#[allow(clippy::too_many_arguments)]
+async fn settle(
+    shared: &Shared,
+    cfg: &WebhookConfig,
+    settings: &OutboxConfig,
+    disabled: &AtomicBool,
+    endpoint: &EndpointLabel,
+    id: &str,
+    events: Vec<ClaimedEvent>,
+    outcome: Outcome,
+) {
     let now = crate::now_ms();
     // Each event is settled on its own attempt count: in a batch, an event on
     // its last retry may fail for good while a fresh one is retried.
@@ -268,6 +375,10 @@ async fn deliver(
             Settlement::Delivered,
             events.iter().map(|e| e.seq).collect(),
         )),
+        Outcome::Skipped => {
+            shared.metrics.webhook_skipped.get_or_create(endpoint).inc();
+            settlements.push((Settlement::Skipped, events.iter().map(|e| e.seq).collect()));
+        }
         Outcome::Gone => {
             settlements.push((
                 Settlement::Hold {
@@ -329,7 +440,7 @@ async fn deliver(
                 let lag = shared
                     .metrics
                     .webhook_event_lag_seconds
-                    .get_or_create(&endpoint);
+                    .get_or_create(endpoint);
                 for e in &events {
                     lag.observe(((now - e.created_at).max(0) as f64) / 1000.0);
                 }
@@ -361,7 +472,7 @@ async fn deliver(
                         shared
                             .metrics
                             .webhook_endpoint_disabled
-                            .get_or_create(&endpoint)
+                            .get_or_create(endpoint)
                             .set(1);
                     }
                 }

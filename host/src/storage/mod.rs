@@ -30,6 +30,8 @@ pub enum StorageError {
     Open { path: String, message: String },
     #[error("storage is shut down")]
     Closed,
+    #[error("quota exceeded: {0}")]
+    Quota(String),
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;
@@ -101,6 +103,8 @@ pub enum Settlement {
     Hold {
         error: String,
     },
+    /// A formatter declined the event for this endpoint: removed, counted as skipped.
+    Skipped,
     /// Retries exhausted: kept as failed, visible in the admin API.
     Failed {
         error: String,
@@ -118,6 +122,8 @@ pub struct EndpointState {
     /// Start of the current run of failures (unix ms), if failing.
     pub failing_since: Option<i64>,
     pub delivered_total: i64,
+    /// Events a formatter declined for this endpoint.
+    pub skipped_total: i64,
     pub pending: i64,
     pub failed: i64,
     /// Creation time (unix ms) of the oldest undelivered event.
@@ -206,4 +212,13 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Deletes outbox events every listed endpoint has moved past and no delivery refers to.
     async fn outbox_prune(&self, names: Vec<String>) -> Result<usize>;
+
+    /// Reads a key of a plugin's key-value store.
+    async fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Writes a key of a plugin's key-value store (durable on return).
+    async fn kv_set(&self, plugin: &str, key: &str, value: Vec<u8>) -> Result<()>;
+
+    /// Deletes a key of a plugin's key-value store.
+    async fn kv_delete(&self, plugin: &str, key: &str) -> Result<()>;
 }

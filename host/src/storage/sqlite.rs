@@ -29,6 +29,10 @@ use crate::metrics::Metrics;
 /// `next_at` of a delivery row waiting behind an earlier one of its key.
 const NOT_HEAD: i64 = i64::MAX;
 
+/// Quota of one plugin's key-value store.
+const KV_MAX_KEYS: i64 = 100_000;
+const KV_MAX_BYTES: i64 = 64 * 1024 * 1024;
+
 /// Most writes grouped into one transaction.
 const MAX_BATCH: usize = 1024;
 
@@ -63,6 +67,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
     disabled_reason TEXT,
     failing_since   INTEGER,
     delivered_total INTEGER NOT NULL DEFAULT 0,
+    skipped_total   INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT
 );
 
@@ -79,6 +84,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(endpoint, state, next_at, event_seq);
 CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries(endpoint, order_key, state, event_seq);
+
+CREATE TABLE IF NOT EXISTS plugin_kv (
+    plugin TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    value  BLOB NOT NULL,
+    PRIMARY KEY (plugin, key)
+) WITHOUT ROWID;
 "#;
 
 /// SQLite storage: a writer thread plus a read connection.
@@ -106,6 +118,7 @@ impl SqliteStorage {
         };
         let writer = open_connection(path).map_err(open_err)?;
         writer.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&writer).map_err(open_err)?;
         // Leases held by a previous process are void: make those deliveries due now.
         writer
             .execute(
@@ -167,6 +180,21 @@ impl SqliteStorage {
         .await
         .map_err(|_| StorageError::Closed)?
     }
+}
+
+/// Brings a database made by an earlier version up to the current schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_skipped: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('endpoints') WHERE name = 'skipped_total')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_skipped {
+        conn.execute_batch(
+            "ALTER TABLE endpoints ADD COLUMN skipped_total INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
 }
 
 fn in_savepoint<R>(
@@ -308,7 +336,7 @@ fn promote_head(conn: &Connection, name: &str, key: &str, now: i64) -> rusqlite:
 fn endpoint_state_of(conn: &Connection, name: &str) -> rusqlite::Result<Option<EndpointState>> {
     let state = conn
         .prepare_cached(
-            "SELECT name, cursor, disabled_at, disabled_reason, failing_since, delivered_total, last_error
+            "SELECT name, cursor, disabled_at, disabled_reason, failing_since, delivered_total, last_error, skipped_total
              FROM endpoints WHERE name = ?1",
         )?
         .query_row(params![name], |r| {
@@ -320,6 +348,7 @@ fn endpoint_state_of(conn: &Connection, name: &str) -> rusqlite::Result<Option<E
                 failing_since: r.get(4)?,
                 delivered_total: r.get(5)?,
                 last_error: r.get(6)?,
+                skipped_total: r.get(7)?,
                 ..Default::default()
             })
         })
@@ -539,7 +568,7 @@ impl Storage for SqliteStorage {
                     .optional()?;
                 let Some(key) = key else { continue };
                 match &outcome {
-                    Settlement::Delivered => {
+                    Settlement::Delivered | Settlement::Skipped => {
                         conn.prepare_cached(
                             "DELETE FROM deliveries WHERE endpoint = ?1 AND event_seq = ?2",
                         )?
@@ -572,6 +601,12 @@ impl Storage for SqliteStorage {
                 }
             }
             match &outcome {
+                Settlement::Skipped => {
+                    conn.prepare_cached(
+                        "UPDATE endpoints SET skipped_total = skipped_total + ?2 WHERE name = ?1",
+                    )?
+                    .execute(params![name, seqs.len() as i64])?;
+                }
                 Settlement::Delivered => {
                     conn.prepare_cached(
                         "UPDATE endpoints SET failing_since = NULL,
@@ -715,6 +750,55 @@ impl Storage for SqliteStorage {
                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = outbox.seq)",
                 params![floor],
             )
+        })
+        .await
+    }
+
+    async fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let (plugin, key) = (plugin.to_string(), key.to_string());
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT value FROM plugin_kv WHERE plugin = ?1 AND key = ?2")?
+                .query_row(params![plugin, key], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn kv_set(&self, plugin: &str, key: &str, value: Vec<u8>) -> Result<()> {
+        let (plugin, key) = (plugin.to_string(), key.to_string());
+        let quota = self
+            .write(move |conn| {
+                let (keys, bytes): (i64, i64) = conn
+                    .prepare_cached(
+                        "SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM plugin_kv
+                         WHERE plugin = ?1 AND key <> ?2",
+                    )?
+                    .query_row(params![plugin, key], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                if keys >= KV_MAX_KEYS || bytes + value.len() as i64 > KV_MAX_BYTES {
+                    return Ok(Some(format!(
+                        "a plugin's store holds at most {KV_MAX_KEYS} keys and {KV_MAX_BYTES} bytes"
+                    )));
+                }
+                conn.prepare_cached(
+                    "INSERT INTO plugin_kv (plugin, key, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![plugin, key, value])?;
+                Ok(None)
+            })
+            .await?;
+        match quota {
+            Some(m) => Err(StorageError::Quota(m)),
+            None => Ok(()),
+        }
+    }
+
+    async fn kv_delete(&self, plugin: &str, key: &str) -> Result<()> {
+        let (plugin, key) = (plugin.to_string(), key.to_string());
+        self.write(move |conn| {
+            conn.prepare_cached("DELETE FROM plugin_kv WHERE plugin = ?1 AND key = ?2")?
+                .execute(params![plugin, key])?;
+            Ok(())
         })
         .await
     }

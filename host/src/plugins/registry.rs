@@ -1,0 +1,802 @@
+//! The plugins of one gateway: loading from the config, per-plugin circuit
+//! breakers and metrics, hot swap (admin API and folder watcher), and the
+//! calls the rest of the gateway makes.
+//!
+//! Swapping replaces an `Arc` in an `ArcSwap`: a call holds the version it
+//! started on until it returns, so calls in flight finish on the old version
+//! and the next call uses the new one. A new version is compiled off the
+//! async runtime and validated (it links against the contract, exports what
+//! the config says, instantiates, and its `init` accepts the config) before
+//! it replaces the old one; a version that fails any of that is refused and
+//! the old one keeps serving.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use serde::Serialize;
+
+use super::bindings::exports::plugboard::plugin::webhook_formatter as wf;
+use super::bindings::plugboard::plugin::types::LogLevel;
+use super::engine::PluginEngine;
+use super::instance::{CallFailure, Limits, LoadedPlugin};
+use super::logs::{LogLine, PluginLog};
+use super::{Kv, PluginContext, PluginError};
+use crate::config::{Config, OnError, PluginConfig, PluginRuntimeConfig};
+use crate::metrics::{Metrics, PluginHookLabel, PluginLabel, PluginOutcomeLabel};
+
+/// Largest body a formatter may produce.
+pub const MAX_FORMATTED_BODY: usize = 4 * 1024 * 1024;
+
+/// Headers a formatter may not set: the gateway owns them.
+const RESERVED_HEADERS: &[&str] = &[
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+];
+
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive_failures: u32,
+    /// Set while open; after it passes, one trial call is let through.
+    open_until: Option<Instant>,
+    /// A trial call is in flight (half-open): others are still skipped.
+    trial: bool,
+    trips: u64,
+}
+
+/// One configured plugin and whatever version of it is loaded.
+struct Slot {
+    settings: ArcSwap<PluginConfig>,
+    current: ArcSwapOption<LoadedPlugin>,
+    log: Arc<PluginLog>,
+    breaker: Mutex<Breaker>,
+    swaps: AtomicU64,
+    last_load_error: Mutex<Option<String>>,
+    /// Serialises loads of this plugin.
+    loading: tokio::sync::Mutex<()>,
+}
+
+/// A request produced by a formatter, checked against the contract.
+#[derive(Debug, Clone)]
+pub struct FormattedRequest {
+    pub body: Vec<u8>,
+    pub content_type: http::HeaderValue,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub path_suffix: Option<String>,
+    pub query: Option<String>,
+}
+
+/// A plugin as shown by `GET /admin/plugins`.
+#[derive(Debug, Serialize)]
+pub struct PluginView {
+    pub name: String,
+    pub file: String,
+    pub loaded: bool,
+    pub sha256: Option<String>,
+    pub wit_version: &'static str,
+    pub exports: Vec<&'static str>,
+    pub hooks: Vec<String>,
+    pub order: i32,
+    pub on_error: OnError,
+    pub deadline_ms: u64,
+    pub memory_limit: usize,
+    pub swaps: u64,
+    pub breaker: BreakerView,
+    pub pooled_instances: usize,
+    pub last_load_error: Option<String>,
+    pub recent_logs: Vec<LogLine>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BreakerView {
+    pub open: bool,
+    pub consecutive_failures: u32,
+    pub trips: u64,
+    pub open_until: Option<String>,
+}
+
+/// What a load did.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub name: String,
+    pub sha256: String,
+    pub exports: Vec<&'static str>,
+    /// Whether the compiled component came from the cache.
+    pub cached: bool,
+    pub compile_ms: f64,
+    /// False when the same bytes were already serving (nothing swapped).
+    pub swapped: bool,
+}
+
+/// The plugins of one gateway.
+pub struct PluginRegistry {
+    engine: Arc<PluginEngine>,
+    kv: Arc<Kv>,
+    metrics: Arc<Metrics>,
+    dir: PathBuf,
+    runtime: ArcSwap<PluginRuntimeConfig>,
+    slots: RwLock<BTreeMap<String, Arc<Slot>>>,
+    /// Plugins some webhook endpoint names as its formatter: every version
+    /// of them must export `webhook-formatter`, whatever their `hooks` say.
+    formatters: RwLock<std::collections::BTreeSet<String>>,
+}
+
+fn limits(p: &PluginConfig, rt: &PluginRuntimeConfig) -> Limits {
+    Limits {
+        memory: p.memory_limit,
+        deadline: p.deadline,
+        init_deadline: p.init_deadline,
+        max_calls: p.max_calls_per_instance,
+        pool_size: rt.pool_size,
+    }
+}
+
+impl PluginRegistry {
+    pub fn new(
+        engine: Arc<PluginEngine>,
+        kv: Arc<Kv>,
+        metrics: Arc<Metrics>,
+        config: &Config,
+    ) -> Self {
+        PluginRegistry {
+            engine,
+            kv,
+            metrics,
+            dir: config.plugins_dir(),
+            runtime: ArcSwap::from_pointee(config.plugin_runtime.clone()),
+            slots: RwLock::new(BTreeMap::new()),
+            formatters: RwLock::new(Default::default()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The hooks a version of `p` must export: its `hooks`, plus
+    /// `webhook-formatter` when an endpoint names it as formatter.
+    fn required_hooks(&self, p: &PluginConfig) -> Vec<String> {
+        let mut hooks = p.hooks.clone();
+        let is_formatter = self
+            .formatters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&p.name);
+        if is_formatter && !hooks.iter().any(|h| h == "webhook-formatter") {
+            hooks.push("webhook-formatter".into());
+        }
+        hooks
+    }
+
+    fn path_of(&self, p: &PluginConfig) -> PathBuf {
+        if p.file.is_absolute() {
+            p.file.clone()
+        } else {
+            self.dir.join(&p.file)
+        }
+    }
+
+    /// Applies the `[[plugins]]` list: loads new plugins, reloads changed
+    /// ones, drops removed ones. With `strict`, the first failure is returned
+    /// (at start-up a broken plugin stops the gateway); otherwise failures
+    /// are logged and the old version keeps serving.
+    pub async fn apply(
+        &self,
+        config: &Config,
+        strict: bool,
+    ) -> Result<Vec<LoadReport>, PluginError> {
+        self.runtime.store(Arc::new(config.plugin_runtime.clone()));
+        *self.formatters.write().unwrap_or_else(|p| p.into_inner()) = config
+            .webhooks
+            .iter()
+            .filter_map(|w| w.formatter.clone())
+            .collect();
+        {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            slots.retain(|name, _| {
+                let keep = config.plugins.iter().any(|p| &p.name == name);
+                if !keep {
+                    tracing::info!(plugin = %name, "plugin removed from config; unloaded");
+                }
+                keep
+            });
+        }
+        let mut reports = Vec::new();
+        for p in &config.plugins {
+            let (slot, changed, previous) = {
+                let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+                match slots.get(&p.name) {
+                    Some(s) => {
+                        let previous = s.settings.load_full();
+                        let changed = *previous != *p;
+                        s.settings.store(Arc::new(p.clone()));
+                        (s.clone(), changed, Some(previous))
+                    }
+                    None => {
+                        let s = Arc::new(Slot {
+                            settings: ArcSwap::from_pointee(p.clone()),
+                            current: ArcSwapOption::empty(),
+                            log: Arc::new(PluginLog::new(&p.name)),
+                            breaker: Mutex::new(Breaker::default()),
+                            swaps: AtomicU64::new(0),
+                            last_load_error: Mutex::new(None),
+                            loading: tokio::sync::Mutex::new(()),
+                        });
+                        slots.insert(p.name.clone(), s.clone());
+                        (s, true, None)
+                    }
+                }
+            };
+            if !changed && slot.current.load().is_some() {
+                continue;
+            }
+            match self.load_from_file(&slot, true).await {
+                Ok(r) => reports.push(r),
+                Err(e) if strict => {
+                    return Err(PluginError::Named {
+                        name: p.name.clone(),
+                        error: Box::new(e),
+                    })
+                }
+                Err(e) => {
+                    // The version that keeps serving keeps its own settings.
+                    if let (Some(previous), true) = (previous, slot.current.load().is_some()) {
+                        slot.settings.store(previous);
+                    }
+                    tracing::error!(plugin = %p.name, error = %e, "plugin not (re)loaded; the previous version keeps serving")
+                }
+            }
+        }
+        Ok(reports)
+    }
+
+    async fn load_from_file(&self, slot: &Slot, force: bool) -> Result<LoadReport, PluginError> {
+        // The file is read under the load lock (inside `swap`), so a read can
+        // never be overtaken by an upload and then swap stale bytes back in.
+        self.swap(slot, None, force, None).await
+    }
+
+    /// Compiles, validates and swaps in `bytes` (or the plugin's file, read
+    /// under the lock, when `None`) as the plugin's new version.
+    /// With `persist_to`, the bytes are written to that file after they pass
+    /// validation and before the swap, under the plugin's load lock, so the
+    /// folder watcher never sees a file that disagrees with what serves.
+    async fn swap(
+        &self,
+        slot: &Slot,
+        bytes: Option<Vec<u8>>,
+        force: bool,
+        persist_to: Option<&Path>,
+    ) -> Result<LoadReport, PluginError> {
+        let _loading = slot.loading.lock().await;
+        let settings = slot.settings.load_full();
+        let bytes = match bytes {
+            Some(b) => b,
+            None => {
+                let path = self.path_of(&settings);
+                tokio::fs::read(&path).await.map_err(|e| PluginError::Read {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+        let persist = persist_to.map(|p| (p.to_path_buf(), bytes.clone()));
+        let name = settings.name.clone();
+        let engine = self.engine.clone();
+        let compiled = tokio::task::spawn_blocking(move || engine.compile(&bytes))
+            .await
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        let result = match compiled {
+            Err(e) => Err(e),
+            Ok(compiled) => {
+                let current = slot.current.load_full();
+                if !force
+                    && current
+                        .as_ref()
+                        .is_some_and(|c| c.sha256 == compiled.sha256)
+                {
+                    return Ok(LoadReport {
+                        name,
+                        sha256: compiled.sha256,
+                        exports: current.map(|c| c.exports.clone()).unwrap_or_default(),
+                        cached: compiled.cached,
+                        compile_ms: compiled.took.as_secs_f64() * 1000.0,
+                        swapped: false,
+                    });
+                }
+                let ctx = Arc::new(PluginContext {
+                    name: name.clone(),
+                    config: settings
+                        .config
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    log: slot.log.clone(),
+                    kv: self.kv.clone(),
+                });
+                LoadedPlugin::load(
+                    self.engine.clone(),
+                    &compiled.component,
+                    compiled.sha256.clone(),
+                    ctx,
+                    limits(&settings, &self.runtime.load()),
+                    &self.required_hooks(&settings),
+                )
+                .await
+                .map(|loaded| (loaded, compiled))
+            }
+        };
+        let outcome = PluginOutcomeLabel {
+            plugin: name.clone(),
+            outcome: if result.is_ok() { "ok" } else { "refused" }.into(),
+        };
+        self.metrics.plugin_loads.get_or_create(&outcome).inc();
+        let result = match (result, persist) {
+            (Ok(ok), Some((path, bytes))) => match write_atomically(&path, &bytes).await {
+                Ok(()) => Ok(ok),
+                Err(e) => Err(PluginError::Read {
+                    path: path.display().to_string(),
+                    message: format!("cannot write the new version: {e}"),
+                }),
+            },
+            (result, _) => result,
+        };
+        match result {
+            Ok((loaded, compiled)) => {
+                let report = LoadReport {
+                    name: name.clone(),
+                    sha256: loaded.sha256.clone(),
+                    exports: loaded.exports.clone(),
+                    cached: compiled.cached,
+                    compile_ms: compiled.took.as_secs_f64() * 1000.0,
+                    swapped: true,
+                };
+                slot.current.store(Some(loaded));
+                slot.swaps.fetch_add(1, Ordering::Relaxed);
+                *slot.breaker.lock().unwrap_or_else(|p| p.into_inner()) = Breaker::default();
+                self.metrics
+                    .plugin_breaker_open
+                    .get_or_create(&PluginLabel {
+                        plugin: name.clone(),
+                    })
+                    .set(0);
+                *slot
+                    .last_load_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+                slot.log.gateway(
+                    LogLevel::Info,
+                    format!(
+                        "version {} loaded (exports {})",
+                        &report.sha256[..12],
+                        report.exports.join(", ")
+                    ),
+                );
+                tracing::info!(plugin = %name, sha256 = %report.sha256, cached = report.cached, compile_ms = report.compile_ms, "plugin version loaded");
+                Ok(report)
+            }
+            Err(e) => {
+                let text = e.to_string();
+                slot.log
+                    .gateway(LogLevel::Error, format!("new version refused: {text}"));
+                tracing::error!(plugin = %name, error = %text, "plugin version refused");
+                *slot
+                    .last_load_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(text);
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates `bytes` as a new version of plugin `name`, writes it to the
+    /// plugin's file and swaps it in. The old version serves until then and
+    /// keeps serving if the new one is refused.
+    pub async fn install(&self, name: &str, bytes: Vec<u8>) -> Result<LoadReport, PluginError> {
+        let slot = self
+            .slot(name)
+            .ok_or_else(|| PluginError::Unknown(name.to_string()))?;
+        let path = self.path_of(&slot.settings.load());
+        self.swap(&slot, Some(bytes), false, Some(&path)).await
+    }
+
+    /// Reloads plugin `name` from its file.
+    pub async fn reload(&self, name: &str) -> Result<LoadReport, PluginError> {
+        let slot = self
+            .slot(name)
+            .ok_or_else(|| PluginError::Unknown(name.to_string()))?;
+        self.load_from_file(&slot, false).await
+    }
+
+    /// Unloads plugin `name`: calls fail as unavailable (and get its on-error
+    /// policy) until it is loaded again by a reload, an upload or a config reload.
+    pub fn unload(&self, name: &str) -> Result<(), PluginError> {
+        let slot = self
+            .slot(name)
+            .ok_or_else(|| PluginError::Unknown(name.to_string()))?;
+        slot.current.store(None);
+        slot.log
+            .gateway(LogLevel::Warn, "unloaded through the admin API".into());
+        tracing::warn!(plugin = %name, "plugin unloaded through the admin API");
+        Ok(())
+    }
+
+    /// The on-error policy of plugin `name` (fail-open when unknown).
+    pub fn on_error(&self, name: &str) -> OnError {
+        self.slot(name)
+            .map(|s| s.settings.load().on_error)
+            .unwrap_or(OnError::FailOpen)
+    }
+
+    /// Calls `name`'s formatter with the breaker, metrics and output checks.
+    pub async fn format(
+        &self,
+        name: &str,
+        event: &wf::Event,
+    ) -> Result<Option<FormattedRequest>, CallFailure> {
+        self.call(name, "webhook-formatter", |p| {
+            let event = event.clone();
+            async move {
+                match p.format(&event).await? {
+                    None => Ok(None),
+                    Some(req) => check_request(req).map(Some).map_err(CallFailure::Malformed),
+                }
+            }
+        })
+        .await
+    }
+
+    /// One call with the breaker and metrics around it.
+    async fn call<T, F, Fut>(&self, name: &str, hook: &'static str, f: F) -> Result<T, CallFailure>
+    where
+        F: FnOnce(Arc<LoadedPlugin>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallFailure>>,
+    {
+        let Some(slot) = self.slot(name) else {
+            return Err(CallFailure::Unavailable(format!(
+                "no plugin named `{name}`"
+            )));
+        };
+        {
+            let mut b = slot.breaker.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(until) = b.open_until {
+                if Instant::now() < until || b.trial {
+                    drop(b);
+                    self.count(name, hook, "breaker_open");
+                    return Err(CallFailure::BreakerOpen);
+                }
+                // Half-open: this call is the one trial.
+                b.trial = true;
+            }
+        }
+        let Some(version) = slot.current.load_full() else {
+            let failure = CallFailure::Unavailable(format!("plugin `{name}` is not loaded"));
+            self.count(name, hook, failure.label());
+            return Err(failure);
+        };
+        let started = Instant::now();
+        let result = f(version).await;
+        match &result {
+            Ok(_) => {
+                self.count(name, hook, "ok");
+                let mut b = slot.breaker.lock().unwrap_or_else(|p| p.into_inner());
+                b.consecutive_failures = 0;
+                if b.open_until.take().is_some() {
+                    b.trial = false;
+                    self.metrics
+                        .plugin_breaker_open
+                        .get_or_create(&PluginLabel {
+                            plugin: name.to_string(),
+                        })
+                        .set(0);
+                    slot.log.gateway(
+                        LogLevel::Info,
+                        "circuit breaker closed: the trial call succeeded".into(),
+                    );
+                    tracing::info!(plugin = %name, "plugin circuit breaker closed");
+                }
+                self.metrics
+                    .plugin_call_seconds
+                    .get_or_create(&PluginHookLabel {
+                        plugin: name.to_string(),
+                        hook: hook.to_string(),
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(failure) => self.record(name, hook, failure, started.elapsed()),
+        }
+        result
+    }
+
+    fn count(&self, name: &str, hook: &str, outcome: &str) {
+        self.metrics
+            .plugin_calls
+            .get_or_create(&crate::metrics::PluginCallLabel {
+                plugin: name.to_string(),
+                hook: hook.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a failure and trips the breaker after too many in a row.
+    fn record(&self, name: &str, hook: &str, failure: &CallFailure, took: Duration) {
+        self.count(name, hook, failure.label());
+        if !took.is_zero() {
+            self.metrics
+                .plugin_call_seconds
+                .get_or_create(&PluginHookLabel {
+                    plugin: name.to_string(),
+                    hook: hook.to_string(),
+                })
+                .observe(took.as_secs_f64());
+        }
+        let Some(slot) = self.slot(name) else { return };
+        if matches!(
+            failure,
+            CallFailure::BreakerOpen | CallFailure::Unavailable(_)
+        ) {
+            return;
+        }
+        slot.log
+            .gateway(LogLevel::Warn, format!("{hook} call failed: {failure}"));
+        let rt = self.runtime.load();
+        let mut b = slot.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        b.consecutive_failures += 1;
+        // A failed trial reopens at once; otherwise after enough failures in a row.
+        if b.trial || b.consecutive_failures >= rt.breaker_failures {
+            b.trial = false;
+            b.open_until = Some(Instant::now() + rt.breaker_cooldown);
+            b.trips += 1;
+            b.consecutive_failures = 0;
+            self.metrics
+                .plugin_breaker_open
+                .get_or_create(&PluginLabel {
+                    plugin: name.to_string(),
+                })
+                .set(1);
+            self.metrics
+                .plugin_breaker_trips
+                .get_or_create(&PluginLabel {
+                    plugin: name.to_string(),
+                })
+                .inc();
+            slot.log.gateway(
+                LogLevel::Error,
+                format!(
+                    "circuit breaker opened after {} failures in a row; skipped for {:?}",
+                    rt.breaker_failures, rt.breaker_cooldown
+                ),
+            );
+            tracing::error!(plugin = %name, failures = rt.breaker_failures, cooldown = ?rt.breaker_cooldown, last = %failure, "plugin circuit breaker opened");
+        }
+    }
+
+    /// Every plugin's state, for the admin API.
+    pub fn views(&self, log_lines: usize) -> Vec<PluginView> {
+        let slots: Vec<(String, Arc<Slot>)> = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        slots
+            .into_iter()
+            .map(|(name, slot)| {
+                let s = slot.settings.load();
+                let current = slot.current.load_full();
+                let b = slot.breaker.lock().unwrap_or_else(|p| p.into_inner());
+                let open = b.open_until.is_some_and(|u| Instant::now() < u);
+                if !open {
+                    self.metrics
+                        .plugin_breaker_open
+                        .get_or_create(&PluginLabel {
+                            plugin: name.clone(),
+                        })
+                        .set(0);
+                }
+                PluginView {
+                    name,
+                    file: self.path_of(&s).display().to_string(),
+                    loaded: current.is_some(),
+                    sha256: current.as_ref().map(|c| c.sha256.clone()),
+                    wit_version: super::instance::WIT_VERSION,
+                    exports: current
+                        .as_ref()
+                        .map(|c| c.exports.clone())
+                        .unwrap_or_default(),
+                    hooks: s.hooks.clone(),
+                    order: s.order,
+                    on_error: s.on_error,
+                    deadline_ms: s.deadline.as_millis() as u64,
+                    memory_limit: s.memory_limit,
+                    swaps: slot.swaps.load(Ordering::Relaxed),
+                    breaker: BreakerView {
+                        open,
+                        consecutive_failures: b.consecutive_failures,
+                        trips: b.trips,
+                        open_until: b.open_until.filter(|_| open).map(|u| {
+                            let left = u.saturating_duration_since(Instant::now());
+                            crate::rfc3339_ms(crate::now_ms() + left.as_millis() as i64)
+                        }),
+                    },
+                    pooled_instances: current.as_ref().map(|c| c.pooled()).unwrap_or(0),
+                    last_load_error: slot
+                        .last_load_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
+                    recent_logs: slot.log.recent(log_lines),
+                }
+            })
+            .collect()
+    }
+
+    /// Watches the plugins folder and reloads a plugin whose file changes.
+    pub fn start_watcher(self: &Arc<Self>) -> Option<notify::RecommendedWatcher> {
+        use notify::{RecursiveMode, Watcher};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(event) = res {
+                use notify::EventKind;
+                if matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_)) {
+                    for p in event.paths {
+                        let _ = tx.send(p);
+                    }
+                }
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the plugins folder; use the admin API to reload");
+                return None;
+            }
+        };
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot create the plugins folder");
+        }
+        if let Err(e) = watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the plugins folder");
+            return None;
+        }
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                // Let a burst of writes to the same file settle.
+                let mut changed = vec![first];
+                let settle = tokio::time::sleep(Duration::from_millis(150));
+                tokio::pin!(settle);
+                loop {
+                    tokio::select! {
+                        _ = &mut settle => break,
+                        more = rx.recv() => match more {
+                            Some(p) => changed.push(p),
+                            None => return,
+                        },
+                    }
+                }
+                let Some(this) = this.upgrade() else { return };
+                if !this.runtime.load().watch {
+                    continue;
+                }
+                let slots: Vec<Arc<Slot>> = this
+                    .slots
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                for slot in slots {
+                    let path = this.path_of(&slot.settings.load());
+                    if changed.iter().any(|c| same_file(c, &path)) {
+                        match this.load_from_file(&slot, false).await {
+                            Ok(r) if r.swapped => {
+                                tracing::info!(plugin = %r.name, "plugin file changed; new version swapped in")
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::error!(plugin = %slot.settings.load().name, error = %e, "changed plugin file refused; the previous version keeps serving")
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Some(watcher)
+    }
+}
+
+/// Replaces `path` with `bytes` (temporary file and rename).
+async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    let tmp = path.with_extension(format!("upload{}", std::process::id()));
+    tokio::fs::write(&tmp, bytes).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b
+        || match (a.canonicalize(), b.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => {
+                a.file_name() == b.file_name()
+                    && a.parent().map(|p| p.canonicalize().ok())
+                        == b.parent().map(|p| p.canonicalize().ok())
+            }
+        }
+}
+
+/// Checks a formatter's request against the contract.
+pub fn check_request(req: wf::OutgoingRequest) -> Result<FormattedRequest, String> {
+    if req.body.len() > MAX_FORMATTED_BODY {
+        return Err(format!(
+            "body of {} bytes is larger than {MAX_FORMATTED_BODY}",
+            req.body.len()
+        ));
+    }
+    let content_type = http::HeaderValue::from_str(&req.content_type)
+        .ok()
+        .filter(|_| !req.content_type.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "content-type {:?} is not a valid header value",
+                req.content_type
+            )
+        })?;
+    let mut headers = Vec::new();
+    for pair in req.headers {
+        let name = http::HeaderName::from_bytes(pair.key.as_bytes())
+            .map_err(|_| format!("header name {:?} is not valid", pair.key))?;
+        if RESERVED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("webhook-") {
+            return Err(format!(
+                "header `{name}` is set by the gateway and cannot be overridden"
+            ));
+        }
+        let value = http::HeaderValue::from_str(&pair.value)
+            .map_err(|_| format!("value of header `{name}` is not a valid header value"))?;
+        headers.push((name, value));
+    }
+    if let Some(suffix) = &req.path_suffix {
+        if !suffix.starts_with('/')
+            || suffix.contains(['?', '#', ' '])
+            || suffix.chars().any(|c| c.is_control())
+        {
+            return Err(format!("path-suffix {suffix:?} must start with `/` and hold no `?`, `#`, spaces or control characters"));
+        }
+    }
+    if let Some(q) = &req.query {
+        if q.contains(['#', ' ']) || q.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "query {q:?} holds `#`, spaces or control characters"
+            ));
+        }
+    }
+    Ok(FormattedRequest {
+        body: req.body,
+        content_type,
+        headers,
+        path_suffix: req.path_suffix,
+        query: req.query,
+    })
+}

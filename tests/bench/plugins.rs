@@ -1,0 +1,203 @@
+//! Benchmark: the webhook-formatter hook per call (p50, p99) for the Rust,
+//! JavaScript and Python examples, beside the same OneBot logic written as
+//! native Rust in this program, and each plugin's cold load (compile) versus
+//! cached load (from the on-disk artifact cache).
+//!
+//!     cargo run --release -p plugboard-tests --bin bench-plugins [-- --calls N]
+//!
+//! The plugins are the ones `tests/build.rs` builds from source. Calls run
+//! the way the gateway makes them: a pooled instance reused across calls,
+//! `call_async` under an epoch deadline and a memory cap.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plugboard::plugins::bindings::exports::plugboard::plugin::webhook_formatter as wf;
+use plugboard::plugins::engine::PluginEngine;
+use plugboard::plugins::instance::{Limits, LoadedPlugin};
+use plugboard::plugins::logs::PluginLog;
+use plugboard::plugins::{Kv, PluginContext};
+use plugboard_tests::plugins;
+use serde_json::{json, Value};
+
+fn event() -> wf::Event {
+    wf::Event {
+        id: "evt_01JD0000000000000000000000".into(),
+        event_type: "connection.opened".into(),
+        timestamp_ms: 1_790_000_000_000,
+        data: json!({
+            "connection_id": "conn_01JD0000000000000000000000",
+            "user_id": "alice",
+            "device_id": "phone",
+            "node_id": "node-1",
+            "remote_addr": "127.0.0.1:50000",
+            "opened_at": "2026-09-21T00:00:00.000Z"
+        })
+        .to_string(),
+        endpoint: "bench".into(),
+    }
+}
+
+/// The OneBot example's logic for `connection.opened`, as native Rust.
+fn native_onebot(e: &wf::Event, self_id: i64) -> Vec<u8> {
+    let data: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
+    let body = json!({
+        "time": e.timestamp_ms / 1000,
+        "self_id": self_id,
+        "post_type": "meta_event",
+        "meta_event_type": "lifecycle",
+        "sub_type": "connect",
+        "user_id": data["user_id"],
+        "connection_id": data["connection_id"],
+        "device_id": data["device_id"],
+    });
+    serde_json::to_vec(&body).unwrap()
+}
+
+fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.2} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+async fn load(
+    engine: Arc<PluginEngine>,
+    file: &str,
+    config: &[(&str, &str)],
+) -> (Arc<LoadedPlugin>, Duration, bool) {
+    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let started = Instant::now();
+    let e2 = engine.clone();
+    let compiled = tokio::task::spawn_blocking(move || e2.compile(&bytes))
+        .await
+        .unwrap()
+        .unwrap();
+    let name = std::path::Path::new(file)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let ctx = Arc::new(PluginContext {
+        name: name.clone(),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        log: Arc::new(PluginLog::new(&name)),
+        kv: Arc::new(Kv::memory()),
+    });
+    let limits = Limits {
+        memory: 256 * 1024 * 1024,
+        deadline: Duration::from_secs(1),
+        init_deadline: Duration::from_secs(30),
+        max_calls: u64::MAX,
+        pool_size: 1,
+    };
+    let plugin = LoadedPlugin::load(
+        engine,
+        &compiled.component,
+        compiled.sha256,
+        ctx,
+        limits,
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{file}: {e}"));
+    (plugin, started.elapsed(), compiled.cached)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut calls: usize = 20_000;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--calls" => calls = args.next().and_then(|v| v.parse().ok()).expect("--calls N"),
+            other => panic!("unknown argument {other}; use --calls N"),
+        }
+    }
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 3] = [
+        (
+            "Rust (onebot-formatter)",
+            plugins::ONEBOT_FORMATTER,
+            &[("self_id", "10001")],
+        ),
+        (
+            "JavaScript (chatbot-card)",
+            plugins::CHATBOT_CARD,
+            &[("style", "slack")],
+        ),
+        ("Python (cloudevents)", plugins::CLOUDEVENTS, &[]),
+    ];
+    let cache = tempfile::tempdir().unwrap();
+    let ev = event();
+
+    println!("plugboard plugin benchmark: {calls} calls per plugin after 1,000 warm-up calls");
+    println!();
+    println!(
+        "{:<28} {:>12} {:>12} {:>14} {:>14}",
+        "hook: webhook-formatter", "p50", "p99", "cold load", "cached load"
+    );
+
+    // Baseline: the same logic as native Rust.
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..1000 {
+        std::hint::black_box(native_onebot(&ev, 10001));
+    }
+    for _ in 0..calls {
+        let t = Instant::now();
+        std::hint::black_box(native_onebot(std::hint::black_box(&ev), 10001));
+        samples.push(t.elapsed());
+    }
+    let (p50, p99) = percentiles(samples);
+    println!(
+        "{:<28} {:>12} {:>12} {:>14} {:>14}",
+        "native Rust (baseline)",
+        us(p50),
+        us(p99),
+        "-",
+        "-"
+    );
+
+    for (label, file, config) in cases {
+        // Cold: an empty cache; cached: a new engine over the cache the cold load filled.
+        let cold_engine = PluginEngine::new(Some(cache.path().to_path_buf())).unwrap();
+        let (_, cold, was_cached) = load(cold_engine, file, config).await;
+        assert!(!was_cached, "the cold load must compile");
+        let engine = PluginEngine::new(Some(cache.path().to_path_buf())).unwrap();
+        let (plugin, cached, was_cached) = load(engine, file, config).await;
+        assert!(was_cached, "the second load must come from the cache");
+        for _ in 0..1000 {
+            plugin.format(&ev).await.expect("format");
+        }
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let t = Instant::now();
+            let out = plugin.format(&ev).await;
+            samples.push(t.elapsed());
+            std::hint::black_box(out.expect("format"));
+        }
+        let (p50, p99) = percentiles(samples);
+        println!(
+            "{label:<28} {:>12} {:>12} {:>14} {:>14}",
+            us(p50),
+            us(p99),
+            ms(cold),
+            ms(cached)
+        );
+    }
+    println!();
+    println!("Target (DESIGN.md §7): Rust example, instance reused: p50 ≤ 2 µs, p99 ≤ 10 µs.");
+    println!(
+        "Cold load compiles the component; cached load deserialises the artifact and runs init."
+    );
+}

@@ -1,0 +1,610 @@
+//! P5: plugins built from source in Rust, JavaScript and Python format
+//! webhooks in a real gateway; misbehaving plugins fail only their call,
+//! under the configured policy; the breaker trips; hot swap drops nothing.
+
+use std::time::Duration;
+
+use plugboard_tests::plugins;
+use plugboard_tests::receiver::SECRET;
+use plugboard_tests::{Delivered, Gateway, GatewayOptions, Receiver, WsClient, WAIT};
+use reqwest::Method;
+use serde_json::Value;
+
+/// A `[[plugins]]` entry.
+fn plugin(name: &str, file: &str, extra: &str) -> String {
+    format!("[[plugins]]\nname = \"{name}\"\nfile = {file:?}\n{extra}\n")
+}
+
+/// A `[[webhooks]]` entry formatted by `formatter`.
+fn endpoint(name: &str, rx: &Receiver, formatter: Option<&str>) -> String {
+    let f = formatter
+        .map(|f| format!("formatter = \"{f}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[[webhooks]]\nname = \"{name}\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n{f}\n",
+        rx.url
+    )
+}
+
+async fn gateway(toml: &str) -> Gateway {
+    Gateway::start(GatewayOptions::default().extra(toml)).await
+}
+
+/// Request bodies a receiver got, as JSON.
+fn bodies(rx: &Receiver) -> Vec<Value> {
+    rx.attempts()
+        .into_iter()
+        .filter(|a| a.answered == 200)
+        .map(|a| a.body)
+        .collect()
+}
+
+async fn wait_bodies(rx: &Receiver, n: usize) -> Vec<Value> {
+    plugboard_tests::wait_until(&format!("{n} requests"), WAIT, || {
+        let b = bodies(rx);
+        (b.len() >= n).then_some(b)
+    })
+    .await
+}
+
+async fn plugin_view(gw: &Gateway, name: &str) -> Value {
+    let (status, body) = gw.admin(Method::GET, "/admin/plugins", None).await;
+    assert_eq!(status, 200, "{body}");
+    body["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no plugin {name} in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_formatters_in_rust_javascript_and_python_shape_the_webhooks() {
+    let (onebot, wukong, card, cloud) = (
+        Receiver::start().await,
+        Receiver::start().await,
+        Receiver::start().await,
+        Receiver::start().await,
+    );
+    let toml = [
+        plugin(
+            "onebot",
+            plugins::ONEBOT_FORMATTER,
+            "[plugins.config]\nself_id = \"10001\"",
+        ),
+        plugin("wukong", plugins::WUKONGIM_FORMATTER, ""),
+        plugin(
+            "card",
+            plugins::CHATBOT_CARD,
+            "init_deadline = \"30s\"\n[plugins.config]\nstyle = \"slack\"",
+        ),
+        plugin(
+            "cloud",
+            plugins::CLOUDEVENTS,
+            "init_deadline = \"30s\"\n[plugins.config]\nsource = \"it-test\"",
+        ),
+        endpoint("onebot", &onebot, Some("onebot")),
+        endpoint("wukong", &wukong, Some("wukong")),
+        endpoint("card", &card, Some("card")),
+        endpoint("cloud", &cloud, Some("cloud")),
+    ]
+    .concat();
+    let gw = gateway(&toml).await;
+    let c = WsClient::connect_device(&gw, "alice", "phone").await;
+    c.close(1000, "");
+
+    // OneBot v11: lifecycle meta events and client-status notices.
+    let b = wait_bodies(&onebot, 4).await;
+    let meta: Vec<&Value> = b
+        .iter()
+        .filter(|v| v["post_type"] == "meta_event")
+        .collect();
+    assert_eq!(meta.len(), 2, "{b:#?}");
+    assert!(meta
+        .iter()
+        .all(|v| v["meta_event_type"] == "lifecycle" && v["self_id"] == 10001));
+    assert!(meta.iter().any(|v| v["sub_type"] == "connect"));
+    assert!(b
+        .iter()
+        .any(|v| v["post_type"] == "notice" && v["online"] == true));
+    assert!(b.iter().all(|v| v["time"].is_u64()));
+
+    // WuKongIM: online-status strings, with the event in the query.
+    let b = wait_bodies(&wukong, 2).await;
+    let statuses: Vec<String> = b
+        .iter()
+        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.starts_with("alice-") && s.split('-').nth(2) == Some("1")),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.starts_with("alice-") && s.split('-').nth(2) == Some("0")),
+        "{statuses:?}"
+    );
+
+    // JavaScript: Slack-style bot message.
+    let b = wait_bodies(&card, 4).await;
+    assert!(
+        b.iter()
+            .all(|v| v["text"].is_string() && v["blocks"].is_array()),
+        "{b:#?}"
+    );
+    assert!(b
+        .iter()
+        .any(|v| v["text"].as_str().unwrap().contains("alice")));
+
+    // Python: CloudEvents 1.0.
+    let b = wait_bodies(&cloud, 4).await;
+    assert!(
+        b.iter()
+            .all(|v| v["specversion"] == "1.0" && v["source"] == "it-test"),
+        "{b:#?}"
+    );
+    assert!(b
+        .iter()
+        .any(|v| v["type"] == "com.plugboard.connection.closed" && v["subject"] == "alice"));
+
+    for rx in [&onebot, &wukong, &card, &cloud] {
+        assert_eq!(
+            rx.bad_signatures(),
+            0,
+            "formatted requests are still signed by the gateway"
+        );
+    }
+    let view = plugin_view(&gw, "cloud").await;
+    assert_eq!(view["exports"], serde_json::json!(["webhook-formatter"]));
+    assert_eq!(view["loaded"], true);
+}
+
+/// A gateway whose endpoint `rx` is formatted by `name` loaded from `file`.
+async fn misbehaving(name: &str, file: &str, extra: &str) -> (Gateway, Receiver) {
+    let rx = Receiver::start().await;
+    let toml = [
+        "[plugin_runtime]\nbreaker_failures = 3\nbreaker_cooldown = \"60s\"\n".to_string(),
+        plugin(name, file, extra),
+        endpoint("rx", &rx, Some(name)),
+    ]
+    .concat();
+    (gateway(&toml).await, rx)
+}
+
+/// Opens and closes one connection; returns its id.
+async fn one_session(gw: &Gateway, user: &str) -> String {
+    let mut c = WsClient::connect(gw, user).await;
+    c.close(1000, "");
+    c.closed().await;
+    c.connection_id.clone()
+}
+
+fn default_body(d: &Delivered) -> bool {
+    !d.id.is_empty() && !d.event_type.is_empty()
+}
+
+#[tokio::test]
+async fn an_infinite_loop_is_stopped_at_its_deadline_and_fail_open_sends_the_default_body() {
+    let (gw, rx) = misbehaving(
+        "spin",
+        plugins::SPIN_LOOP,
+        "deadline = \"50ms\"\non_error = \"fail-open\"",
+    )
+    .await;
+    let id = one_session(&gw, "loopy").await;
+    let ev = rx.assert_exactly_once(&id).await;
+    assert!(default_body(&ev));
+    assert!(
+        gw.metric("plugboard_plugin_calls_total", "outcome=\"timeout\"")
+            .await
+            >= 1.0
+    );
+    let view = plugin_view(&gw, "spin").await;
+    let logs = view["recent_logs"].to_string();
+    assert!(logs.contains("deadline"), "{logs}");
+    // The gateway kept serving throughout.
+    one_session(&gw, "after-loop").await;
+}
+
+#[tokio::test]
+async fn a_memory_bomb_traps_at_its_cap_and_fail_closed_holds_the_event_then_the_breaker_trips() {
+    let (gw, rx) = misbehaving(
+        "bomb",
+        plugins::MEMORY_BOMB,
+        "memory_limit = \"16MiB\"\non_error = \"fail-closed\"",
+    )
+    .await;
+    let _id = one_session(&gw, "greedy").await;
+    // Fail-closed: nothing is sent while the plugin fails; the breaker opens after 3 failures.
+    let view = plugboard_tests::wait_until_async(WAIT, || async {
+        let v = plugin_view(&gw, "bomb").await;
+        (v["breaker"]["open"] == true).then_some(v)
+    })
+    .await;
+    assert!(view["breaker"]["trips"].as_u64().unwrap() >= 1);
+    assert!(
+        gw.metric("plugboard_plugin_calls_total", "outcome=\"memory_limit\"")
+            .await
+            >= 3.0
+    );
+    assert_eq!(
+        gw.metric("plugboard_plugin_breaker_open", "plugin=\"bomb\"")
+            .await,
+        1.0
+    );
+    assert!(gw.log().contains("plugin circuit breaker opened"));
+    assert!(rx.delivered().is_empty(), "fail-closed sent nothing");
+    let (_, hooks) = gw.admin(Method::GET, "/admin/webhooks", None).await;
+    assert!(
+        hooks["endpoints"][0]["pending"].as_i64().unwrap() >= 1,
+        "events are kept: {hooks}"
+    );
+    one_session(&gw, "still-serving").await;
+}
+
+#[tokio::test]
+async fn a_panic_surfaces_as_a_trap_with_its_message_in_the_plugin_log() {
+    let (gw, rx) = misbehaving("panicky", plugins::PANICKER, "on_error = \"fail-open\"").await;
+    let id = one_session(&gw, "panic-user").await;
+    rx.assert_exactly_once(&id).await;
+    let view = plugin_view(&gw, "panicky").await;
+    let logs = view["recent_logs"].to_string();
+    assert!(logs.contains("plugin panicked on purpose"), "{logs}");
+    assert!(
+        gw.metric("plugboard_plugin_calls_total", "outcome=\"trap\"")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn the_sandbox_grants_no_files_environment_arguments_or_sockets() {
+    let (gw, rx) = misbehaving("probe", plugins::SANDBOX_PROBE, "").await;
+    one_session(&gw, "prober").await;
+    let b = wait_bodies(&rx, 1).await;
+    let probe = &b[0];
+    assert_eq!(probe["file"], false, "{probe}");
+    assert_eq!(probe["env"], false, "{probe}");
+    assert_eq!(probe["args"], 0, "{probe}");
+    assert_eq!(probe["socket"], false, "{probe}");
+}
+
+#[tokio::test]
+async fn a_malformed_result_is_rejected_and_the_policy_applies() {
+    let (gw, rx) = misbehaving("bad", plugins::BAD_OUTPUT, "on_error = \"fail-open\"").await;
+    let id = one_session(&gw, "malformed").await;
+    let ev = rx.assert_exactly_once(&id).await;
+    assert!(default_body(&ev), "fail-open sends the default body");
+    assert!(
+        gw.metric("plugboard_plugin_calls_total", "outcome=\"malformed\"")
+            .await
+            >= 1.0
+    );
+    let logs = plugin_view(&gw, "bad").await["recent_logs"].to_string();
+    assert!(logs.contains("webhook-signature"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_plugin_whose_init_refuses_its_config_stops_the_start_with_a_clear_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[server]\nlisten = \"127.0.0.1:0\"\n{}",
+            dir.path().join("data").display().to_string(),
+            plugin("stubborn", plugins::BAD_INIT, "")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(plugboard_tests::gateway::binary())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stubborn") && err.contains("refused on purpose"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_checks_and_runs_a_plugin_without_a_gateway() {
+    let bin = plugboard_tests::gateway::binary();
+    let out = std::process::Command::new(&bin)
+        .args([
+            "plugin",
+            "check",
+            plugins::ONEBOT_FORMATTER,
+            "--config",
+            "self_id=42",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["exports"], serde_json::json!(["webhook-formatter"]));
+    assert_eq!(report["wit"], "plugboard:plugin@0.1.0");
+    assert_eq!(report["init"], "ok");
+
+    let refused = std::process::Command::new(&bin)
+        .args(["plugin", "check", plugins::BAD_INIT])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused on purpose"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("event.json");
+    std::fs::write(
+        &input,
+        r#"{"id":"evt_1","type":"connection.opened","timestamp":"2026-01-01T00:00:00.000Z","data":{"connection_id":"conn_1","user_id":"u1","device_id":"d"}}"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(&bin)
+        .args([
+            "plugin",
+            "run",
+            plugins::ECHO_FORMATTER,
+            "--hook",
+            "webhook-formatter",
+            "--input",
+        ])
+        .arg(&input)
+        .args(["--config", "version=7"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["body"]["version"], "7", "{result}");
+    assert_eq!(result["body"]["event"], "connection.opened");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).is_empty(),
+        "the plugin's log lines are printed"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_upload_is_refused_while_the_old_version_keeps_serving() {
+    let rx = Receiver::start().await;
+    let gw = gateway(
+        &[
+            plugin(
+                "echo",
+                plugins::ECHO_FORMATTER,
+                "[plugins.config]\nversion = \"1\"",
+            ),
+            endpoint("rx", &rx, Some("echo")),
+        ]
+        .concat(),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    for (bytes, why) in [
+        (
+            b"not wasm at all".to_vec(),
+            "not a valid WebAssembly component",
+        ),
+        (
+            std::fs::read(plugins::BAD_INIT).unwrap(),
+            "refused on purpose",
+        ),
+        (
+            std::fs::read(plugins::FILTER_ECHO).unwrap(),
+            "webhook-formatter",
+        ),
+    ] {
+        let resp = http
+            .put(gw.url("/admin/plugins/echo"))
+            .bearer_auth(plugboard_tests::gateway::ADMIN_TOKEN)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422);
+        let body: Value = resp.json().await.unwrap();
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{body}"
+        );
+    }
+    one_session(&gw, "still-echo").await;
+    let b = wait_bodies(&rx, 1).await;
+    assert_eq!(b[0]["plugin"], "echo", "{b:?}");
+    assert_eq!(b[0]["version"], "1");
+    assert!(plugin_view(&gw, "echo").await["last_load_error"].is_string());
+}
+
+/// Hot swap under load: events flow from many connections while the
+/// formatter is replaced 50 times (admin API and folder watcher). No call
+/// fails, no connection drops, every event after a swap uses the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_fails_no_call_and_drops_no_connection() {
+    plugboard_tests::raise_fd_limit();
+    let rx = Receiver::start().await;
+    let probe = tempfile::tempdir().unwrap();
+    let plugins_dir = probe.path().join("plugins");
+    std::fs::create_dir_all(&plugins_dir).unwrap();
+    let v1 = std::fs::read(plugins::ECHO_FORMATTER).unwrap();
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    std::fs::write(plugins_dir.join("echo.wasm"), &v1).unwrap();
+    let gw = gateway(
+        &[
+            format!(
+                "[plugin_runtime]\ndir = {:?}\n",
+                plugins_dir.display().to_string()
+            ),
+            plugin(
+                "echo",
+                "echo.wasm",
+                "on_error = \"fail-closed\"\n[plugins.config]\nversion = \"x\"",
+            ),
+            endpoint("rx", &rx, Some("echo")),
+        ]
+        .concat(),
+    )
+    .await;
+    // Long-lived connections that must survive every swap.
+    let mut holders = Vec::new();
+    for i in 0..50 {
+        holders.push(WsClient::connect(&gw, &format!("holder{i}")).await);
+    }
+    // Load: connections opening and closing continuously.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..4 {
+        let gw_url = gw.ws_url();
+        let stop = stop.clone();
+        let tokens: Vec<String> = (0..1000)
+            .map(|i| gw.token(&format!("load{w}-{i}"), None, None))
+            .collect();
+        load.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let url = format!("{gw_url}?token={}", tokens[n % tokens.len()]);
+                if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await {
+                    use futures_util::StreamExt;
+                    let _ = ws.next().await;
+                    let _ = ws.close(None).await;
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+                n += 1;
+                // Steady, not flooding: the point is swaps amid traffic, not a backlog.
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            n
+        }));
+    }
+    let http = reqwest::Client::new();
+    let mut last = "";
+    for i in 0..50 {
+        let (bytes, label) = if i % 2 == 0 {
+            (&v2, "echo-v2")
+        } else {
+            (&v1, "echo")
+        };
+        if i % 5 == 4 {
+            // Through the watcher: replace the file, then wait for the swap.
+            let tmp = plugins_dir.join("echo.wasm.tmp");
+            std::fs::write(&tmp, bytes).unwrap();
+            std::fs::rename(&tmp, plugins_dir.join("echo.wasm")).unwrap();
+            let want = sha256_hex(bytes);
+            plugboard_tests::wait_until_async(WAIT, || async {
+                let v = plugin_view(&gw, "echo").await;
+                (v["sha256"].as_str() == Some(want.as_str())).then_some(())
+            })
+            .await;
+        } else {
+            let resp = http
+                .put(gw.url("/admin/plugins/echo"))
+                .bearer_auth(plugboard_tests::gateway::ADMIN_TOKEN)
+                .body(bytes.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        }
+        last = label;
+        // An event created after the swap is formatted by the new version.
+        let user = format!("probe{i}");
+        let c = WsClient::connect(&gw, &user).await;
+        let deadline = std::time::Instant::now() + WAIT;
+        let b = loop {
+            if let Some(b) = bodies(&rx).into_iter().find(|b| {
+                b["data"]["user_id"] == user.as_str() && b["event"] == "connection.opened"
+            }) {
+                break b;
+            }
+            if std::time::Instant::now() > deadline {
+                let log = gw.log();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                panic!(
+                    "swap {i}: no opened event of {user}; gateway log (newest first):\n{}",
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(b["plugin"], label, "swap {i}: {b}");
+        c.close(1000, "");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sessions = 0;
+    for l in load {
+        sessions += l.await.unwrap();
+    }
+    assert!(sessions > 50, "the load ran: {sessions} sessions");
+    // No connection dropped.
+    let (_, conns) = gw.admin(Method::GET, "/admin/connections", None).await;
+    assert_eq!(
+        conns["count"], 50,
+        "every long-lived connection is still open"
+    );
+    for h in holders.iter_mut() {
+        h.send_json(serde_json::json!({ "type": "ping" }));
+        assert_eq!(h.next_json().await["event"], "heartbeat");
+    }
+    // No failed call.
+    for outcome in [
+        "trap",
+        "timeout",
+        "error",
+        "malformed",
+        "unavailable",
+        "breaker_open",
+        "memory_limit",
+    ] {
+        assert_eq!(
+            gw.metric(
+                "plugboard_plugin_calls_total",
+                &format!("outcome=\"{outcome}\"")
+            )
+            .await,
+            0.0,
+            "no {outcome} during hot swap"
+        );
+    }
+    assert!(
+        gw.metric("plugboard_plugin_calls_total", "outcome=\"ok\"")
+            .await
+            > 50.0
+    );
+    // The last version serves the events that come after it.
+    let c = WsClient::connect(&gw, "after-swaps").await;
+    c.close(1000, "");
+    let b = plugboard_tests::wait_until("an event of after-swaps", WAIT, || {
+        bodies(&rx)
+            .into_iter()
+            .find(|b| b["data"]["user_id"] == "after-swaps")
+    })
+    .await;
+    assert_eq!(
+        b["plugin"], last,
+        "formatted by the version swapped in last"
+    );
+    let view = plugin_view(&gw, "echo").await;
+    assert!(view["swaps"].as_u64().unwrap() >= 50, "{view}");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -199,11 +199,13 @@ async fn serve(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> 
     raise_nofile_limit();
     let listener = bind(cfg.server.listen)
         .with_context(|| format!("cannot listen on {} (server.listen)", cfg.server.listen))?;
-    let server = Server::start(cfg, config_path, listener).await?;
-    println!("plugboard: listening on http://{}", server.local_addr());
+    // Handlers first: a signal that arrives as soon as the address is
+    // announced must find them in place, not the default action.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let server = Server::start(cfg, config_path, listener).await?;
+    println!("plugboard: listening on http://{}", server.local_addr());
     loop {
         tokio::select! {
             _ = term.recv() => break,

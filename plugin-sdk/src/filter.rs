@@ -57,7 +57,7 @@ pub enum Verdict {
     Keep,
     /// Not shown.
     Drop,
-    /// Shown as rewritten; the channel id and type must stay the same (the
-    /// gateway checks).
+    /// Shown as rewritten; keep the channel id and type the same (the row
+    /// must still describe the same conversation).
     Rewrite(Conversation),
 }

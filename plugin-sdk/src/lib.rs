@@ -86,8 +86,9 @@
 //! - Hook functions take no `self`: an instance may be dropped and made
 //!   anew at any time (after a trap, a timeout, a hot swap), so keep state
 //!   that must last in the key-value store ([`host::kv_set`]).
-//! - A panic traps the instance; the gateway counts it as a hook error and
-//!   applies the plugin's on-error policy. Return a [`HookError`] instead.
+//! - A panic traps the instance; the gateway counts it as a trap (its message
+//!   reaches the plugin log through stderr), drops that instance and applies
+//!   the plugin's on-error policy. Return a [`HookError`] instead.
 //! - [`host`] functions panic outside the gateway, so keep logic in plain
 //!   functions to unit-test it natively.
 

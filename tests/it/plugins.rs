@@ -608,3 +608,56 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+#[tokio::test]
+async fn chains_follow_the_configured_order_and_a_restart_loads_from_the_compile_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let toml = [
+        format!(
+            "[plugin_runtime]\ncache_dir = {:?}\n",
+            cache.path().display().to_string()
+        ),
+        plugin("zeta", plugins::FULL_DEFAULTS, "order = 1"),
+        plugin("alpha", plugins::FILTER_ECHO, "order = 5"),
+        plugin(
+            "mid",
+            plugins::ECHO_FORMATTER,
+            "order = 1\n[plugins.config]\nversion = \"1\"",
+        ),
+    ]
+    .concat();
+    let gw = gateway(&toml).await;
+    let (_, body) = gw.admin(Method::GET, "/admin/plugins", None).await;
+    assert_eq!(
+        body["chains"]["conversation-filter"],
+        serde_json::json!(["zeta", "alpha"]),
+        "{body}"
+    );
+    assert_eq!(
+        body["chains"]["webhook-formatter"],
+        serde_json::json!(["mid", "zeta"]),
+        "{body}"
+    );
+    assert_eq!(
+        body["chains"]["control-handler"],
+        serde_json::json!(["zeta"]),
+        "{body}"
+    );
+    assert!(
+        gw.log().contains("cached=false"),
+        "the first start compiles"
+    );
+    let handle = gw.restart_handle();
+    assert_eq!(gw.terminate().await, Some(0));
+    let gw = handle.restart().await;
+    let log = gw.log();
+    let loads: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("plugin version loaded"))
+        .collect();
+    assert_eq!(loads.len(), 3, "{loads:#?}");
+    assert!(
+        loads.iter().all(|l| l.contains("cached=true")),
+        "a restart loads compiled artifacts: {loads:#?}"
+    );
+}

@@ -113,7 +113,11 @@ fn plugin_error(e: PluginError) -> ApiError {
 }
 
 async fn plugins(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({ "plugins": app.plugins.views(20) }))
+    let chains: serde_json::Map<String, Value> = crate::config::HOOKS
+        .iter()
+        .map(|h| (h.to_string(), json!(app.plugins.chain(h))))
+        .collect();
+    Json(json!({ "plugins": app.plugins.views(20), "chains": chains }))
 }
 
 async fn upload_plugin(

@@ -291,10 +291,12 @@ impl PluginRegistry {
             Some(b) => b,
             None => {
                 let path = self.path_of(&settings);
-                tokio::fs::read(&path).await.map_err(|e| PluginError::Read {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                })?
+                tokio::fs::read(&path)
+                    .await
+                    .map_err(|e| PluginError::Read {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?
             }
         };
         let persist = persist_to.map(|p| (p.to_path_buf(), bytes.clone()));
@@ -587,6 +589,28 @@ impl PluginRegistry {
             );
             tracing::error!(plugin = %name, failures = rt.breaker_failures, cooldown = ?rt.breaker_cooldown, last = %failure, "plugin circuit breaker opened");
         }
+    }
+
+    /// The chain of a hook: loaded plugins exporting it (and listing it in
+    /// `hooks`, when they list any), in `order`, then name. This is the
+    /// order in which the hook's callers run them.
+    pub fn chain(&self, hook: &str) -> Vec<String> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let mut chain: Vec<(i32, String)> = slots
+            .iter()
+            .filter(|(_, s)| {
+                let settings = s.settings.load();
+                let exported = s
+                    .current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|c| c.exports.contains(&hook));
+                exported && (settings.hooks.is_empty() || settings.hooks.iter().any(|h| h == hook))
+            })
+            .map(|(name, s)| (s.settings.load().order, name.clone()))
+            .collect();
+        chain.sort();
+        chain.into_iter().map(|(_, name)| name).collect()
     }
 
     /// Every plugin's state, for the admin API.

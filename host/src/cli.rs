@@ -232,9 +232,14 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     use crate::plugins::tool;
     match command {
         PluginCommand::Check { file, config } => {
-            let loaded = tool::load(&file, config, Duration::from_secs(1))
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: refused: {e}", file.display()))?;
+            let loaded = tool::load(
+                &file,
+                config,
+                Duration::from_secs(1),
+                &tool::default_cache_dir(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: refused: {e}", file.display()))?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&tool::describe(&file, &loaded))?
@@ -257,7 +262,7 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             };
             let input: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not JSON", input.display()))?;
-            let loaded = tool::load(&file, config, deadline)
+            let loaded = tool::load(&file, config, deadline, &tool::default_cache_dir())
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: refused: {e}", file.display()))?;
             let result = tool::run(&loaded, &hook, &input).await;

@@ -648,20 +648,7 @@ impl Config {
         let mut names = BTreeSet::new();
         for (i, w) in self.webhooks.iter().enumerate() {
             let at = |field: &str| format!("webhooks[{i}].{field}");
-            if w.name.is_empty()
-                || !w
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(key_err(
-                    at("name"),
-                    "must be non-empty letters, digits, `-` or `_`",
-                ));
-            }
-            if !names.insert(w.name.as_str()) {
-                return Err(key_err(at("name"), format!("`{}` is used twice", w.name)));
-            }
+            check_name(&at("name"), &w.name, &mut names)?;
             match reqwest::Url::parse(&w.url) {
                 Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
                 Ok(_) => return Err(key_err(at("url"), "must be an http:// or https:// URL")),
@@ -728,20 +715,7 @@ impl Config {
         let mut plugin_names = BTreeSet::new();
         for (i, p) in self.plugins.iter().enumerate() {
             let at = |field: &str| format!("plugins[{i}].{field}");
-            if p.name.is_empty()
-                || !p
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(key_err(
-                    at("name"),
-                    "must be non-empty letters, digits, `-` or `_`",
-                ));
-            }
-            if !plugin_names.insert(p.name.as_str()) {
-                return Err(key_err(at("name"), format!("`{}` is used twice", p.name)));
-            }
+            check_name(&at("name"), &p.name, &mut plugin_names)?;
             if p.file.as_os_str().is_empty() {
                 return Err(key_err(at("file"), "must name a .wasm component"));
             }
@@ -832,6 +806,29 @@ impl Config {
         }
         keys
     }
+}
+
+/// A name that config entries and URLs refer to: unique, and letters,
+/// digits, `-` or `_` only.
+fn check_name<'a>(
+    key: &str,
+    name: &'a str,
+    seen: &mut BTreeSet<&'a str>,
+) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(key_err(
+            key,
+            "must be non-empty letters, digits, `-` or `_`",
+        ));
+    }
+    if !seen.insert(name) {
+        return Err(key_err(key, format!("`{name}` is used twice")));
+    }
+    Ok(())
 }
 
 /// Applies `PLUGBOARD_SECTION__KEY=value` overrides. The value is read as a

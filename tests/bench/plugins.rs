@@ -9,14 +9,10 @@
 //! the way the gateway makes them: a pooled instance reused across calls,
 //! `call_async` under an epoch deadline and a memory cap.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plugboard::plugins::bindings::exports::plugboard::plugin::webhook_formatter as wf;
-use plugboard::plugins::engine::PluginEngine;
-use plugboard::plugins::instance::{Limits, LoadedPlugin};
-use plugboard::plugins::logs::PluginLog;
-use plugboard::plugins::{Kv, PluginContext};
+use plugboard::plugins::tool;
 use plugboard_tests::plugins;
 use serde_json::{json, Value};
 
@@ -68,50 +64,26 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
+/// Loads a plugin on a new engine over `cache`, as the gateway does at start.
 async fn load(
-    engine: Arc<PluginEngine>,
+    cache: &std::path::Path,
     file: &str,
     config: &[(&str, &str)],
-) -> (Arc<LoadedPlugin>, Duration, bool) {
-    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{file}: {e}"));
+) -> (tool::Loaded, Duration) {
     let started = Instant::now();
-    let e2 = engine.clone();
-    let compiled = tokio::task::spawn_blocking(move || e2.compile(&bytes))
-        .await
-        .unwrap()
-        .unwrap();
-    let name = std::path::Path::new(file)
-        .file_stem()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let ctx = Arc::new(PluginContext {
-        name: name.clone(),
-        config: config
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        log: Arc::new(PluginLog::new(&name)),
-        kv: Arc::new(Kv::memory()),
-    });
-    let limits = Limits {
-        memory: 256 * 1024 * 1024,
-        deadline: Duration::from_secs(1),
-        init_deadline: Duration::from_secs(30),
-        max_calls: u64::MAX,
-        pool_size: 1,
-    };
-    let plugin = LoadedPlugin::load(
-        engine,
-        &compiled.component,
-        compiled.sha256,
-        ctx,
-        limits,
-        &[],
+    let config = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let loaded = tool::load(
+        std::path::Path::new(file),
+        config,
+        Duration::from_secs(1),
+        cache,
     )
     .await
     .unwrap_or_else(|e| panic!("{file}: {e}"));
-    (plugin, started.elapsed(), compiled.cached)
+    (loaded, started.elapsed())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -170,12 +142,11 @@ async fn main() {
 
     for (label, file, config) in cases {
         // Cold: an empty cache; cached: a new engine over the cache the cold load filled.
-        let cold_engine = PluginEngine::new(Some(cache.path().to_path_buf())).unwrap();
-        let (_, cold, was_cached) = load(cold_engine, file, config).await;
-        assert!(!was_cached, "the cold load must compile");
-        let engine = PluginEngine::new(Some(cache.path().to_path_buf())).unwrap();
-        let (plugin, cached, was_cached) = load(engine, file, config).await;
-        assert!(was_cached, "the second load must come from the cache");
+        let (cold_load, cold) = load(cache.path(), file, config).await;
+        assert!(!cold_load.cached, "the cold load must compile");
+        let (loaded, cached) = load(cache.path(), file, config).await;
+        assert!(loaded.cached, "the second load must come from the cache");
+        let plugin = loaded.plugin;
         for _ in 0..1000 {
             plugin.format(&ev).await.expect("format");
         }

@@ -25,16 +25,18 @@ pub struct Loaded {
     pub cached: bool,
 }
 
-/// Loads `file` with `config`; the error text says what refused it.
+/// Loads `file` with `config` on a new engine whose compile cache is
+/// `cache_dir`; the error text says what refused it.
 pub async fn load(
     file: &Path,
     config: Vec<(String, String)>,
     deadline: Duration,
+    cache_dir: &Path,
 ) -> anyhow::Result<Loaded> {
     let bytes =
         std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     let size = bytes.len();
-    let engine = PluginEngine::new(Some(std::env::temp_dir().join("plugboard-plugin-cache")))?;
+    let engine = PluginEngine::new(Some(cache_dir.to_path_buf()))?;
     let e2 = engine.clone();
     let compiled = tokio::task::spawn_blocking(move || e2.compile(&bytes)).await??;
     let name = file
@@ -49,9 +51,9 @@ pub async fn load(
         kv: Arc::new(Kv::memory()),
     });
     let limits = Limits {
-        memory: 128 * 1024 * 1024,
+        memory: 256 * 1024 * 1024,
         deadline,
-        init_deadline: Duration::from_secs(10),
+        init_deadline: Duration::from_secs(30),
         max_calls: u64::MAX,
         pool_size: 1,
     };
@@ -195,4 +197,9 @@ pub async fn run(loaded: &Loaded, hook: &str, input: &Value) -> anyhow::Result<V
             "unknown hook `{other}` (use webhook-formatter, conversation-filter or control-handler)"
         ),
     }
+}
+
+/// The compile cache the command line uses.
+pub fn default_cache_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("plugboard-plugin-cache")
 }

@@ -4,14 +4,15 @@
 //! The store data is [`PluginState`]: WASI with nothing granted (no
 //! preopened directories, environment, arguments, network or real clocks;
 //! stdout and stderr go to the plugin's log), a memory cap over all of an
-//! instance's memories, and the per-call deadline read by the epoch callback.
+//! instance's memories, and the per-call budget of epoch ticks read by the
+//! epoch callback.
 
 #![allow(missing_docs, clippy::all)]
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -83,8 +84,8 @@ pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub memory: MemoryCap,
-    /// When the current call must stop.
-    pub deadline: Instant,
+    /// Epoch ticks the current call may still run guest code for.
+    pub ticks_left: u64,
     pub ctx: Arc<PluginContext>,
 }
 
@@ -109,7 +110,7 @@ impl PluginState {
             wasi,
             table: ResourceTable::new(),
             memory: MemoryCap::new(memory_limit),
-            deadline: Instant::now() + Duration::from_secs(3600),
+            ticks_left: u64::MAX,
             ctx,
         }
     }

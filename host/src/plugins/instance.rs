@@ -9,7 +9,7 @@
 //! async runtime at each tick, so a spinning plugin never blocks a thread.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wasmtime::component::{Component, InstancePre};
 use wasmtime::{Store, UpdateDeadline};
@@ -213,10 +213,15 @@ impl LoadedPlugin {
             PluginState::new(self.ctx.clone(), self.limits.memory),
         );
         store.limiter(|s| &mut s.memory);
-        store.epoch_deadline_callback(|ctx| {
-            if Instant::now() >= ctx.data().deadline {
+        // The callback runs once per epoch tick of *guest* execution: time
+        // spent in host calls (the key-value store) or waiting to be polled
+        // again after a yield does not count against the plugin's deadline.
+        store.epoch_deadline_callback(|mut ctx| {
+            let left = &mut ctx.data_mut().ticks_left;
+            if *left == 0 {
                 Err(wasmtime::Error::new(DeadlineExceeded))
             } else {
+                *left -= 1;
                 Ok(UpdateDeadline::Yield(1))
             }
         });
@@ -402,8 +407,9 @@ impl LoadedPlugin {
     }
 }
 
-/// Starts the deadline of one call.
+/// Starts the deadline of one call: a budget of epoch ticks of guest execution.
 fn arm(store: &mut Store<PluginState>, deadline: Duration) {
-    store.data_mut().deadline = Instant::now() + deadline;
+    let tick = super::engine::EPOCH_TICK.as_nanos().max(1);
+    store.data_mut().ticks_left = (deadline.as_nanos().div_ceil(tick) as u64).max(1);
     store.set_epoch_deadline(1);
 }

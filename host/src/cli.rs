@@ -163,7 +163,7 @@ pub fn main() -> anyhow::Result<()> {
 
 /// Raises the soft open-files limit to the hard limit: every client holds a
 /// descriptor, and the usual soft default (1024) caps a gateway far too low.
-fn raise_nofile_limit() {
+pub fn raise_nofile_limit() {
     #[allow(unsafe_code)]
     // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
     unsafe {

@@ -40,20 +40,9 @@ pub async fn wait_until<T>(
 }
 
 /// Raises the soft open-files limit to the hard limit, for tests that hold
-/// many connections. Children (the gateway) inherit it.
+/// many connections (the gateway's own routine). Children inherit it.
 pub fn raise_fd_limit() {
-    #[allow(unsafe_code)]
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    plugboard::cli::raise_nofile_limit();
 }
 
 /// Connects as `user` once the gateway accepts connections again (after a

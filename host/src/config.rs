@@ -55,6 +55,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub gateway: GatewayConfig,
     pub outbox: OutboxConfig,
+    pub messaging: MessagingConfig,
+    pub conversations: ConversationsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     /// Webhook endpoints; events go to each endpoint whose filter matches.
@@ -74,6 +76,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             gateway: GatewayConfig::default(),
             outbox: OutboxConfig::default(),
+            messaging: MessagingConfig::default(),
+            conversations: ConversationsConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             webhooks: Vec::new(),
@@ -269,6 +273,74 @@ impl Default for OutboxConfig {
             request_timeout: s(10),
             max_in_flight: 32,
             max_retry_after: s(3600),
+        }
+    }
+}
+
+/// Messages, channels and groups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagingConfig {
+    /// Largest message payload (its JSON text).
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
+    pub max_payload_size: usize,
+    /// Most members a group may have.
+    pub max_group_members: usize,
+    /// Messages in a `sync` page when the request names no `limit`.
+    pub sync_default_limit: usize,
+    /// Most messages in one `sync` page.
+    pub sync_max_limit: usize,
+    /// Characters of a message's preview kept for conversation lists.
+    pub preview_chars: usize,
+    /// The sender of messages the business server sends as the system. No
+    /// client token may name this user.
+    pub system_user: String,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        MessagingConfig {
+            max_payload_size: 16 * 1024,
+            max_group_members: 100_000,
+            sync_default_limit: 100,
+            sync_max_limit: 500,
+            preview_chars: 100,
+            system_user: "system".into(),
+        }
+    }
+}
+
+/// Recent-conversation lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConversationsConfig {
+    /// Conversations in a page when the request names no `limit`.
+    pub default_limit: usize,
+    /// Most conversations in one page.
+    pub max_limit: usize,
+    /// Last messages included per conversation when the request names no `last_messages`.
+    pub default_last_messages: usize,
+    /// Most last messages per conversation a request may ask for.
+    pub max_last_messages: usize,
+    /// How long a deleted conversation is kept as a tombstone for incremental
+    /// syncs. A client whose version is older than a pruned tombstone is told
+    /// to reset (full sync).
+    #[serde(with = "humantime_serde")]
+    pub tombstone_retention: Duration,
+    /// How often tombstones older than the retention are pruned.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+}
+
+impl Default for ConversationsConfig {
+    fn default() -> Self {
+        ConversationsConfig {
+            default_limit: 100,
+            max_limit: 500,
+            default_last_messages: 0,
+            max_last_messages: 20,
+            tombstone_retention: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -507,6 +579,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "connection.closed",
     "user.online",
     "user.offline",
+    "message.created",
 ];
 
 impl Config {
@@ -588,11 +661,57 @@ impl Config {
             ),
             ("outbox.request_timeout", self.outbox.request_timeout),
             ("outbox.disable_after", self.outbox.disable_after),
+            (
+                "conversations.prune_interval",
+                self.conversations.prune_interval,
+            ),
         ];
         for (key, value) in positive {
             if value.is_zero() {
                 return Err(key_err(key, "must be greater than zero"));
             }
+        }
+        let m = &self.messaging;
+        let counts = [
+            ("messaging.max_group_members", m.max_group_members),
+            ("messaging.sync_default_limit", m.sync_default_limit),
+            ("messaging.sync_max_limit", m.sync_max_limit),
+            ("messaging.max_payload_size", m.max_payload_size),
+            (
+                "conversations.default_limit",
+                self.conversations.default_limit,
+            ),
+            ("conversations.max_limit", self.conversations.max_limit),
+        ];
+        for (key, value) in counts {
+            if value == 0 {
+                return Err(key_err(key, "must be greater than zero"));
+            }
+        }
+        if m.sync_default_limit > m.sync_max_limit {
+            return Err(key_err(
+                "messaging.sync_default_limit",
+                "must not exceed messaging.sync_max_limit",
+            ));
+        }
+        let c = &self.conversations;
+        if c.default_limit > c.max_limit {
+            return Err(key_err(
+                "conversations.default_limit",
+                "must not exceed conversations.max_limit",
+            ));
+        }
+        if c.default_last_messages > c.max_last_messages {
+            return Err(key_err(
+                "conversations.default_last_messages",
+                "must not exceed conversations.max_last_messages",
+            ));
+        }
+        if !crate::auth::valid_id(&m.system_user) {
+            return Err(key_err(
+                "messaging.system_user",
+                "must be 1 to 128 bytes without control characters",
+            ));
         }
         if g.max_frame_size < 128 {
             return Err(key_err(

@@ -10,6 +10,8 @@
 //! - [`storage`]: the narrow durable interface and its SQLite implementation.
 //! - [`gateway`]: accept, upgrade and authenticate, the session task, the frame
 //!   protocol, the live-session registry, the lifecycle state machine.
+//! - [`messaging`]: sending and fan-out, message sync, conversation lists and
+//!   the conversation-filter chain.
 //! - [`outbox`]: event payloads, the per-endpoint delivery worker, signing.
 //! - [`plugins`]: the WebAssembly plugin runtime (engine, sandbox, registry, hot swap).
 //! - [`http`]: routers for the server API, admin API and operations, and the
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod messaging;
 pub mod metrics;
 pub mod outbox;
 pub mod plugins;

@@ -100,6 +100,21 @@ pub struct Metrics {
     pub plugin_breaker_open: Family<PluginLabel, Gauge>,
     pub plugin_breaker_trips: Family<PluginLabel, Counter>,
     pub plugin_loads: Family<PluginOutcomeLabel, Counter>,
+    pub messages: Family<MessageLabel, Counter>,
+    pub message_commit_seconds: Histogram,
+    pub fanout_frames: Counter,
+    pub messages_acked: Counter,
+    pub fanout_dropped: Counter,
+    pub conversation_sync_seconds: Histogram,
+    pub conversations_pruned: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabel {
+    /// `ws` or `api`.
+    pub via: String,
+    /// `sent`, `duplicate` or an error code.
+    pub outcome: String,
 }
 
 fn plugin_histogram() -> Histogram {
@@ -139,6 +154,13 @@ impl Metrics {
             plugin_breaker_open: Family::default(),
             plugin_breaker_trips: Family::default(),
             plugin_loads: Family::default(),
+            messages: Family::default(),
+            message_commit_seconds: latency_histogram(),
+            fanout_frames: Counter::default(),
+            messages_acked: Counter::default(),
+            fanout_dropped: Counter::default(),
+            conversation_sync_seconds: latency_histogram(),
+            conversations_pruned: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -252,6 +274,41 @@ impl Metrics {
             "Plugin versions loaded or refused, by plugin and outcome",
             m.plugin_loads.clone(),
         );
+        r.register(
+            "messages",
+            "Messages sent, by way in (ws, api) and outcome (sent, duplicate, or the error code)",
+            m.messages.clone(),
+        );
+        r.register(
+            "message_commit_seconds",
+            "Time from a send request to its durable commit",
+            m.message_commit_seconds.clone(),
+        );
+        r.register(
+            "fanout_frames",
+            "Message frames queued to live connections",
+            m.fanout_frames.clone(),
+        );
+        r.register(
+            "messages_acked",
+            "Message acknowledgements received from clients",
+            m.messages_acked.clone(),
+        );
+        r.register(
+            "fanout_dropped",
+            "Message frames not queued because the connection was slow or gone (caught up by sync)",
+            m.fanout_dropped.clone(),
+        );
+        r.register(
+            "conversation_sync_seconds",
+            "Time to answer one conversation-list page, filter chain included",
+            m.conversation_sync_seconds.clone(),
+        );
+        r.register(
+            "conversations_pruned",
+            "Deleted conversation tombstones pruned after their retention",
+            m.conversations_pruned.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -276,6 +333,15 @@ impl Metrics {
             .get_or_create(&LifecycleLabel {
                 event: event.to_string(),
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn message(&self, via: &str, outcome: &str) {
+        self.messages
+            .get_or_create(&MessageLabel {
+                via: via.to_string(),
+                outcome: outcome.to_string(),
             })
             .inc();
     }

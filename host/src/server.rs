@@ -32,12 +32,16 @@ use crate::gateway::lifecycle::{CloseInfo, Lifecycle};
 use crate::gateway::registry::{LiveSession, Rejected};
 use crate::gateway::session::Admitted;
 use crate::gateway::{CloseReason, Registry};
+use crate::messaging::Fanout;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::outbox::{Outbox, Wakeup};
 use crate::plugins::engine::PluginEngine;
 use crate::plugins::registry::LoadReport;
 use crate::plugins::{Kv, PluginRegistry};
-use crate::storage::{SqliteStorage, Storage};
+use crate::storage::{MessageStore, SqliteStorage, Storage};
+
+/// Fan-out tasks; channels are spread over them by hash.
+const FANOUT_SHARDS: usize = 4;
 
 /// Everything a request handler or session task can reach.
 pub struct App {
@@ -47,7 +51,11 @@ pub struct App {
     config_path: Option<PathBuf>,
     secrets: ArcSwap<Secrets>,
     pub storage: Arc<dyn Storage>,
-    pub registry: Registry,
+    /// The same store as `storage`, seen through its messaging contract.
+    pub messages: Arc<dyn MessageStore>,
+    pub registry: Arc<Registry>,
+    /// Queues committed messages to live connections, per channel in order.
+    pub fanout: Fanout,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Lifecycle,
     pub outbox: Arc<Outbox>,
@@ -220,8 +228,9 @@ impl Server {
         let secrets = Secrets::resolve(&config, |text| println!("{text}"))?;
         let metrics = Arc::new(Metrics::new());
         let db_path = config.data_dir.join("plugboard.db");
-        let storage: Arc<dyn Storage> =
-            Arc::new(SqliteStorage::open(&db_path, Some(metrics.clone()))?);
+        let sqlite = Arc::new(SqliteStorage::open(&db_path, Some(metrics.clone()))?);
+        let storage: Arc<dyn Storage> = sqlite.clone();
+        let messages: Arc<dyn MessageStore> = sqlite;
         let wakeup = Wakeup::default();
         let lifecycle = Lifecycle::new(
             storage.clone(),
@@ -258,12 +267,16 @@ impl Server {
             );
         }
         let header_read_timeout = config.server.header_read_timeout;
+        let registry = Arc::new(Registry::new());
+        let fanout = Fanout::start(registry.clone(), metrics.clone(), FANOUT_SHARDS);
         let app = Arc::new(App {
             config: ArcSwap::from_pointee(config),
             config_path,
             secrets: ArcSwap::from_pointee(secrets),
             storage,
-            registry: Registry::new(),
+            messages,
+            registry,
+            fanout,
             metrics,
             lifecycle,
             outbox,
@@ -273,6 +286,7 @@ impl Server {
             shutting_down: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(()),
         });
+        crate::messaging::start_maintenance(&app);
         let local_addr = listener.local_addr()?;
         let stop_accepting = CancellationToken::new();
         let accept_task = tokio::spawn(accept_loop(

@@ -44,6 +44,10 @@ pub struct WsClient {
     pub connect: Value,
     pub connection_id: String,
     closed: Option<Closed>,
+    /// Frames read while waiting for a reply to a request, in arrival order;
+    /// `next_json` returns them first.
+    stash: std::collections::VecDeque<Value>,
+    next_request: u64,
 }
 
 /// Why a connection attempt did not open.
@@ -172,11 +176,64 @@ impl WsClient {
             connect: Value::Null,
             connection_id: String::new(),
             closed: None,
+            stash: std::collections::VecDeque::new(),
+            next_request: 0,
         }
     }
 
     /// The next text frame as JSON (panics on close or timeout).
     pub async fn next_json(&mut self) -> Value {
+        if let Some(v) = self.stash.pop_front() {
+            return v;
+        }
+        self.read_json().await
+    }
+
+    /// The next text frame, or `None` once the connection has ended.
+    pub async fn next_json_or_closed(&mut self) -> Option<Value> {
+        if let Some(v) = self.stash.pop_front() {
+            return Some(v);
+        }
+        if self.closed.is_some() {
+            return None;
+        }
+        loop {
+            match self.incoming.recv().await {
+                Some(Incoming::Text(t)) => return serde_json::from_str(&t).ok(),
+                Some(Incoming::Binary) => continue,
+                Some(Incoming::Closed(c)) => {
+                    self.closed = Some(c);
+                    return None;
+                }
+                None => return None,
+            }
+        }
+    }
+
+    /// The next frame, which must be of type `kind`.
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        let v = self.next_json().await;
+        assert_eq!(v["type"], kind, "expected a `{kind}` frame, got {v}");
+        v
+    }
+
+    /// Sends `frame` with a fresh `id` and returns the frame answering it
+    /// (same `id`); frames arriving meanwhile are kept for `next_json`.
+    pub async fn request(&mut self, mut frame: Value) -> Value {
+        self.next_request += 1;
+        let id = format!("req-{}", self.next_request);
+        frame["id"] = Value::String(id.clone());
+        self.send_json(frame);
+        loop {
+            let v = self.read_json().await;
+            if v["id"] == id.as_str() {
+                return v;
+            }
+            self.stash.push_back(v);
+        }
+    }
+
+    async fn read_json(&mut self) -> Value {
         match tokio::time::timeout(crate::WAIT, self.incoming.recv()).await {
             Ok(Some(Incoming::Text(t))) => {
                 serde_json::from_str(&t).unwrap_or_else(|e| panic!("bad JSON {t}: {e}"))

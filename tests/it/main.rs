@@ -6,6 +6,7 @@ mod config;
 mod drain;
 mod frames;
 mod lifecycle;
+mod messaging;
 mod ops;
 mod plugins;
 mod webhooks;

@@ -4,8 +4,13 @@
 //! This module parses client frames and builds server frames; it holds no
 //! state and touches no socket.
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+
+use crate::messaging::conversations::ListQuery;
+use crate::messaging::SyncQuery;
 
 /// A frame from the client, as far as this module understands it.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,8 +19,87 @@ pub enum ClientFrame {
     Ping { id: Option<Value> },
     /// Authentication after the upgrade, when the upgrade request carried no token.
     Auth { token: String, id: Option<Value> },
+    /// Sends a message.
+    Send { frame: SendFrame, id: Option<Value> },
+    /// Acknowledges received messages (and, later, controls).
+    Ack { frame: AckFrame, id: Option<Value> },
+    /// Asks for messages after or before a position.
+    Sync { query: SyncQuery, id: Option<Value> },
+    /// Asks for the conversation list, or the changes since a version.
+    SyncConversations { query: ListQuery, id: Option<Value> },
+    /// Marks a conversation read.
+    Read { frame: ReadFrame, id: Option<Value> },
+    /// Deletes (`hide: false`) or hides a conversation for this user.
+    RemoveConversation {
+        frame: ChannelFrame,
+        hide: bool,
+        id: Option<Value>,
+    },
     /// A frame type this gateway does not handle.
     Unknown { kind: String, id: Option<Value> },
+}
+
+/// The fields of a `send` frame.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendFrame {
+    pub channel_type: String,
+    pub channel_id: String,
+    pub payload: Box<RawValue>,
+    #[serde(default)]
+    pub client_msg_id: Option<String>,
+}
+
+impl PartialEq for SendFrame {
+    fn eq(&self, o: &Self) -> bool {
+        self.channel_type == o.channel_type
+            && self.channel_id == o.channel_id
+            && self.payload.get() == o.payload.get()
+            && self.client_msg_id == o.client_msg_id
+    }
+}
+
+/// The fields of an `ack` frame.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckFrame {
+    /// Messages received, by id.
+    #[serde(default)]
+    pub message_ids: Vec<String>,
+    /// Everything up to this version was received.
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// The fields of a `read` frame.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadFrame {
+    pub channel_type: String,
+    pub channel_id: String,
+    /// Read up to this sequence number; the last message when absent.
+    #[serde(default)]
+    pub seq: Option<u64>,
+}
+
+/// A frame naming one conversation.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelFrame {
+    pub channel_type: String,
+    pub channel_id: String,
+}
+
+impl PartialEq for SyncQuery {
+    fn eq(&self, o: &Self) -> bool {
+        format!("{self:?}") == format!("{o:?}")
+    }
+}
+
+impl PartialEq for ListQuery {
+    fn eq(&self, o: &Self) -> bool {
+        format!("{self:?}") == format!("{o:?}")
+    }
 }
 
 /// Why a text message is not a frame.
@@ -23,59 +107,88 @@ pub enum ClientFrame {
 pub struct FrameError {
     pub code: &'static str,
     pub message: String,
+    /// The frame's `id`, when it could be read.
+    pub id: Option<Value>,
 }
 
-#[derive(Deserialize)]
-struct Envelope {
-    #[serde(rename = "type")]
-    kind: Option<Value>,
-    id: Option<Value>,
-    token: Option<Value>,
+/// Reads a frame's fields, less `type` and `id`.
+fn fields<T: DeserializeOwned>(
+    mut value: Value,
+    kind: &str,
+    id: &Option<Value>,
+) -> Result<T, FrameError> {
+    if let Some(obj) = value.as_object_mut() {
+        obj.remove("type");
+        obj.remove("id");
+    }
+    serde_json::from_value(value).map_err(|e| FrameError {
+        code: "malformed_frame",
+        message: format!("`{kind}` frame: {e}"),
+        id: id.clone(),
+    })
 }
 
 /// Parses one client text message.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| FrameError {
+    let err = |message: String, id: Option<Value>| FrameError {
         code: "malformed_frame",
-        message: format!("frame is not valid JSON: {e}"),
-    })?;
-    if !value.is_object() {
-        return Err(FrameError {
-            code: "malformed_frame",
-            message: "frame must be a JSON object".into(),
-        });
-    }
-    let env: Envelope = serde_json::from_value(value).map_err(|e| FrameError {
-        code: "malformed_frame",
-        message: e.to_string(),
-    })?;
-    let kind = match env.kind {
-        Some(Value::String(s)) => s,
-        Some(_) => {
-            return Err(FrameError {
-                code: "malformed_frame",
-                message: "`type` must be a string".into(),
-            })
-        }
-        None => {
-            return Err(FrameError {
-                code: "malformed_frame",
-                message: "frame has no `type` field".into(),
-            })
-        }
+        message,
+        id,
+    };
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| err(format!("frame is not valid JSON: {e}"), None))?;
+    let Some(obj) = value.as_object() else {
+        return Err(err("frame must be a JSON object".into(), None));
+    };
+    let id = obj.get("id").cloned();
+    let kind = match obj.get("type") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(err("`type` must be a string".into(), id)),
+        None => return Err(err("frame has no `type` field".into(), id)),
     };
     Ok(match kind.as_str() {
-        "ping" => ClientFrame::Ping { id: env.id },
-        "auth" => match env.token {
-            Some(Value::String(token)) => ClientFrame::Auth { token, id: env.id },
-            _ => {
-                return Err(FrameError {
-                    code: "malformed_frame",
-                    message: "`auth` frame needs a string `token`".into(),
-                })
-            }
+        "ping" => ClientFrame::Ping { id },
+        "auth" => match obj.get("token") {
+            Some(Value::String(token)) => ClientFrame::Auth {
+                token: token.clone(),
+                id,
+            },
+            _ => return Err(err("`auth` frame needs a string `token`".into(), id)),
         },
-        _ => ClientFrame::Unknown { kind, id: env.id },
+        "send" => {
+            // Serialised again without `type` and `id`, so the payload can be kept as raw JSON text.
+            let mut frame: Value = value;
+            if let Some(o) = frame.as_object_mut() {
+                o.remove("type");
+                o.remove("id");
+            }
+            let text = frame.to_string();
+            let frame: SendFrame = serde_json::from_str(&text)
+                .map_err(|e| err(format!("`send` frame: {e}"), id.clone()))?;
+            ClientFrame::Send { frame, id }
+        }
+        "ack" => ClientFrame::Ack {
+            frame: fields(value, &kind, &id)?,
+            id,
+        },
+        "sync" => ClientFrame::Sync {
+            query: fields(value, &kind, &id)?,
+            id,
+        },
+        "sync_conversations" => ClientFrame::SyncConversations {
+            query: fields(value, &kind, &id)?,
+            id,
+        },
+        "read" => ClientFrame::Read {
+            frame: fields(value, &kind, &id)?,
+            id,
+        },
+        "delete_conversation" | "hide_conversation" => ClientFrame::RemoveConversation {
+            frame: fields(value, &kind, &id)?,
+            hide: kind == "hide_conversation",
+            id,
+        },
+        _ => ClientFrame::Unknown { kind, id },
     })
 }
 
@@ -92,6 +205,14 @@ pub fn error_frame(code: &str, message: &str, id: Option<&Value>) -> String {
         json!({ "type": "error", "code": code, "message": message }),
         id,
     )
+}
+
+/// A server frame of `kind` made of `body`'s fields, answering frame `id`.
+pub fn reply_frame(kind: &str, mut body: Value, id: Option<&Value>) -> String {
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("type".into(), Value::String(kind.to_string()));
+    }
+    with_id(body, id)
 }
 
 /// `meta` frame answering an application `ping`.
@@ -165,16 +286,50 @@ mod tests {
             }),
         );
         check(
-            r#"{"type":"send"}"#,
+            r#"{"type":"teleport"}"#,
             Ok(ClientFrame::Unknown {
-                kind: "send".into(),
+                kind: "teleport".into(),
                 id: None,
             }),
+        );
+        check(r#"{"type":"send","id":1}"#, Err("malformed_frame"));
+        check(
+            r#"{"type":"send","channel_type":"person","channel_id":"bob","payload":{},"colour":1}"#,
+            Err("malformed_frame"),
+        );
+        check(
+            r#"{"type":"sync","after_sequence":3}"#,
+            Err("malformed_frame"),
+        );
+        check(
+            r#"{"type":"read","channel_id":"g"}"#,
+            Err("malformed_frame"),
         );
         check("{", Err("malformed_frame"));
         check("[]", Err("malformed_frame"));
         check(r#"{"id":1}"#, Err("malformed_frame"));
         check(r#"{"type":3}"#, Err("malformed_frame"));
         check(r#"{"type":"auth"}"#, Err("malformed_frame"));
+    }
+
+    #[test]
+    fn send_frames_keep_the_payload_and_the_id() {
+        let frame = parse_client_frame(
+            r#"{"type":"send","id":"a1","channel_type":"group","channel_id":"g1","client_msg_id":"c1","payload":{"text":"hi","n":[1,2]}}"#,
+        )
+        .unwrap();
+        let ClientFrame::Send { frame, id } = frame else {
+            panic!("not a send: {frame:?}")
+        };
+        assert_eq!(id, Some(json!("a1")));
+        assert_eq!(frame.channel_id, "g1");
+        assert_eq!(frame.client_msg_id.as_deref(), Some("c1"));
+        assert_eq!(
+            serde_json::from_str::<Value>(frame.payload.get()).unwrap(),
+            json!({"text": "hi", "n": [1, 2]})
+        );
+        // An error on a frame with an id echoes it.
+        let e = parse_client_frame(r#"{"type":"sync","id":9,"limit":"x"}"#).unwrap_err();
+        assert_eq!(e.id, Some(json!(9)));
     }
 }

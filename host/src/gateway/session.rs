@@ -28,7 +28,9 @@ use super::lifecycle::{CloseInfo, CloseReason};
 use super::protocol::{self, ClientFrame};
 use super::registry::{CloseCommand, LiveSession};
 use crate::auth::verify_token;
+use crate::messaging::{self, conversations, MessagingError, SendRequest};
 use crate::server::App;
+use crate::storage::messages::RowChange;
 
 pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -174,7 +176,7 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
                         Some(Ok(msg)) => {
                             // Any frame is a sign of life.
                             pong_deadline = None;
-                            if let Err(end) = handle_message(&app, &mut ws, msg).await {
+                            if let Err(end) = handle_message(&app, &live, &mut ws, msg).await {
                                 break end;
                             }
                         }
@@ -228,48 +230,26 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
 }
 
 /// Handles one frame from an open connection.
-async fn handle_message(app: &App, ws: &mut WsStream, msg: Message) -> Result<(), End> {
+async fn handle_message(
+    app: &App,
+    live: &LiveSession,
+    ws: &mut WsStream,
+    msg: Message,
+) -> Result<(), End> {
     let write_timeout = app.config().gateway.write_timeout;
     match msg {
         Message::Text(text) => {
             let reply = match protocol::parse_client_frame(text.as_str()) {
-                Ok(ClientFrame::Ping { id }) => {
-                    app.metrics
-                        .frames_received
-                        .get_or_create(&kind("ping"))
-                        .inc();
-                    protocol::heartbeat_frame(id.as_ref())
-                }
-                Ok(ClientFrame::Auth { id, .. }) => {
-                    app.metrics
-                        .frames_received
-                        .get_or_create(&kind("auth"))
-                        .inc();
-                    app.metrics.frame_error("already_authenticated");
-                    protocol::error_frame(
-                        "already_authenticated",
-                        "this connection is already authenticated",
-                        id.as_ref(),
-                    )
-                }
-                Ok(ClientFrame::Unknown { kind: k, id }) => {
-                    app.metrics
-                        .frames_received
-                        .get_or_create(&kind("unknown"))
-                        .inc();
-                    app.metrics.frame_error("unknown_type");
-                    protocol::error_frame(
-                        "unknown_type",
-                        &format!("frame type `{k}` is not supported by this gateway"),
-                        id.as_ref(),
-                    )
-                }
+                Ok(frame) => handle_frame(app, live, frame).await,
                 Err(e) => {
                     app.metrics.frame_error(e.code);
-                    protocol::error_frame(e.code, &e.message, None)
+                    Some(protocol::error_frame(e.code, &e.message, e.id.as_ref()))
                 }
             };
-            send(ws, Message::text(reply), write_timeout).await
+            match reply {
+                Some(reply) => send(ws, Message::text(reply), write_timeout).await,
+                None => Ok(()),
+            }
         }
         Message::Binary(_) => {
             app.metrics.frame_error("binary_not_supported");
@@ -286,6 +266,129 @@ async fn handle_message(app: &App, ws: &mut WsStream, msg: Message) -> Result<()
         }),
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
     }
+}
+
+/// Answers one parsed client frame (`None`: no answer).
+async fn handle_frame(app: &App, live: &LiveSession, frame: ClientFrame) -> Option<String> {
+    let count = |k: &str| app.metrics.frames_received.get_or_create(&kind(k)).inc();
+    let failed = |e: MessagingError, id: Option<&serde_json::Value>| {
+        app.metrics.frame_error(e.code());
+        protocol::error_frame(e.code(), &e.public_message(), id)
+    };
+    let user = live.user_id.as_str();
+    let device = Some(live.device_id.as_str());
+    Some(match frame {
+        ClientFrame::Ping { id } => {
+            count("ping");
+            protocol::heartbeat_frame(id.as_ref())
+        }
+        ClientFrame::Auth { id, .. } => {
+            count("auth");
+            app.metrics.frame_error("already_authenticated");
+            protocol::error_frame(
+                "already_authenticated",
+                "this connection is already authenticated",
+                id.as_ref(),
+            )
+        }
+        ClientFrame::Send { frame, id } => {
+            count("send");
+            let req = SendRequest {
+                sender: live.user_id.clone(),
+                system: false,
+                channel_type: &frame.channel_type,
+                channel_id: &frame.channel_id,
+                payload: &frame.payload,
+                client_msg_id: frame.client_msg_id.as_deref(),
+                origin: Some(live.connection_id.clone()),
+            };
+            match messaging::send(app, req).await {
+                Ok(ack) => {
+                    let outcome = if ack.duplicate { "duplicate" } else { "sent" };
+                    app.metrics.message("ws", outcome);
+                    protocol::reply_frame("sendack", ack.json(), id.as_ref())
+                }
+                Err(e) => {
+                    app.metrics.message("ws", e.code());
+                    failed(e, id.as_ref())
+                }
+            }
+        }
+        ClientFrame::Ack { frame, .. } => {
+            count("ack");
+            app.metrics
+                .messages_acked
+                .inc_by(frame.message_ids.len().max(frame.version.map_or(0, |_| 1)) as u64);
+            return None;
+        }
+        ClientFrame::Sync { query, id } => {
+            count("sync");
+            match messaging::sync(app, user, &query).await {
+                Ok(body) => protocol::reply_frame("messages", body, id.as_ref()),
+                Err(e) => failed(e, id.as_ref()),
+            }
+        }
+        ClientFrame::SyncConversations { query, id } => {
+            count("sync_conversations");
+            match conversations::list(app, user, device, &query).await {
+                Ok(body) => protocol::reply_frame("conversations", body, id.as_ref()),
+                Err(e) => failed(e, id.as_ref()),
+            }
+        }
+        ClientFrame::Read { frame, id } => {
+            count("read");
+            let change = RowChange::Read(frame.seq);
+            match conversations::change(
+                app,
+                user,
+                device,
+                Some(&live.connection_id),
+                &frame.channel_type,
+                &frame.channel_id,
+                change,
+            )
+            .await
+            {
+                Ok(body) => protocol::reply_frame("conversations", body, id.as_ref()),
+                Err(e) => failed(e, id.as_ref()),
+            }
+        }
+        ClientFrame::RemoveConversation { frame, hide, id } => {
+            count(if hide {
+                "hide_conversation"
+            } else {
+                "delete_conversation"
+            });
+            let change = if hide {
+                RowChange::Hide
+            } else {
+                RowChange::Delete
+            };
+            match conversations::change(
+                app,
+                user,
+                device,
+                Some(&live.connection_id),
+                &frame.channel_type,
+                &frame.channel_id,
+                change,
+            )
+            .await
+            {
+                Ok(body) => protocol::reply_frame("conversations", body, id.as_ref()),
+                Err(e) => failed(e, id.as_ref()),
+            }
+        }
+        ClientFrame::Unknown { kind: k, id } => {
+            count("unknown");
+            app.metrics.frame_error("unknown_type");
+            protocol::error_frame(
+                "unknown_type",
+                &format!("frame type `{k}` is not supported by this gateway"),
+                id.as_ref(),
+            )
+        }
+    })
 }
 
 fn kind(k: &str) -> crate::metrics::FrameLabel {
@@ -461,6 +564,10 @@ pub async fn authenticate_then_run(
         }
         Err(e) => return refuse(&app, &mut ws, &remote, 1008, "bad_token", e.to_string()).await,
     };
+    if claims.sub == cfg.messaging.system_user {
+        let message = super::upgrade::system_user_refused(&claims.sub);
+        return refuse(&app, &mut ws, &remote, 1008, "bad_token", message).await;
+    }
     let device = claims
         .device
         .clone()

@@ -154,6 +154,13 @@ pub async fn handler(
                     }
                     Err(e) => return fail(StatusCode::UNAUTHORIZED, "bad_token", e.to_string()),
                 };
+            if claims.sub == cfg.messaging.system_user {
+                return fail(
+                    StatusCode::UNAUTHORIZED,
+                    "bad_token",
+                    system_user_refused(&claims.sub),
+                );
+            }
             let device = claims
                 .device
                 .clone()
@@ -197,4 +204,9 @@ pub async fn handler(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(axum::body::Body::empty())
         .expect("static response parts are valid")
+}
+
+/// Why a token naming the system user is refused.
+pub fn system_user_refused(user: &str) -> String {
+    format!("`{user}` is the system user (messaging.system_user); clients cannot connect as it")
 }

@@ -1,4 +1,5 @@
-//! The admin API (admin token): config reload, live connections, webhook endpoints.
+//! The admin API (admin token): config reload, live connections, webhook
+//! endpoints, plugins and their key-value stores.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +31,91 @@ pub fn router() -> Router<Arc<App>> {
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_UPLOAD)),
         )
         .route("/admin/plugins/{name}/reload", post(reload_plugin))
+        .route(
+            "/admin/plugins/{name}/kv/{key}",
+            get(kv_get).put(kv_put).delete(kv_delete),
+        )
+}
+
+/// Checks that `name` is a configured plugin and `key` a valid store key.
+fn kv_target(app: &App, name: &str, key: &str) -> Result<(), ApiError> {
+    if !app.config().plugins.iter().any(|p| p.name == name) {
+        return Err(ApiError::not_found(format!("no plugin named `{name}`")));
+    }
+    if key.is_empty() || key.len() > crate::plugins::bindings::KV_MAX_KEY {
+        return Err(ApiError::bad_request(format!(
+            "a key is 1 to {} bytes",
+            crate::plugins::bindings::KV_MAX_KEY
+        )));
+    }
+    Ok(())
+}
+
+/// `GET /admin/plugins/{name}/kv/{key}`: the value's bytes.
+async fn kv_get(
+    State(app): State<Arc<App>>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    kv_target(&app, &name, &key)?;
+    match app
+        .storage
+        .kv_get(&name, &key)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(value) => Ok((
+            [(http::header::CONTENT_TYPE, "application/octet-stream")],
+            value,
+        )
+            .into_response()),
+        None => Err(ApiError::not_found(format!(
+            "plugin `{name}` has no key `{key}`"
+        ))),
+    }
+}
+
+/// `PUT /admin/plugins/{name}/kv/{key}`: the body is the value.
+async fn kv_put(
+    State(app): State<Arc<App>>,
+    Path((name, key)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    kv_target(&app, &name, &key)?;
+    if body.len() > crate::plugins::bindings::KV_MAX_VALUE {
+        return Err(ApiError::new(
+            http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "a value is at most {} bytes",
+                crate::plugins::bindings::KV_MAX_VALUE
+            ),
+        ));
+    }
+    match app.storage.kv_set(&name, &key, body.to_vec()).await {
+        Ok(()) => Ok(Json(
+            json!({ "plugin": name, "key": key, "bytes": body.len() }),
+        )),
+        Err(crate::storage::StorageError::Quota(m)) => Err(ApiError::new(
+            http::StatusCode::INSUFFICIENT_STORAGE,
+            "quota_exceeded",
+            m,
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+/// `DELETE /admin/plugins/{name}/kv/{key}` (no error when absent).
+async fn kv_delete(
+    State(app): State<Arc<App>>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    kv_target(&app, &name, &key)?;
+    app.storage
+        .kv_delete(&name, &key)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({ "plugin": name, "key": key, "deleted": true })))
 }
 
 async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {

@@ -7,6 +7,8 @@
 
 pub mod admin;
 pub mod api;
+pub mod groups;
+pub mod messages;
 pub mod ops;
 
 use std::sync::Arc;
@@ -73,6 +75,53 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A JSON body whose rejection answers in the [`ApiError`] shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let code = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                    _ => "bad_request",
+                };
+                Err(ApiError::new(status, code, rejection.body_text()))
+            }
+        }
+    }
+}
+
+/// Query parameters whose rejection answers in the [`ApiError`] shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
+    }
+}
+
 fn bearer(req: &Request) -> Option<&str> {
     crate::auth::bearer_token(req.headers())
 }
@@ -114,10 +163,13 @@ async fn require_admin(State(app): State<Arc<App>>, req: Request, next: Next) ->
 /// The whole HTTP surface of one gateway.
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.config().server.max_body_size;
-    let api = api::router().route_layer(axum::middleware::from_fn_with_state(
-        app.clone(),
-        require_api_key,
-    ));
+    let api = api::router()
+        .merge(messages::router())
+        .merge(groups::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_api_key,
+        ));
     let admin = admin::router().route_layer(axum::middleware::from_fn_with_state(
         app.clone(),
         require_admin,

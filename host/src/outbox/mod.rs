@@ -130,6 +130,11 @@ impl Outbox {
         })
     }
 
+    /// Tells the delivery workers that new events were committed.
+    pub fn wake(&self) {
+        self.shared.wakeup.wake();
+    }
+
     /// Starts the background pruning of delivered events.
     pub fn start_maintenance(self: &Arc<Self>) {
         let this = self.clone();

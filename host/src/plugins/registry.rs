@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
+use super::bindings::exports::plugboard::plugin::conversation_filter as cf;
 use super::bindings::exports::plugboard::plugin::webhook_formatter as wf;
 use super::bindings::plugboard::plugin::types::LogLevel;
 use super::engine::PluginEngine;
@@ -465,6 +466,23 @@ impl PluginRegistry {
         .await
     }
 
+    /// Calls `name`'s conversation filter with the breaker and metrics; the
+    /// answer must hold one verdict per conversation, and a rewrite must keep
+    /// the channel id and type.
+    pub async fn filter(
+        &self,
+        name: &str,
+        viewer: &cf::Viewer,
+        conversations: &[cf::Conversation],
+    ) -> Result<Vec<cf::Verdict>, CallFailure> {
+        self.call(name, "conversation-filter", |p| async move {
+            let verdicts = p.filter(viewer, conversations).await?;
+            check_verdicts(conversations, &verdicts).map_err(CallFailure::Malformed)?;
+            Ok(verdicts)
+        })
+        .await
+    }
+
     /// One call with the breaker and metrics around it.
     async fn call<T, F, Fut>(&self, name: &str, hook: &'static str, f: F) -> Result<T, CallFailure>
     where
@@ -772,6 +790,28 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Checks a formatter's request against the contract.
+/// Checks a filter's answer against its input.
+pub fn check_verdicts(input: &[cf::Conversation], verdicts: &[cf::Verdict]) -> Result<(), String> {
+    if verdicts.len() != input.len() {
+        return Err(format!(
+            "{} verdicts for {} conversations (one per conversation, in order)",
+            verdicts.len(),
+            input.len()
+        ));
+    }
+    for (i, (c, v)) in input.iter().zip(verdicts).enumerate() {
+        if let cf::Verdict::Rewrite(r) = v {
+            if r.channel_id != c.channel_id || r.channel_type != c.channel_type {
+                return Err(format!(
+                    "verdict {i} rewrites conversation `{}` into another channel (`{}`)",
+                    c.channel_id, r.channel_id
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn check_request(req: wf::OutgoingRequest) -> Result<FormattedRequest, String> {
     if req.body.len() > MAX_FORMATTED_BODY {
         return Err(format!(

@@ -10,13 +10,16 @@
 //! the change causes in the same transaction, and its future resolves only
 //! after that transaction committed.
 
+pub mod messages;
 pub mod sqlite;
+mod sqlite_messages;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use messages::MessageStore;
 pub use sqlite::SqliteStorage;
 
 /// Errors from the storage layer.

@@ -96,8 +96,12 @@ CREATE TABLE IF NOT EXISTS plugin_kv (
 /// SQLite storage: a writer thread plus a read connection.
 pub struct SqliteStorage {
     jobs: mpsc::Sender<Job>,
-    reader: Arc<Mutex<Connection>>,
+    /// Read connections; WAL lets each read a consistent snapshot beside the writer.
+    readers: Arc<Vec<Mutex<Connection>>>,
 }
+
+/// Read connections kept open.
+const READERS: usize = 4;
 
 fn open_connection(path: &Path) -> std::result::Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
@@ -118,6 +122,9 @@ impl SqliteStorage {
         };
         let writer = open_connection(path).map_err(open_err)?;
         writer.execute_batch(SCHEMA).map_err(open_err)?;
+        writer
+            .execute_batch(super::sqlite_messages::SCHEMA)
+            .map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
         // Leases held by a previous process are void: make those deliveries due now.
         writer
@@ -126,7 +133,10 @@ impl SqliteStorage {
                 params![crate::now_ms()],
             )
             .map_err(open_err)?;
-        let reader = open_connection(path).map_err(open_err)?;
+        let readers = (0..READERS)
+            .map(|_| open_connection(path).map(Mutex::new))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(open_err)?;
         let (tx, rx) = mpsc::channel::<Job>(8192);
         std::thread::Builder::new()
             .name("plugboard-sqlite-writer".into())
@@ -137,15 +147,27 @@ impl SqliteStorage {
             })?;
         Ok(SqliteStorage {
             jobs: tx,
-            reader: Arc::new(Mutex::new(reader)),
+            readers: Arc::new(readers),
         })
     }
 
     /// Runs `f` in the next write transaction; resolves after the commit.
-    async fn write<R, F>(&self, f: F) -> Result<R>
+    pub(super) async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        self.write_hooked(f, |_: &R| {}).await
+    }
+
+    /// Like [`Self::write`], and runs `after` on the writer thread once the
+    /// transaction committed, before the future resolves. Jobs are answered
+    /// in the order they ran, so `after` sees commits in order.
+    pub(super) async fn write_hooked<R, F, H>(&self, f: F, after: H) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        H: FnOnce(&R) + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn: &Connection| {
@@ -154,7 +176,10 @@ impl SqliteStorage {
                 let out = match (result, commit) {
                     (Err(e), _) => Err(StorageError::Sqlite(e)),
                     (Ok(_), Err(e)) => Err(StorageError::Commit(e)),
-                    (Ok(v), Ok(())) => Ok(v),
+                    (Ok(v), Ok(())) => {
+                        after(&v);
+                        Ok(v)
+                    }
                 };
                 let _ = tx.send(out);
             })
@@ -166,16 +191,23 @@ impl SqliteStorage {
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
-    /// Runs `f` on the read connection off the async runtime.
-    async fn read<R, F>(&self, f: F) -> Result<R>
+    /// Runs `f` on a read connection off the async runtime.
+    pub(super) async fn read<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     {
-        let reader = self.reader.clone();
+        let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            f(&conn).map_err(StorageError::from)
+            // The first free connection; else wait for one chosen by rotation.
+            let guard = readers
+                .iter()
+                .find_map(|r| r.try_lock().ok())
+                .unwrap_or_else(|| {
+                    let i = rand::random::<usize>() % readers.len();
+                    readers[i].lock().unwrap_or_else(|p| p.into_inner())
+                });
+            f(&guard).map_err(StorageError::from)
         })
         .await
         .map_err(|_| StorageError::Closed)?
@@ -258,7 +290,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, metrics: Option<Ar
     }
 }
 
-fn insert_events(conn: &Connection, events: &[NewEvent]) -> rusqlite::Result<()> {
+pub(super) fn insert_events(conn: &Connection, events: &[NewEvent]) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO outbox (id, type, order_key, created_at, data) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;

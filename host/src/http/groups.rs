@@ -1,0 +1,320 @@
+//! The server API for groups and their members (API key). Groups are owned
+//! by the business server: the gateway only keeps who is in which group, to
+//! check senders and fan messages out.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, ApiJson, ApiQuery};
+use crate::messaging::check_id;
+use crate::server::App;
+use crate::storage::messages::{Group, GroupResult, Member};
+
+/// Members listed per page when the request names no `limit`.
+const MEMBERS_PAGE: usize = 1000;
+/// Most members listed per page.
+const MEMBERS_PAGE_MAX: usize = 10_000;
+
+pub fn router() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/groups", post(create))
+        .route(
+            "/v1/groups/{gid}",
+            get(get_group).patch(update).delete(delete_group),
+        )
+        .route(
+            "/v1/groups/{gid}/members",
+            get(members).post(add_members).delete(remove_members),
+        )
+        .route("/v1/groups/{gid}/members/{uid}", delete(remove_member))
+}
+
+/// A member in a request: a user id, or an object with a role.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MemberInput {
+    Id(String),
+    WithRole {
+        user_id: String,
+        #[serde(default)]
+        role: Option<String>,
+    },
+}
+
+fn members_from(inputs: Vec<MemberInput>, default_role: &str) -> Result<Vec<Member>, ApiError> {
+    let now = crate::now_ms();
+    let mut out: Vec<Member> = Vec::with_capacity(inputs.len());
+    let mut seen = std::collections::HashSet::new();
+    for input in inputs {
+        let (user_id, role) = match input {
+            MemberInput::Id(id) => (id, None),
+            MemberInput::WithRole { user_id, role } => (user_id, role),
+        };
+        check_id("members[].user_id", &user_id)?;
+        let role = role.unwrap_or_else(|| default_role.to_string());
+        if role.is_empty() || role.len() > 64 {
+            return Err(ApiError::bad_request(
+                "a member's `role` must be 1 to 64 bytes",
+            ));
+        }
+        if seen.insert(user_id.clone()) {
+            out.push(Member {
+                user_id,
+                role,
+                joined_at: now,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn unknown_group(gid: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_channel",
+        format!("no group `{gid}`"),
+    )
+}
+
+fn too_many(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "too_many_members",
+        format!("a group has at most {limit} members (messaging.max_group_members)"),
+    )
+}
+
+fn result<T>(r: GroupResult<T>, gid: &str) -> Result<T, ApiError> {
+    match r {
+        GroupResult::Ok(v) => Ok(v),
+        GroupResult::UnknownGroup => Err(unknown_group(gid)),
+        GroupResult::Exists => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "group_exists",
+            format!("group `{gid}` already exists"),
+        )),
+        GroupResult::TooManyMembers { limit } => Err(too_many(limit)),
+    }
+}
+
+fn storage(e: crate::storage::StorageError) -> ApiError {
+    ApiError::internal(e)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    /// The group id; generated (`grp_…`) when absent.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub data: Option<Value>,
+    #[serde(default)]
+    pub members: Vec<MemberInput>,
+}
+
+async fn create(
+    State(app): State<Arc<App>>,
+    ApiJson(body): ApiJson<CreateBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let gid = body.group_id.unwrap_or_else(|| crate::new_id("grp"));
+    check_id("group_id", &gid)?;
+    let members = members_from(body.members, "member")?;
+    let now = crate::now_ms();
+    let group = Group {
+        group_id: gid.clone(),
+        name: body.name.unwrap_or_default(),
+        data: body.data.unwrap_or(Value::Null),
+        member_count: 0,
+        created_at: now,
+        updated_at: now,
+    };
+    let max = app.config().messaging.max_group_members;
+    let created = app
+        .messages
+        .group_create(group, members, max)
+        .await
+        .map_err(storage)?;
+    let group = result(created, &gid)?;
+    tracing::info!(group_id = %gid, members = group.member_count, "group created");
+    Ok((StatusCode::CREATED, Json(group_json(&group))))
+}
+
+fn group_json(g: &Group) -> Value {
+    json!({
+        "group_id": g.group_id,
+        "name": g.name,
+        "data": g.data,
+        "member_count": g.member_count,
+        "created_at": crate::rfc3339_ms(g.created_at),
+        "updated_at": crate::rfc3339_ms(g.updated_at),
+    })
+}
+
+async fn get_group(
+    State(app): State<Arc<App>>,
+    Path(gid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match app.messages.group_get(&gid).await.map_err(storage)? {
+        Some(g) => Ok(Json(group_json(&g))),
+        None => Err(unknown_group(&gid)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBody {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub data: Option<Value>,
+}
+
+async fn update(
+    State(app): State<Arc<App>>,
+    Path(gid): Path<String>,
+    ApiJson(body): ApiJson<UpdateBody>,
+) -> Result<Json<Value>, ApiError> {
+    let updated = app
+        .messages
+        .group_update(&gid, body.name, body.data)
+        .await
+        .map_err(storage)?;
+    Ok(Json(group_json(&result(updated, &gid)?)))
+}
+
+async fn delete_group(
+    State(app): State<Arc<App>>,
+    Path(gid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if app.messages.group_delete(&gid).await.map_err(storage)? {
+        tracing::info!(group_id = %gid, "group deleted");
+        Ok(Json(json!({ "group_id": gid, "deleted": true })))
+    } else {
+        Err(unknown_group(&gid))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersQuery {
+    /// The last user id of the previous page.
+    #[serde(default)]
+    pub after: Option<String>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+async fn members(
+    State(app): State<Arc<App>>,
+    Path(gid): Path<String>,
+    ApiQuery(q): ApiQuery<MembersQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(MEMBERS_PAGE).clamp(1, MEMBERS_PAGE_MAX);
+    let page = app
+        .messages
+        .group_members(&gid, q.after, limit + 1)
+        .await
+        .map_err(storage)?;
+    let mut page = result(page, &gid)?;
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next = if more {
+        page.last().map(|m| m.user_id.clone())
+    } else {
+        None
+    };
+    let members: Vec<Value> = page
+        .iter()
+        .map(|m| {
+            json!({
+                "user_id": m.user_id,
+                "role": m.role,
+                "joined_at": crate::rfc3339_ms(m.joined_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "group_id": gid,
+        "members": members,
+        "more": more,
+        "next_after": next,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddBody {
+    pub members: Vec<MemberInput>,
+    /// Role of members listed by id only.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+async fn add_members(
+    State(app): State<Arc<App>>,
+    Path(gid): Path<String>,
+    ApiJson(body): ApiJson<AddBody>,
+) -> Result<Json<Value>, ApiError> {
+    let members = members_from(body.members, body.role.as_deref().unwrap_or("member"))?;
+    let max = app.config().messaging.max_group_members;
+    let added = app
+        .messages
+        .group_add_members(&gid, members, max)
+        .await
+        .map_err(storage)?;
+    let added = result(added, &gid)?;
+    Ok(Json(json!({ "group_id": gid, "added": added })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveBody {
+    pub members: Vec<String>,
+}
+
+async fn remove_members(
+    State(app): State<Arc<App>>,
+    Path(gid): Path<String>,
+    ApiJson(body): ApiJson<RemoveBody>,
+) -> Result<Json<Value>, ApiError> {
+    for u in &body.members {
+        check_id("members[]", u)?;
+    }
+    let removed = app
+        .messages
+        .group_remove_members(&gid, body.members)
+        .await
+        .map_err(storage)?;
+    let removed = result(removed, &gid)?;
+    Ok(Json(json!({ "group_id": gid, "removed": removed })))
+}
+
+async fn remove_member(
+    State(app): State<Arc<App>>,
+    Path((gid, uid)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let removed = app
+        .messages
+        .group_remove_members(&gid, vec![uid.clone()])
+        .await
+        .map_err(storage)?;
+    let removed = result(removed, &gid)?;
+    if removed.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_member",
+            format!("`{uid}` is not a member of group `{gid}`"),
+        ));
+    }
+    Ok(Json(json!({ "group_id": gid, "removed": removed })))
+}

@@ -1,0 +1,444 @@
+//! Messaging: sending, fan-out, message sync and conversation lists, for
+//! both the client WebSocket and the server API.
+//!
+//! A send goes one way: validate → one storage transaction (sequence,
+//! version, message, members' conversation rows, `message.created` event) →
+//! fan-out queued on the writer in commit order → answer (`sendack`). Fan-out
+//! never touches storage again, and nothing is answered before the commit.
+//!
+//! Conversation lists go: storage page by version and cursor → the
+//! `conversation-filter` chain with the viewer → JSON (see [`conversations`]).
+//!
+//! This module is not the frame parser ([`crate::gateway::protocol`]) nor
+//! the HTTP routes ([`crate::http`]); both call into it.
+
+pub mod conversations;
+pub mod fanout;
+pub mod render;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use crate::auth::valid_id;
+use crate::http::ApiError;
+use crate::server::App;
+use crate::storage::messages::{
+    Channel, ChannelType, MessagePage, MessageRange, NewMessage, SendRejected, StoredMessage,
+    SyncRefused,
+};
+use crate::storage::{NewEvent, StorageError};
+
+pub use fanout::{Delivery, Fanout};
+
+/// Why a messaging request was refused. Each has a stable code, used both
+/// in `error` frames and in API errors.
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the payload is {size} bytes; messaging.max_payload_size is {limit}")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("no group `{0}`")]
+    UnknownGroup(String),
+    #[error("`{user}` is not a member of group `{group}`")]
+    NotMember { user: String, group: String },
+    #[error("`{user}` has no conversation {kind}:{id}")]
+    UnknownConversation {
+        user: String,
+        kind: &'static str,
+        id: String,
+    },
+    #[error("version {since} cannot be synced incrementally (current version {current}); sync from version 0")]
+    ResetRequired { since: u64, current: u64 },
+    #[error("the conversation filter `{plugin}` failed and its policy is fail-closed: {reason}")]
+    FilterFailed { plugin: String, reason: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl MessagingError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            MessagingError::BadRequest(_) => "bad_request",
+            MessagingError::PayloadTooLarge { .. } => "payload_too_large",
+            MessagingError::UnknownGroup(_) => "unknown_channel",
+            MessagingError::NotMember { .. } => "not_member",
+            MessagingError::UnknownConversation { .. } => "unknown_conversation",
+            MessagingError::ResetRequired { .. } => "reset_required",
+            MessagingError::FilterFailed { .. } => "filter_failed",
+            MessagingError::Storage(_) => "internal",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            MessagingError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            MessagingError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            MessagingError::UnknownGroup(_) | MessagingError::UnknownConversation { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            MessagingError::NotMember { .. } => StatusCode::FORBIDDEN,
+            MessagingError::ResetRequired { .. } => StatusCode::GONE,
+            MessagingError::FilterFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            MessagingError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The text shown to a client: internals stay in the log.
+    pub fn public_message(&self) -> String {
+        match self {
+            MessagingError::Storage(e) => {
+                tracing::error!(error = %e, "storage failed while handling a messaging request");
+                "internal error; see the gateway log".into()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<MessagingError> for ApiError {
+    fn from(e: MessagingError) -> ApiError {
+        let message = e.public_message();
+        ApiError::new(e.status(), e.code(), message)
+    }
+}
+
+fn refused(e: SyncRefused, user: &str, channel: Option<&Channel>, since: u64) -> MessagingError {
+    let group = channel
+        .and_then(|c| c.group_id())
+        .unwrap_or_default()
+        .to_string();
+    match e {
+        SyncRefused::ResetRequired { current } => MessagingError::ResetRequired { since, current },
+        SyncRefused::UnknownGroup => MessagingError::UnknownGroup(group),
+        SyncRefused::NotMember => MessagingError::NotMember {
+            user: user.to_string(),
+            group,
+        },
+    }
+}
+
+/// Parses a channel type name.
+pub fn channel_type(text: &str) -> Result<ChannelType, MessagingError> {
+    ChannelType::parse(text).ok_or_else(|| {
+        MessagingError::BadRequest(format!(
+            "`channel_type` must be \"person\" or \"group\", not {text:?}"
+        ))
+    })
+}
+
+/// Checks an id named in a request.
+pub fn check_id(field: &str, id: &str) -> Result<(), MessagingError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(MessagingError::BadRequest(format!(
+            "`{field}` must be 1 to {} bytes without control characters",
+            crate::auth::MAX_ID_LEN
+        )))
+    }
+}
+
+/// A send, from a client frame or the API.
+pub struct SendRequest<'a> {
+    pub sender: String,
+    /// Sent by the business server as the system.
+    pub system: bool,
+    pub channel_type: &'a str,
+    pub channel_id: &'a str,
+    pub payload: &'a RawValue,
+    pub client_msg_id: Option<&'a str>,
+    /// The connection it came from, which gets no copy of the message.
+    pub origin: Option<String>,
+}
+
+/// What the sender is told once the message is committed.
+#[derive(Debug, Clone)]
+pub struct SendAck {
+    pub message: StoredMessage,
+    /// The channel id as the sender named it.
+    pub channel_id: String,
+    pub duplicate: bool,
+}
+
+impl SendAck {
+    /// The ack as JSON (the `sendack` frame without `type` and `id`, and the API answer).
+    pub fn json(&self) -> Value {
+        json!({
+            "message_id": self.message.id,
+            "client_msg_id": self.message.client_msg_id,
+            "channel_type": self.message.channel.kind,
+            "channel_id": self.channel_id,
+            "seq": self.message.seq,
+            "version": self.message.version,
+            "created_at": crate::rfc3339_ms(self.message.created_at),
+            "duplicate": self.duplicate,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct PreviewFields {
+    preview: Option<String>,
+    text: Option<String>,
+}
+
+/// A message's preview: its payload's `preview` string, else its `text`
+/// string, else the payload itself when it is a string; cut to `chars`.
+pub fn preview_of(payload: &str, chars: usize) -> String {
+    let text = match serde_json::from_str::<PreviewFields>(payload) {
+        Ok(PreviewFields {
+            preview: Some(p), ..
+        }) => p,
+        Ok(PreviewFields { text: Some(t), .. }) => t,
+        Ok(_) => String::new(),
+        Err(_) => serde_json::from_str::<String>(payload).unwrap_or_default(),
+    };
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => text[..at].to_string(),
+        None => text,
+    }
+}
+
+/// Validates, commits and fans out one message.
+pub async fn send(app: &App, req: SendRequest<'_>) -> Result<SendAck, MessagingError> {
+    let cfg = app.config();
+    let m = &cfg.messaging;
+    let kind = channel_type(req.channel_type)?;
+    check_id("channel_id", req.channel_id)?;
+    if let Some(cid) = req.client_msg_id {
+        if cid.is_empty() || cid.len() > 128 {
+            return Err(MessagingError::BadRequest(
+                "`client_msg_id` must be 1 to 128 bytes".into(),
+            ));
+        }
+    }
+    let payload = req.payload.get();
+    if payload.len() > m.max_payload_size {
+        return Err(MessagingError::PayloadTooLarge {
+            size: payload.len(),
+            limit: m.max_payload_size,
+        });
+    }
+    if kind == ChannelType::Person && req.channel_id == m.system_user && !req.system {
+        return Err(MessagingError::BadRequest(format!(
+            "`{}` is the system user (messaging.system_user); it cannot be messaged",
+            m.system_user
+        )));
+    }
+    let channel = Channel::addressed(&req.sender, kind, req.channel_id);
+    let new = NewMessage {
+        id: crate::new_id("msg"),
+        channel: channel.clone(),
+        sender: req.sender.clone(),
+        system: req.system,
+        client_msg_id: req.client_msg_id.map(str::to_string),
+        payload: payload.to_string(),
+        preview: preview_of(payload, m.preview_chars),
+        created_at: crate::now_ms(),
+        max_members: m.max_group_members,
+    };
+    let recipient = req.channel_id.to_string();
+    let event = Box::new(move |msg: &StoredMessage| NewEvent {
+        id: crate::new_id("evt"),
+        event_type: "message.created".into(),
+        order_key: msg.channel.key.clone(),
+        created_at: msg.created_at,
+        data: message_event_data(msg, &recipient),
+    });
+    let queue = app.fanout.queue_for(&channel.key);
+    let origin = req.origin.clone();
+    let on_append = Box::new(move |a: &crate::storage::messages::Appended| {
+        let _ = queue.send(Delivery {
+            appended: a.clone(),
+            origin,
+        });
+    });
+    let started = Instant::now();
+    let result = app.messages.append_message(new, event, on_append).await?;
+    app.metrics
+        .message_commit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(a) => {
+            if !a.duplicate {
+                app.outbox.wake();
+            }
+            Ok(SendAck {
+                channel_id: a.message.channel.id_for(&req.sender),
+                duplicate: a.duplicate,
+                message: a.message,
+            })
+        }
+        Err(SendRejected::UnknownGroup) => {
+            Err(MessagingError::UnknownGroup(req.channel_id.to_string()))
+        }
+        Err(SendRejected::NotMember) => Err(MessagingError::NotMember {
+            user: req.sender,
+            group: req.channel_id.to_string(),
+        }),
+    }
+}
+
+/// The `data` of a `message.created` event.
+fn message_event_data(m: &StoredMessage, channel_id: &str) -> Value {
+    json!({
+        "message_id": m.id,
+        "channel_type": m.channel.kind,
+        "channel_id": channel_id,
+        "sender": m.sender,
+        "system": m.system,
+        "seq": m.seq,
+        "version": m.version,
+        "client_msg_id": m.client_msg_id,
+        "payload": serde_json::from_str::<Value>(&m.payload).unwrap_or(Value::Null),
+        "created_at": crate::rfc3339_ms(m.created_at),
+    })
+}
+
+/// A message sync request: exactly one of the three positions.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncQuery {
+    pub channel_type: Option<String>,
+    pub channel_id: Option<String>,
+    /// Messages of the channel after this sequence number (0: from the start).
+    pub after_seq: Option<u64>,
+    /// Messages of the channel before this sequence number (history, newest page first).
+    pub before_seq: Option<u64>,
+    /// Messages of every conversation after this version (the per-user cursor).
+    pub after_version: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+/// Answers a message sync for `user` (JSON: the `messages` frame without `type` and `id`).
+pub async fn sync(app: &App, user: &str, q: &SyncQuery) -> Result<Value, MessagingError> {
+    let cfg = app.config();
+    let limit = q
+        .limit
+        .unwrap_or(cfg.messaging.sync_default_limit)
+        .clamp(1, cfg.messaging.sync_max_limit);
+    let positions = [
+        q.after_seq.is_some(),
+        q.before_seq.is_some(),
+        q.after_version.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if positions != 1 {
+        return Err(MessagingError::BadRequest(
+            "name exactly one of `after_seq`, `before_seq` (with a channel) or `after_version`"
+                .into(),
+        ));
+    }
+    let channel = match (&q.channel_type, &q.channel_id) {
+        (Some(t), Some(id)) => {
+            check_id("channel_id", id)?;
+            Some(Channel::addressed(user, channel_type(t)?, id))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(MessagingError::BadRequest(
+                "`channel_type` and `channel_id` go together".into(),
+            ))
+        }
+    };
+    let range = match (&channel, q.after_seq, q.before_seq, q.after_version) {
+        (Some(c), Some(seq), _, _) => MessageRange::After {
+            channel: c.clone(),
+            seq,
+        },
+        (Some(c), _, Some(seq), _) => MessageRange::Before {
+            channel: c.clone(),
+            seq,
+        },
+        (None, _, _, Some(version)) => MessageRange::UserAfter { version },
+        (None, _, _, _) => {
+            return Err(MessagingError::BadRequest(
+                "`after_seq` and `before_seq` need `channel_type` and `channel_id`".into(),
+            ))
+        }
+        (Some(_), _, _, _) => {
+            return Err(MessagingError::BadRequest(
+                "`after_version` syncs every conversation: leave out the channel".into(),
+            ))
+        }
+    };
+    let page: MessagePage = app
+        .messages
+        .messages(user, range.clone(), limit)
+        .await?
+        .map_err(|e| refused(e, user, channel.as_ref(), q.after_version.unwrap_or(0)))?;
+    let mut out = json!({
+        "messages": render::messages_json(&page.messages, user),
+        "more": page.more,
+    });
+    let obj = out.as_object_mut().expect("an object");
+    if let Some(c) = &channel {
+        obj.insert("channel_type".into(), json!(c.kind));
+        obj.insert("channel_id".into(), json!(c.id_for(user)));
+    }
+    // Where the next page starts, in the same direction.
+    match range {
+        MessageRange::After { seq, .. } => {
+            let next = page.messages.last().map(|m| m.seq).unwrap_or(seq);
+            obj.insert("next_after_seq".into(), json!(next));
+        }
+        MessageRange::Before { seq, .. } => {
+            let next = page.messages.first().map(|m| m.seq).unwrap_or(seq);
+            obj.insert("next_before_seq".into(), json!(next));
+        }
+        MessageRange::UserAfter { version } => {
+            let next = page.messages.last().map(|m| m.version).unwrap_or(version);
+            obj.insert("next_after_version".into(), json!(next));
+        }
+    }
+    Ok(out)
+}
+
+/// Starts the task that prunes old conversation tombstones.
+pub fn start_maintenance(app: &Arc<App>) {
+    let weak = Arc::downgrade(app);
+    tokio::spawn(async move {
+        loop {
+            let Some(app) = weak.upgrade() else { return };
+            let c = app.config().conversations.clone();
+            let horizon = crate::now_ms() - c.tombstone_retention.as_millis() as i64;
+            match app.messages.prune_conversations(horizon).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    app.metrics.conversations_pruned.inc_by(n as u64);
+                    tracing::debug!(count = n, "pruned deleted-conversation tombstones");
+                }
+                Err(StorageError::Closed) => return,
+                Err(e) => tracing::warn!(error = %e, "pruning conversation tombstones failed"),
+            }
+            drop(app);
+            tokio::time::sleep(c.prune_interval).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previews() {
+        assert_eq!(preview_of(r#"{"text":"hello"}"#, 100), "hello");
+        assert_eq!(
+            preview_of(r#"{"text":"hello","preview":"[image]"}"#, 100),
+            "[image]"
+        );
+        assert_eq!(preview_of(r#""just text""#, 4), "just");
+        assert_eq!(preview_of(r#"{"n":1}"#, 100), "");
+        assert_eq!(preview_of(r#"[1,2]"#, 100), "");
+        assert_eq!(preview_of(r#"{"text":"héllo wörld"}"#, 5), "héllo");
+    }
+}

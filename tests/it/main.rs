@@ -3,6 +3,7 @@
 
 mod churn;
 mod config;
+mod conversations;
 mod drain;
 mod frames;
 mod lifecycle;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the JavaScript and Python example plugins into <out-dir>:
 #
-#   <out-dir>/chatbot_card.wasm   js/chatbot-card        (componentize-js, SpiderMonkey)
-#   <out-dir>/cloudevents.wasm    python/cloudevents     (componentize-py)
+#   <out-dir>/chatbot_card.wasm     js/chatbot-card          (componentize-js, SpiderMonkey)
+#   <out-dir>/cloudevents.wasm      python/cloudevents       (componentize-py, world formatter)
+#   <out-dir>/archive_filter.wasm   python/archive-filter    (componentize-py, world filter)
 #
 #   example-plugins/build-nonrust.sh <out-dir>
 #
@@ -10,9 +11,9 @@
 # this script is skipped. Progress goes to stderr; stdout gets the path of each
 # component, one a line (built or already up to date).
 #
-# Both are built as pure components: they import plugboard:plugin/host and
+# All are built as pure components: they import plugboard:plugin/host and
 # nothing from WASI (componentize-js with every WASI feature disabled,
-# componentize-py with --stub-wasi). In the Python plugin a WASI call such as
+# componentize-py with --stub-wasi). In the Python plugins a WASI call such as
 # print() therefore traps; log through host.log instead.
 #
 # The toolchains come from scripts/install-plugin-toolchains.
@@ -29,6 +30,7 @@ root=$(dirname "$here")
 wit_dir="$root/wit"
 js_dir="$here/js/chatbot-card"
 py_dir="$here/python/cloudevents"
+archive_dir="$here/python/archive-filter"
 COMPONENTIZE_PY_VERSION=0.25.1
 
 mkdir -p "$1"
@@ -122,12 +124,16 @@ else
     --out "$tmp_output" src/chatbot-card.js
 fi
 
-# Python: cloudevents.
-py_out="$out/cloudevents.wasm"
-if up_to_date "$py_out" "$py_dir" "$wit_dir" "$self"; then
-  say "cloudevents: up to date: $py_out"
-  echo "$py_out"
-else
+# build_python NAME DIR WORLD MODULE OUTPUT: one componentize-py plugin,
+# skipped when OUTPUT is up to date.
+build_python() {
+  local name=$1 dir=$2 world=$3 module=$4 output=$5
+  if up_to_date "$output" "$dir" "$wit_dir" "$self"; then
+    say "$name: up to date: $output"
+    echo "$output"
+    return 0
+  fi
+  local componentize_py other
   componentize_py=$(find_componentize_py)
   if [ -z "$componentize_py" ]; then
     if other=$(command -v componentize-py 2>/dev/null); then
@@ -135,11 +141,16 @@ else
     fi
     missing "componentize-py $COMPONENTIZE_PY_VERSION"
   fi
-  tmp_output="$out/.cloudevents.wasm.tmp.$$"
+  tmp_output="$out/.$(basename "$output").tmp.$$"
   tmp_outputs+=("$tmp_output")
-  build cloudevents "$py_out" \
-    env -C "$py_dir" "$componentize_py" \
-    -d "$wit_dir" -w formatter \
-    componentize cloudevents_formatter -p "$py_dir" --stub-wasi \
+  build "$name" "$output" \
+    env -C "$dir" "$componentize_py" \
+    -d "$wit_dir" -w "$world" \
+    componentize "$module" -p "$dir" --stub-wasi \
     -o "$tmp_output"
-fi
+}
+
+# Python: cloudevents (a webhook formatter) and archive-filter (a
+# conversation filter).
+build_python cloudevents "$py_dir" formatter cloudevents_formatter "$out/cloudevents.wasm"
+build_python archive-filter "$archive_dir" filter archive_filter "$out/archive_filter.wasm"

@@ -494,3 +494,229 @@ async fn a_version_older_than_pruned_tombstones_must_reset() {
         .await;
     assert_eq!(s, 400);
 }
+
+/// A `[[plugins]]` entry.
+fn plugin_toml(name: &str, file: &str, settings: &str, config: &str) -> String {
+    format!(
+        "[[plugins]]\nname = \"{name}\"\nfile = {file:?}\n{settings}\n[plugins.config]\n{config}\n"
+    )
+}
+
+/// The channel ids of a list, with their previews.
+fn shown(page: &Value) -> BTreeMap<String, String> {
+    page["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                format!(
+                    "{}:{}",
+                    c["channel_type"].as_str().unwrap(),
+                    c["channel_id"].as_str().unwrap()
+                ),
+                c["last_message"]["preview"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_filter_chain_applies_to_client_frames_and_the_server_api() {
+    let toml = plugin_toml(
+        "rules",
+        plugboard_tests::plugins::CONVERSATION_RULES,
+        "",
+        "hide = \"group:ops-*\"\nredact = \"person:carol\"",
+    );
+    let (gw, _rx) = setup(&toml).await;
+    create_group(&gw, "ops-1", &["bob", "x"]).await;
+    create_group(&gw, "team", &["bob", "x", "eve"]).await;
+    for (from, kind, to, text) in [
+        ("alice", "person", "bob", "from alice"),
+        ("carol", "person", "bob", "secret from carol"),
+        ("dave", "person", "bob", "from dave"),
+        ("x", "group", "ops-1", "alert"),
+        ("x", "group", "team", "from x"),
+        ("eve", "group", "team", "from eve"),
+    ] {
+        api_send(&gw, from, kind, to, text).await;
+    }
+    let before = api_page(&gw, "bob", "").await;
+    let expect: BTreeMap<String, String> = [
+        ("person:alice", "from alice"),
+        ("person:carol", "[hidden]"),
+        ("person:dave", "from dave"),
+        ("group:team", "from eve"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(
+        shown(&before),
+        expect,
+        "config rules: ops-* hidden, carol redacted"
+    );
+    let version = before["version"].as_u64().unwrap();
+
+    // Per-user rules from the plugin's key-value store, set through the admin API.
+    let (s, b) = gw
+        .admin(
+            Method::PUT,
+            "/admin/plugins/rules/kv/muted:bob",
+            Some(json!(["person:dave"])),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, _) = gw
+        .admin(
+            Method::PUT,
+            "/admin/plugins/rules/kv/blocked:bob",
+            Some(json!(["eve"])),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = gw
+        .admin(Method::GET, "/admin/plugins/rules/kv/muted:bob", None)
+        .await;
+    assert_eq!((s, v), (200, json!(["person:dave"])));
+    let (s, _) = gw
+        .admin(Method::PUT, "/admin/plugins/nobody/kv/k", Some(json!(1)))
+        .await;
+    assert_eq!(s, 404);
+
+    let after: BTreeMap<String, String> = [
+        ("person:alice", "from alice"),
+        ("person:carol", "[hidden]"),
+        ("group:team", "[hidden]"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(
+        shown(&api_page(&gw, "bob", "").await),
+        after,
+        "the server API is filtered"
+    );
+    let mut ws = WsClient::connect_device(&gw, "bob", "phone").await;
+    let (pages, _) = ws_sync(&mut ws, 0, 2).await;
+    let mut via_ws = BTreeMap::new();
+    for p in &pages {
+        via_ws.extend(shown(p));
+    }
+    assert_eq!(via_ws, after, "the client frame is filtered the same way");
+    // Other users are not affected by bob's rules.
+    assert_eq!(
+        shown(&api_page(&gw, "x", "").await).len(),
+        1,
+        "x sees team only (ops-* hidden for all)"
+    );
+
+    // A muted conversation that changes is reported as removed ("filtered") to a client that showed it.
+    api_send(&gw, "dave", "person", "bob", "again").await;
+    let delta = ws
+        .request(json!({"type": "sync_conversations", "since_version": version}))
+        .await;
+    assert_eq!(delta["conversations"], json!([]), "{delta}");
+    assert_eq!(delta["removed"][0]["channel_id"], "dave");
+    assert_eq!(delta["removed"][0]["reason"], "filtered");
+    // The plugin's calls are counted.
+    assert!(
+        gw.metric(
+            "plugboard_plugin_calls_total",
+            "plugin=\"rules\",hook=\"conversation-filter\",outcome=\"ok\""
+        )
+        .await
+            >= 4.0
+    );
+}
+
+#[tokio::test]
+async fn a_failing_filter_follows_its_on_error_policy() {
+    let rx = plugboard_tests::Receiver::start().await;
+    let opts = |policy: &str| {
+        plugboard_tests::GatewayOptions::with_receiver(&rx.url).extra(&plugin_toml(
+            "trap",
+            plugboard_tests::plugins::FILTER_TRAP,
+            &format!("on_error = \"{policy}\""),
+            "",
+        ))
+    };
+    let gw = Gateway::start(opts("fail-open")).await;
+    api_send(&gw, "alice", "person", "bob", "one").await;
+    api_send(&gw, "carol", "person", "bob", "two").await;
+    // fail-open: the list goes on unfiltered.
+    let page = api_page(&gw, "bob", "").await;
+    assert_eq!(shown(&page).len(), 2, "{page}");
+    let mut ws = WsClient::connect(&gw, "bob").await;
+    let f = ws.request(json!({"type": "sync_conversations"})).await;
+    assert_eq!(f["conversations"].as_array().unwrap().len(), 2, "{f}");
+    let (_, m) = gw.get_text("/metrics").await;
+    let calls: Vec<&str> = m
+        .lines()
+        .filter(|l| l.contains("plugin=\"trap\""))
+        .collect();
+    assert!(
+        calls.iter().any(|l| l.contains("outcome=\"trap\"")),
+        "{calls:#?}"
+    );
+
+    // fail-closed: refused rather than shown unfiltered.
+    let (s, b) = gw.reload_with(&opts("fail-closed")).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = gw
+        .api(Method::GET, "/v1/users/bob/conversations", None)
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (503, Some("filter_failed")),
+        "{b}"
+    );
+    expect_error(
+        &mut ws,
+        json!({"type": "sync_conversations"}),
+        "filter_failed",
+    )
+    .await;
+    // Messages themselves are not filtered: sending and syncing messages still work.
+    api_send(&gw, "alice", "person", "bob", "three").await;
+    assert_eq!(ws.next_of("message").await["payload"]["text"], "three");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_filter_archives_and_caps_unread_counts() {
+    let toml = plugin_toml(
+        "archive",
+        plugboard_tests::plugins::ARCHIVE_FILTER,
+        "init_deadline = \"30s\"\ndeadline = \"5s\"",
+        "max_unread = \"2\"",
+    );
+    let (gw, _rx) = setup(&toml).await;
+    api_send(&gw, "alice", "person", "bob", "hi").await;
+    for i in 0..5 {
+        api_send(&gw, "carol", "person", "bob", &format!("c{i}")).await;
+    }
+    let page = api_page(&gw, "bob", "").await;
+    assert_eq!(shown(&page).len(), 2);
+    let carol = page["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["channel_id"] == "carol")
+        .unwrap();
+    assert_eq!(carol["unread"], 2, "capped at max_unread: {carol}");
+    let (s, _) = gw
+        .admin(
+            Method::PUT,
+            "/admin/plugins/archive/kv/archived:bob",
+            Some(json!(["person:alice"])),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let page = api_page(&gw, "bob", "").await;
+    let names: Vec<String> = shown(&page).into_keys().collect();
+    assert_eq!(names, vec!["person:carol"], "{page}");
+}

@@ -378,7 +378,7 @@ async fn concurrent_senders_in_one_channel_share_one_order() {
     create_group(&gw, "busy", &members).await;
     let per_sender = 40usize;
     let total = per_sender * senders.len();
-    let mut receivers = vec![
+    let mut receivers = [
         WsClient::connect(&gw, "r1").await,
         WsClient::connect(&gw, "r2").await,
     ];

@@ -57,6 +57,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub messaging: MessagingConfig,
     pub conversations: ConversationsConfig,
+    pub control: ControlConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     /// Webhook endpoints; events go to each endpoint whose filter matches.
@@ -78,6 +79,7 @@ impl Default for Config {
             outbox: OutboxConfig::default(),
             messaging: MessagingConfig::default(),
             conversations: ConversationsConfig::default(),
+            control: ControlConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             webhooks: Vec::new(),
@@ -345,6 +347,55 @@ impl Default for ConversationsConfig {
     }
 }
 
+/// Business control messages (`POST /v1/control`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Most target users in one request (after group expansion).
+    pub max_targets: usize,
+    /// Largest control payload (its JSON text).
+    #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
+    pub max_payload_size: usize,
+    /// Time-to-live of a persisted control that names none.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Longest time-to-live a request may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Requests per second allowed per API key (token bucket refill rate).
+    pub rate_limit: f64,
+    /// Requests an API key may make in a burst.
+    pub rate_burst: u32,
+    /// Require an HMAC-SHA256 signature over the timestamp and body.
+    pub require_signature: bool,
+    /// Secret of those signatures.
+    pub signing_secret: String,
+    /// How far a signed request's timestamp may be from the gateway's clock;
+    /// a signature is remembered this long to refuse replays.
+    #[serde(with = "humantime_serde")]
+    pub signature_tolerance: Duration,
+    /// How often persisted controls past their time-to-live are expired.
+    #[serde(with = "humantime_serde")]
+    pub expiry_interval: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            max_targets: 10_000,
+            max_payload_size: 16 * 1024,
+            default_ttl: Duration::from_secs(24 * 3600),
+            max_ttl: Duration::from_secs(7 * 24 * 3600),
+            rate_limit: 50.0,
+            rate_burst: 100,
+            require_signature: false,
+            signing_secret: String::new(),
+            signature_tolerance: Duration::from_secs(300),
+            expiry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -437,9 +488,10 @@ pub struct PluginConfig {
     /// Deadline of `init` (language runtimes start slower than a hook call).
     #[serde(default = "default_init_deadline", with = "humantime_serde")]
     pub init_deadline: Duration,
-    /// Policy when a call fails.
-    #[serde(default = "default_on_error")]
-    pub on_error: OnError,
+    /// Policy when a call fails. Unset: the hook's default (fail-closed for
+    /// `control-handler`, fail-open for the others).
+    #[serde(default)]
+    pub on_error: Option<OnError>,
     /// Calls after which an instance is replaced by a fresh one.
     #[serde(default = "default_max_calls")]
     pub max_calls_per_instance: u64,
@@ -457,8 +509,13 @@ fn default_plugin_deadline() -> Duration {
 fn default_init_deadline() -> Duration {
     Duration::from_secs(5)
 }
-fn default_on_error() -> OnError {
-    OnError::FailOpen
+/// The policy of a hook when its plugin sets no `on_error`.
+pub fn default_on_error(hook: &str) -> OnError {
+    if hook == "control-handler" {
+        OnError::FailClosed
+    } else {
+        OnError::FailOpen
+    }
 }
 fn default_max_calls() -> u64 {
     100_000
@@ -580,6 +637,10 @@ pub const EVENT_TYPES: &[&str] = &[
     "user.online",
     "user.offline",
     "message.created",
+    "control.delivered",
+    "control.acked",
+    "control.expired",
+    "control.rejected",
 ];
 
 impl Config {
@@ -711,6 +772,40 @@ impl Config {
             return Err(key_err(
                 "messaging.system_user",
                 "must be 1 to 128 bytes without control characters",
+            ));
+        }
+        let ctl = &self.control;
+        if ctl.max_targets == 0 || ctl.max_targets > 1_000_000 {
+            return Err(key_err("control.max_targets", "must be 1 to 1000000"));
+        }
+        if ctl.max_payload_size == 0 {
+            return Err(key_err(
+                "control.max_payload_size",
+                "must be greater than zero",
+            ));
+        }
+        if ctl.default_ttl.is_zero() || ctl.default_ttl > ctl.max_ttl {
+            return Err(key_err(
+                "control.default_ttl",
+                "must be greater than zero and at most control.max_ttl",
+            ));
+        }
+        if !(ctl.rate_limit > 0.0 && ctl.rate_limit.is_finite()) || ctl.rate_burst == 0 {
+            return Err(key_err(
+                "control.rate_limit",
+                "rate_limit and rate_burst must be greater than zero",
+            ));
+        }
+        if ctl.require_signature && ctl.signing_secret.len() < 16 {
+            return Err(key_err(
+                "control.signing_secret",
+                "must be at least 16 characters when control.require_signature is true",
+            ));
+        }
+        if ctl.expiry_interval.is_zero() || ctl.signature_tolerance.is_zero() {
+            return Err(key_err(
+                "control.expiry_interval",
+                "expiry_interval and signature_tolerance must be greater than zero",
             ));
         }
         if g.max_frame_size < 128 {
@@ -899,6 +994,7 @@ impl Config {
         for w in &mut c.webhooks {
             w.secret = hide(&w.secret);
         }
+        c.control.signing_secret = hide(&c.control.signing_secret);
         c
     }
 

@@ -12,6 +12,8 @@
 //!   protocol, the live-session registry, the lifecycle state machine.
 //! - [`messaging`]: sending and fan-out, message sync, conversation lists and
 //!   the conversation-filter chain.
+//! - [`control`]: business control messages: targets, the control-handler
+//!   chain, delivery by priority, persisted controls, receipts, expiry.
 //! - [`outbox`]: event payloads, the per-endpoint delivery worker, signing.
 //! - [`plugins`]: the WebAssembly plugin runtime (engine, sandbox, registry, hot swap).
 //! - [`http`]: routers for the server API, admin API and operations, and the
@@ -23,6 +25,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod gateway;
 pub mod http;
 pub mod messaging;

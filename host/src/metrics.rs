@@ -107,6 +107,10 @@ pub struct Metrics {
     pub fanout_dropped: Counter,
     pub conversation_sync_seconds: Histogram,
     pub conversations_pruned: Counter,
+    pub controls: Counter,
+    pub control_acks: Counter,
+    pub controls_expired: Counter,
+    pub control_refusals: Family<ReasonLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,6 +165,10 @@ impl Metrics {
             fanout_dropped: Counter::default(),
             conversation_sync_seconds: latency_histogram(),
             conversations_pruned: Counter::default(),
+            controls: Counter::default(),
+            control_acks: Counter::default(),
+            controls_expired: Counter::default(),
+            control_refusals: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -308,6 +316,22 @@ impl Metrics {
             "conversations_pruned",
             "Deleted conversation tombstones pruned after their retention",
             m.conversations_pruned.clone(),
+        );
+        r.register("controls", "Control requests accepted", m.controls.clone());
+        r.register(
+            "control_acks",
+            "Control receipts recorded",
+            m.control_acks.clone(),
+        );
+        r.register(
+            "controls_expired",
+            "Persisted control targets expired undelivered",
+            m.controls_expired.clone(),
+        );
+        r.register(
+            "control_refusals",
+            "Control requests refused, by reason (rate_limited, bad_signature, replayed, rejected, …)",
+            m.control_refusals.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -38,7 +38,7 @@ use crate::outbox::{Outbox, Wakeup};
 use crate::plugins::engine::PluginEngine;
 use crate::plugins::registry::LoadReport;
 use crate::plugins::{Kv, PluginRegistry};
-use crate::storage::{MessageStore, SqliteStorage, Storage};
+use crate::storage::{ControlStore, MessageStore, SqliteStorage, Storage};
 
 /// Fan-out tasks; channels are spread over them by hash.
 const FANOUT_SHARDS: usize = 4;
@@ -53,6 +53,10 @@ pub struct App {
     pub storage: Arc<dyn Storage>,
     /// The same store as `storage`, seen through its messaging contract.
     pub messages: Arc<dyn MessageStore>,
+    /// The same store, seen through its control-message contract.
+    pub controls: Arc<dyn ControlStore>,
+    /// Per API key request budgets and recent signatures of `POST /v1/control`.
+    pub control_guard: crate::http::control::Guard,
     pub registry: Arc<Registry>,
     /// Queues committed messages to live connections, per channel in order.
     pub fanout: Fanout,
@@ -230,7 +234,8 @@ impl Server {
         let db_path = config.data_dir.join("plugboard.db");
         let sqlite = Arc::new(SqliteStorage::open(&db_path, Some(metrics.clone()))?);
         let storage: Arc<dyn Storage> = sqlite.clone();
-        let messages: Arc<dyn MessageStore> = sqlite;
+        let messages: Arc<dyn MessageStore> = sqlite.clone();
+        let controls: Arc<dyn ControlStore> = sqlite;
         let wakeup = Wakeup::default();
         let lifecycle = Lifecycle::new(
             storage.clone(),
@@ -275,6 +280,8 @@ impl Server {
             secrets: ArcSwap::from_pointee(secrets),
             storage,
             messages,
+            controls,
+            control_guard: crate::http::control::Guard::default(),
             registry,
             fanout,
             metrics,
@@ -287,6 +294,7 @@ impl Server {
             reload_lock: tokio::sync::Mutex::new(()),
         });
         crate::messaging::start_maintenance(&app);
+        crate::control::start_expiry(&app);
         let local_addr = listener.local_addr()?;
         let stop_accepting = CancellationToken::new();
         let accept_task = tokio::spawn(accept_loop(

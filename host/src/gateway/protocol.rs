@@ -69,6 +69,9 @@ pub struct AckFrame {
     /// Everything up to this version was received.
     #[serde(default)]
     pub version: Option<u64>,
+    /// A control message received (its receipt, when it asked for one).
+    #[serde(default)]
+    pub control_id: Option<String>,
 }
 
 /// The fields of a `read` frame.

@@ -39,6 +39,8 @@ pub struct LiveSession {
     pub admitted_at: i64,
     /// Frames waiting to be written; bounded by `gateway.outbound_queue`.
     outbound: mpsc::Sender<Message>,
+    /// High-priority frames, written before anything waiting in `outbound`.
+    urgent: mpsc::Sender<Message>,
     /// Taken by the first close request; later requests are no-ops.
     close: Mutex<Option<oneshot::Sender<CloseCommand>>>,
     /// Set once the open is recorded.
@@ -61,12 +63,9 @@ impl LiveSession {
         device_id: String,
         remote_addr: String,
         queue: usize,
-    ) -> (
-        Arc<LiveSession>,
-        mpsc::Receiver<Message>,
-        oneshot::Receiver<CloseCommand>,
-    ) {
+    ) -> (Arc<LiveSession>, Queues, oneshot::Receiver<CloseCommand>) {
         let (out_tx, out_rx) = mpsc::channel(queue);
+        let (urgent_tx, urgent_rx) = mpsc::channel(queue);
         let (close_tx, close_rx) = oneshot::channel();
         let s = Arc::new(LiveSession {
             connection_id,
@@ -75,10 +74,18 @@ impl LiveSession {
             remote_addr,
             admitted_at: crate::now_ms(),
             outbound: out_tx,
+            urgent: urgent_tx,
             close: Mutex::new(Some(close_tx)),
             opened: AtomicBool::new(false),
         });
-        (s, out_rx, close_rx)
+        (
+            s,
+            Queues {
+                normal: out_rx,
+                urgent: urgent_rx,
+            },
+            close_rx,
+        )
     }
 
     /// Asks the session to close. Returns false if a close was already requested.
@@ -98,7 +105,16 @@ impl LiveSession {
     /// Queues a frame. A full queue closes the session as a slow consumer
     /// instead of growing without bound.
     pub fn push(&self, frame: Message) -> Result<(), PushError> {
-        match self.outbound.try_send(frame) {
+        self.push_to(&self.outbound, frame)
+    }
+
+    /// Queues a frame ahead of everything waiting in the normal queue.
+    pub fn push_urgent(&self, frame: Message) -> Result<(), PushError> {
+        self.push_to(&self.urgent, frame)
+    }
+
+    fn push_to(&self, queue: &mpsc::Sender<Message>, frame: Message) -> Result<(), PushError> {
+        match queue.try_send(frame) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.request_close(
@@ -122,6 +138,14 @@ impl LiveSession {
     pub fn is_opened(&self) -> bool {
         self.opened.load(Ordering::Acquire)
     }
+}
+
+/// The receiving ends of a session's queues, owned by its task.
+#[derive(Debug)]
+pub struct Queues {
+    pub normal: mpsc::Receiver<Message>,
+    /// Drained before `normal`.
+    pub urgent: mpsc::Receiver<Message>,
 }
 
 /// A session as shown by `GET /admin/connections`.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant as StdInstant};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -26,7 +26,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::lifecycle::{CloseInfo, CloseReason};
 use super::protocol::{self, ClientFrame};
-use super::registry::{CloseCommand, LiveSession};
+use super::registry::{CloseCommand, LiveSession, Queues};
 use crate::auth::verify_token;
 use crate::messaging::{self, conversations, MessagingError, SendRequest};
 use crate::server::App;
@@ -37,7 +37,7 @@ pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
 /// A session admitted by the registry, waiting to be opened.
 pub struct Admitted {
     pub live: Arc<LiveSession>,
-    pub outbound: mpsc::Receiver<Message>,
+    pub outbound: Queues,
     pub close: oneshot::Receiver<CloseCommand>,
     /// Unix seconds when the token expires.
     pub token_exp: Option<u64>,
@@ -98,6 +98,8 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
         return;
     }
     live.mark_opened();
+    // Persisted controls waiting for this user go out once the loop runs.
+    tokio::spawn(crate::control::deliver_pending(app.clone(), live.clone()));
     app.metrics
         .open_latency_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -163,7 +165,13 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
                         break end;
                     }
                 }
-                frame = outbound.recv() => {
+                frame = outbound.urgent.recv() => {
+                    let Some(frame) = frame else { continue };
+                    if let Err(end) = send(&mut ws, frame, app.config().gateway.write_timeout).await {
+                        break end;
+                    }
+                }
+                frame = outbound.normal.recv() => {
                     let Some(frame) = frame else { continue };
                     if let Err(end) = send(&mut ws, frame, app.config().gateway.write_timeout).await {
                         break end;
@@ -319,6 +327,9 @@ async fn handle_frame(app: &App, live: &LiveSession, frame: ClientFrame) -> Opti
             app.metrics
                 .messages_acked
                 .inc_by(frame.message_ids.len().max(frame.version.map_or(0, |_| 1)) as u64);
+            if let Some(control_id) = &frame.control_id {
+                crate::control::ack(app, live, control_id).await;
+            }
             return None;
         }
         ClientFrame::Sync { query, id } => {

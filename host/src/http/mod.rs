@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod control;
 pub mod groups;
 pub mod messages;
 pub mod ops;
@@ -166,6 +167,7 @@ pub fn router(app: Arc<App>) -> Router {
     let api = api::router()
         .merge(messages::router())
         .merge(groups::router())
+        .merge(control::router())
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             require_api_key,

@@ -228,7 +228,7 @@ async fn apply_filters(
                 }
                 rows = next;
             }
-            Err(failure) => match app.plugins.on_error(&name) {
+            Err(failure) => match app.plugins.on_error(&name, "conversation-filter") {
                 OnError::FailOpen => {
                     tracing::warn!(plugin = %name, user_id = %user, error = %failure,
                         "conversation filter failed; fail-open: the list goes on unfiltered by it");

@@ -224,7 +224,7 @@ async fn deliver(
                 request.headers = req.headers;
                 request.body = req.body;
             }
-            Err(failure) => match plugins.on_error(formatter) {
+            Err(failure) => match plugins.on_error(formatter, "webhook-formatter") {
                 OnError::FailOpen => tracing::warn!(
                     endpoint = %cfg.name, plugin = %formatter, webhook_id = %id, error = %failure,
                     "formatter failed; sending the default body (on_error = fail-open)"

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
+use super::bindings::exports::plugboard::plugin::control_handler as ch;
 use super::bindings::exports::plugboard::plugin::conversation_filter as cf;
 use super::bindings::exports::plugboard::plugin::webhook_formatter as wf;
 use super::bindings::plugboard::plugin::types::LogLevel;
@@ -87,7 +88,8 @@ pub struct PluginView {
     pub exports: Vec<&'static str>,
     pub hooks: Vec<String>,
     pub order: i32,
-    pub on_error: OnError,
+    /// As configured; `null`: each hook's default.
+    pub on_error: Option<OnError>,
     pub deadline_ms: u64,
     pub memory_limit: usize,
     pub swaps: u64,
@@ -441,11 +443,12 @@ impl PluginRegistry {
         Ok(())
     }
 
-    /// The on-error policy of plugin `name` (fail-open when unknown).
-    pub fn on_error(&self, name: &str) -> OnError {
+    /// The on-error policy of plugin `name` for `hook`: its `on_error`, else
+    /// the hook's default.
+    pub fn on_error(&self, name: &str, hook: &str) -> OnError {
         self.slot(name)
-            .map(|s| s.settings.load().on_error)
-            .unwrap_or(OnError::FailOpen)
+            .and_then(|s| s.settings.load().on_error)
+            .unwrap_or_else(|| crate::config::default_on_error(hook))
     }
 
     /// Calls `name`'s formatter with the breaker, metrics and output checks.
@@ -479,6 +482,21 @@ impl PluginRegistry {
             let verdicts = p.filter(viewer, conversations).await?;
             check_verdicts(conversations, &verdicts).map_err(CallFailure::Malformed)?;
             Ok(verdicts)
+        })
+        .await
+    }
+
+    /// Calls `name`'s control handler with the breaker and metrics; a plan
+    /// must hold JSON payloads and valid user ids.
+    pub async fn control(
+        &self,
+        name: &str,
+        request: &ch::ControlRequest,
+    ) -> Result<ch::Decision, CallFailure> {
+        self.call(name, "control-handler", |p| async move {
+            let decision = p.control(request).await?;
+            check_decision(&decision).map_err(CallFailure::Malformed)?;
+            Ok(decision)
         })
         .await
     }
@@ -790,6 +808,27 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Checks a formatter's request against the contract.
+/// Checks a control handler's decision against the contract.
+pub fn check_decision(decision: &ch::Decision) -> Result<(), String> {
+    let ch::Decision::Deliver(plan) = decision else {
+        return Ok(());
+    };
+    if serde_json::from_str::<serde::de::IgnoredAny>(&plan.payload).is_err() {
+        return Err("the plan's payload is not JSON text".into());
+    }
+    for t in &plan.targets {
+        if !crate::auth::valid_id(&t.user_id) {
+            return Err(format!("target user id {:?} is not a valid id", t.user_id));
+        }
+        if let Some(p) = &t.payload {
+            if serde_json::from_str::<serde::de::IgnoredAny>(p).is_err() {
+                return Err(format!("the payload for `{}` is not JSON text", t.user_id));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a filter's answer against its input.
 pub fn check_verdicts(input: &[cf::Conversation], verdicts: &[cf::Verdict]) -> Result<(), String> {
     if verdicts.len() != input.len() {

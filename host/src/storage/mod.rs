@@ -10,8 +10,10 @@
 //! the change causes in the same transaction, and its future resolves only
 //! after that transaction committed.
 
+pub mod controls;
 pub mod messages;
 pub mod sqlite;
+mod sqlite_controls;
 mod sqlite_messages;
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use controls::ControlStore;
 pub use messages::MessageStore;
 pub use sqlite::SqliteStorage;
 

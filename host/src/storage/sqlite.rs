@@ -125,6 +125,9 @@ impl SqliteStorage {
         writer
             .execute_batch(super::sqlite_messages::SCHEMA)
             .map_err(open_err)?;
+        writer
+            .execute_batch(super::sqlite_controls::SCHEMA)
+            .map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
         // Leases held by a previous process are void: make those deliveries due now.
         writer

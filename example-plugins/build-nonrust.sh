@@ -4,6 +4,7 @@
 #   <out-dir>/chatbot_card.wasm     js/chatbot-card          (componentize-js, SpiderMonkey)
 #   <out-dir>/cloudevents.wasm      python/cloudevents       (componentize-py, world formatter)
 #   <out-dir>/archive_filter.wasm   python/archive-filter    (componentize-py, world filter)
+#   <out-dir>/role_targets.wasm     python/role-targets      (componentize-py, world control)
 #
 #   example-plugins/build-nonrust.sh <out-dir>
 #
@@ -31,6 +32,7 @@ wit_dir="$root/wit"
 js_dir="$here/js/chatbot-card"
 py_dir="$here/python/cloudevents"
 archive_dir="$here/python/archive-filter"
+roles_dir="$here/python/role-targets"
 COMPONENTIZE_PY_VERSION=0.25.1
 
 mkdir -p "$1"
@@ -150,7 +152,8 @@ build_python() {
     -o "$tmp_output"
 }
 
-# Python: cloudevents (a webhook formatter) and archive-filter (a
-# conversation filter).
+# Python: cloudevents (a webhook formatter), archive-filter (a
+# conversation filter) and role-targets (a control handler).
 build_python cloudevents "$py_dir" formatter cloudevents_formatter "$out/cloudevents.wasm"
 build_python archive-filter "$archive_dir" filter archive_filter "$out/archive_filter.wasm"
+build_python role-targets "$roles_dir" control role_targets "$out/role_targets.wasm"

@@ -3,6 +3,7 @@
 
 mod churn;
 mod config;
+mod control;
 mod conversations;
 mod drain;
 mod frames;

@@ -1,0 +1,2651 @@
+//! `bench-messaging`: messages through the gateway (persisted, delivered,
+//! written to the outbox and delivered as webhooks) beside a bare
+//! tokio-tungstenite relay measured the same way in the same run
+//! (DESIGN.md §7: ≥ 30,000 1:1 msg/s, p99 send→deliver ≤ 20 ms at half that
+//! rate; one message to a 10,000-member group, all online, in ≤ 200 ms).
+//!
+//! ```text
+//! cargo build --release -p plugboard-tests --bin bench-messaging --bin gateway-under-test
+//! ./target/release/bench-messaging [--quick] [--pairs P] [--window W] [--duration SECS] ...
+//! ```
+//!
+//! `--help` lists every option. The defaults finish in about three minutes
+//! on a 2-core machine; `--quick` is a smoke run with small sizes.
+//!
+//! Four measurements, each on a fresh gateway (the real binary started
+//! through the test harness, SQLite in a temporary folder, one webhook
+//! endpoint served by a tiny receiver in this process that answers 204 and
+//! counts events):
+//!
+//! 1. **1:1 throughput and latency.** P sender connections each message
+//!    their own receiver connection (person channels), each sender keeping
+//!    W sends in flight (the gateway answers one connection's sends in
+//!    order). After a warm-up, for D seconds: acknowledged msgs/s, msgs/s
+//!    delivered at the receivers, send→deliver latency (the sender puts its
+//!    send instant, in nanoseconds since a clock shared by the whole
+//!    process, in the payload; the receivers compute the delay) and
+//!    send→sendack latency. Then, on a fresh gateway, a paced run at half
+//!    the measured maximum (or at DESIGN's 15,000 msg/s when the maximum is
+//!    above 30,000). Both report the webhook delivery rate and how far the
+//!    webhooks were behind when the load stopped.
+//! 2. **The baseline** for 1:1: this same executable run with a hidden
+//!    `--baseline-server` argument, a bare tokio-tungstenite relay. Clients
+//!    name themselves with `?user=`; a `send` frame becomes a `message`
+//!    frame on the named user's connection (bounded queue of 1,024 frames,
+//!    as the gateway's) and is answered with a `sendack`. No storage, no
+//!    webhooks. The same client code measures it, at its own maximum and at
+//!    the gateway's paced rate.
+//! 3. **Group fan-out.** A group of N members (10,000 by default), every
+//!    member connected (client sockets bound to 127.0.0.2…127.0.0.9 in
+//!    turn), one message sent through `POST /v1/messages`; the time from
+//!    the request until the last member received it, repeated.
+//! 4. **Conversation sync.** A user with C conversations (C senders each
+//!    message the user through the API), then over R runs: one page of 100
+//!    through the API, the full list through the API in pages of 100, and
+//!    the full list through `sync_conversations` frames with limit 500.
+//!
+//! Every wait is bounded. A failure is reported, with what was seen, and is
+//! not a crash: a benchmark prints figures, it asserts nothing. All traffic
+//! stays on 127.0.0.x. The clients, the webhook receiver and the server share
+//! the machine's cores, so every rate is a figure for the whole system.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Router;
+use futures_util::{SinkExt, StreamExt};
+use plugboard_tests::gateway::{API_KEY, JWT_SECRET};
+use plugboard_tests::{Gateway, GatewayOptions};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// DESIGN.md §7.
+const TARGET_RATE: f64 = 30_000.0;
+const TARGET_PACED_P99_MS: f64 = 20.0;
+const TARGET_FANOUT_MS: f64 = 200.0;
+
+/// The hidden argument that turns this executable into the baseline relay.
+const BASELINE_FLAG: &str = "--baseline-server";
+const BASELINE_READY: &str = "baseline: listening on ";
+
+/// Merged over the harness's test defaults: production heartbeat and auth
+/// deadline, quiet logs (the harness logs at debug, a line per frame).
+const GATEWAY_TOML: &str = r#"
+[gateway]
+ping_interval = "25s"
+pong_timeout = "10s"
+auth_timeout = "10s"
+[log]
+level = "warn"
+"#;
+
+/// Longest wait for a sender's outstanding sendacks after the load stops,
+/// and for the receivers to get what was acknowledged.
+const ACK_GRACE: Duration = Duration::from_secs(10);
+
+const USAGE: &str = "\
+usage: bench-messaging [options]
+
+  --quick                small sizes for a smoke run (other options still apply after it)
+  1:1 throughput and latency:
+  --pairs P              sender/receiver connection pairs (default 200)
+  --window W             sends in flight per sender (default 8)
+  --warmup SECS          load before measuring (default 3)
+  --duration SECS        measured load at the maximum rate (default 10)
+  --paced-duration SECS  measured load of the paced run (default 10)
+  --paced-rate MSGS      rate of the paced runs in msg/s (default: half the gateway's
+                         maximum, or 15000 when the maximum is above 30000)
+  --webhook-drain SECS   after the maximum-rate run, watch the webhook backlog drain
+                         this long at most (default 15)
+  --webhook-batch N      batch_max of the webhook endpoint (default 1, the production default)
+  group fan-out:
+  --group-members N      members of the group, all connected (default 10000)
+  --group-repeats N      messages sent to it, one at a time (default 5)
+  conversation sync:
+  --conversations N      conversations of the syncing user (default 1000)
+  --sync-runs N          runs of each kind of sync (default 50)
+  connections:
+  --concurrency C        connection attempts in flight at once (default 200)
+  --sources K            client source addresses 127.0.0.2 .. 127.0.0.(K+1) (default 8)
+  phases:
+  --no-one-to-one  --no-baseline  --no-group  --no-sync
+";
+
+#[derive(Clone, Debug)]
+struct Options {
+    pairs: usize,
+    window: usize,
+    warmup: Duration,
+    duration: Duration,
+    paced_duration: Duration,
+    paced_rate: Option<f64>,
+    webhook_drain: Duration,
+    webhook_batch: usize,
+    group_members: usize,
+    group_repeats: usize,
+    conversations: usize,
+    sync_runs: usize,
+    concurrency: usize,
+    sources: usize,
+    one_to_one: bool,
+    baseline: bool,
+    group: bool,
+    sync: bool,
+    quick: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pairs: 200,
+            window: 8,
+            warmup: Duration::from_secs(3),
+            duration: Duration::from_secs(10),
+            paced_duration: Duration::from_secs(10),
+            paced_rate: None,
+            webhook_drain: Duration::from_secs(15),
+            webhook_batch: 1,
+            group_members: 10_000,
+            group_repeats: 5,
+            conversations: 1_000,
+            sync_runs: 50,
+            concurrency: 200,
+            sources: 8,
+            one_to_one: true,
+            baseline: true,
+            group: true,
+            sync: true,
+            quick: false,
+        }
+    }
+}
+
+impl Options {
+    fn quick() -> Self {
+        Options {
+            pairs: 20,
+            window: 4,
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(3),
+            paced_duration: Duration::from_secs(3),
+            webhook_drain: Duration::from_secs(3),
+            group_members: 500,
+            group_repeats: 3,
+            conversations: 100,
+            sync_runs: 10,
+            quick: true,
+            ..Options::default()
+        }
+    }
+}
+
+fn parse_options(args: &[String]) -> Result<Options, String> {
+    let mut o = if args.iter().any(|a| a == "--quick") {
+        Options::quick()
+    } else {
+        Options::default()
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let number = |name: &str, v: String| -> Result<usize, String> {
+            v.parse::<usize>()
+                .map_err(|_| format!("{name}: `{v}` is not a whole number"))
+        };
+        let secs = |n: usize| Duration::from_secs(n as u64);
+        match flag.as_str() {
+            "--quick" => {}
+            "--pairs" => o.pairs = number(&flag, value(&flag)?)?.max(1),
+            "--window" => o.window = number(&flag, value(&flag)?)?.max(1),
+            "--warmup" => o.warmup = secs(number(&flag, value(&flag)?)?),
+            "--duration" => o.duration = secs(number(&flag, value(&flag)?)?.max(1)),
+            "--paced-duration" => o.paced_duration = secs(number(&flag, value(&flag)?)?.max(1)),
+            "--paced-rate" => o.paced_rate = Some(number(&flag, value(&flag)?)?.max(1) as f64),
+            "--webhook-drain" => o.webhook_drain = secs(number(&flag, value(&flag)?)?),
+            "--webhook-batch" => o.webhook_batch = number(&flag, value(&flag)?)?.clamp(1, 1000),
+            "--group-members" => o.group_members = number(&flag, value(&flag)?)?.max(1),
+            "--group-repeats" => o.group_repeats = number(&flag, value(&flag)?)?.max(1),
+            "--conversations" => o.conversations = number(&flag, value(&flag)?)?.max(1),
+            "--sync-runs" => o.sync_runs = number(&flag, value(&flag)?)?.max(1),
+            "--concurrency" => o.concurrency = number(&flag, value(&flag)?)?.max(1),
+            "--sources" => o.sources = number(&flag, value(&flag)?)?.clamp(1, 250),
+            "--no-one-to-one" => o.one_to_one = false,
+            "--no-baseline" => o.baseline = false,
+            "--no-group" => o.group = false,
+            "--no-sync" => o.sync = false,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(BASELINE_FLAG) {
+        return baseline_server();
+    }
+    let opts = match parse_options(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("bench-messaging: {e}\n");
+            }
+            eprint!("{USAGE}");
+            return ExitCode::from(if e.is_empty() { 0 } else { 2 });
+        }
+    };
+    // Before anything starts: the gateways and the baseline inherit the limit.
+    plugboard_tests::raise_fd_limit();
+    let _ = now_ns();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench-messaging: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-messaging: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clock and process facts
+
+static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+
+/// Nanoseconds since the clock every task of this process shares.
+fn now_ns() -> u64 {
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+fn ns_at(at: Instant) -> u64 {
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    at.into_std()
+        .checked_duration_since(epoch)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based).
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some((utime + stime) / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn open_files_limit() -> String {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            let l = t.lines().find(|l| l.starts_with("Max open files"))?;
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(format!("{} (hard {})", f.get(3)?, f.get(4)?))
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "{cores} cores ({cpu}), {mem_gib:.1} GiB RAM, open-files limit {}",
+        open_files_limit()
+    )
+}
+
+/// CPU used by the server and by this process over an interval, in cores.
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuMark {
+    at: Option<std::time::Instant>,
+    server: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl CpuMark {
+    fn take(server_pid: u32) -> CpuMark {
+        CpuMark {
+            at: Some(std::time::Instant::now()),
+            server: cpu_seconds(server_pid),
+            bench: cpu_seconds(std::process::id()),
+        }
+    }
+
+    /// (server cores, bench cores) from `self` to `later`.
+    fn cores(&self, later: &CpuMark) -> (Option<f64>, Option<f64>) {
+        let Some(secs) = later
+            .at
+            .zip(self.at)
+            .map(|(b, a)| b.duration_since(a).as_secs_f64())
+            .filter(|s| *s > 0.0)
+        else {
+            return (None, None);
+        };
+        let d = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs);
+        (d(self.server, later.server), d(self.bench, later.bench))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The gateway's metrics
+
+/// One reading of `GET /metrics`: every series, by its full name with labels.
+#[derive(Clone, Debug, Default)]
+struct Snapshot(BTreeMap<String, f64>);
+
+impl Snapshot {
+    fn parse(text: &str) -> Snapshot {
+        let mut map = BTreeMap::new();
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            if let Some((series, v)) = l.rsplit_once(' ') {
+                if let Ok(v) = v.parse::<f64>() {
+                    map.insert(series.to_string(), v);
+                }
+            }
+        }
+        Snapshot(map)
+    }
+
+    /// The sum over the series of metric `name` (any labels).
+    fn sum(&self, name: &str) -> f64 {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.split('{').next() == Some(name))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Cumulative bucket counts of histogram `name`, by upper bound.
+    fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{");
+        let mut out: Vec<(f64, f64)> = self
+            .0
+            .iter()
+            .filter_map(|(k, v)| {
+                let labels = k.strip_prefix(&prefix)?;
+                let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, *v))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out
+    }
+}
+
+/// What a histogram did between two readings.
+struct HistDelta {
+    count: f64,
+    sum: f64,
+    /// Cumulative counts by upper bound.
+    buckets: Vec<(f64, f64)>,
+}
+
+impl HistDelta {
+    fn of(before: &Snapshot, after: &Snapshot, name: &str) -> HistDelta {
+        let b = before.buckets(name);
+        let buckets = after
+            .buckets(name)
+            .into_iter()
+            .map(|(le, v)| {
+                let was = b.iter().find(|(l, _)| *l == le).map_or(0.0, |x| x.1);
+                (le, v - was)
+            })
+            .collect();
+        HistDelta {
+            count: after.sum(&format!("{name}_count")) - before.sum(&format!("{name}_count")),
+            sum: after.sum(&format!("{name}_sum")) - before.sum(&format!("{name}_sum")),
+            buckets,
+        }
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count)
+    }
+
+    /// The upper bound of the bucket holding quantile `q`.
+    fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let want = q * self.count;
+        self.buckets
+            .iter()
+            .find(|(_, c)| *c >= want)
+            .map(|(le, _)| *le)
+    }
+}
+
+async fn snapshot(http: &reqwest::Client, base: &str) -> Option<Snapshot> {
+    let resp = http
+        .get(format!("{base}/metrics"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .ok()?;
+    Some(Snapshot::parse(&resp.text().await.ok()?))
+}
+
+/// The gateway's own view of an interval, as report lines.
+fn metric_lines(before: &Snapshot, after: &Snapshot, secs: f64) -> Vec<String> {
+    let d = |name: &str| after.sum(name) - before.sum(name);
+    let mut lines = Vec::new();
+    let batches = HistDelta::of(before, after, "plugboard_storage_batch_size");
+    let commits = HistDelta::of(before, after, "plugboard_storage_commit_seconds");
+    let msg = HistDelta::of(before, after, "plugboard_message_commit_seconds");
+    let hook = HistDelta::of(before, after, "plugboard_webhook_latency_seconds");
+    let lag = HistDelta::of(before, after, "plugboard_webhook_event_lag_seconds");
+    let ms = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.2} ms", s * 1e3));
+    let bound = |s: Option<f64>| match s {
+        Some(s) if s.is_infinite() => "> largest bucket".to_string(),
+        Some(s) => format!("≤ {:.1} ms", s * 1e3),
+        None => "-".into(),
+    };
+    if batches.count > 0.0 && secs > 0.0 {
+        lines.push(format!(
+            "storage transactions: {:.0} ({:.0}/s), {:.1} writes each on average, {} each on average ({:.0}% of the time busy committing)",
+            batches.count,
+            batches.count / secs,
+            batches.mean().unwrap_or(0.0),
+            ms(commits.mean()),
+            100.0 * commits.sum / secs
+        ));
+    }
+    if msg.count > 0.0 {
+        lines.push(format!(
+            "message commit (send request to durable commit): {:.0} messages, mean {}, p50 {}, p99 {}",
+            msg.count,
+            ms(msg.mean()),
+            bound(msg.quantile_bound(0.5)),
+            bound(msg.quantile_bound(0.99))
+        ));
+    }
+    lines.push(format!(
+        "fan-out frames queued: {:.0}; dropped (queue full or gone): {:.0}",
+        d("plugboard_fanout_frames_total"),
+        d("plugboard_fanout_dropped_total")
+    ));
+    if hook.count > 0.0 {
+        lines.push(format!(
+            "webhook requests: {:.0} ({:.0}/s), mean {}; event creation to delivery: mean {}, p99 {}",
+            hook.count,
+            hook.count / secs.max(1e-9),
+            ms(hook.mean()),
+            ms(lag.mean()),
+            bound(lag.quantile_bound(0.99))
+        ));
+    }
+    let errors = d("plugboard_frame_errors_total");
+    if errors > 0.0 {
+        lines.push(format!("frame errors: {errors:.0}"));
+    }
+    lines
+}
+
+// ---------------------------------------------------------------------------
+// The webhook receiver
+
+/// Counts what reaches the webhook endpoint; every request is answered 204.
+#[derive(Default)]
+struct Hooks {
+    requests: AtomicU64,
+    messages: AtomicU64,
+    opened: AtomicU64,
+    other: AtomicU64,
+}
+
+impl Hooks {
+    fn messages(&self) -> u64 {
+        self.messages.load(Ordering::SeqCst)
+    }
+    fn opened(&self) -> u64 {
+        self.opened.load(Ordering::SeqCst)
+    }
+}
+
+fn occurrences(hay: &[u8], needle: &[u8]) -> u64 {
+    hay.windows(needle.len()).filter(|w| *w == needle).count() as u64
+}
+
+async fn hook(State(h): State<Arc<Hooks>>, body: Bytes) -> StatusCode {
+    h.requests.fetch_add(1, Ordering::Relaxed);
+    // Envelopes read `{"id":…,"type":"message.created",…}`; a batch holds several.
+    let all = occurrences(&body, b"{\"id\":");
+    let messages = occurrences(&body, b"\"type\":\"message.created\"");
+    let opened = occurrences(&body, b"\"type\":\"connection.opened\"");
+    let batch = u64::from(occurrences(&body, b"\"type\":\"batch\"") > 0);
+    h.messages.fetch_add(messages, Ordering::SeqCst);
+    h.opened.fetch_add(opened, Ordering::SeqCst);
+    h.other.fetch_add(
+        all.saturating_sub(messages + opened + batch),
+        Ordering::Relaxed,
+    );
+    StatusCode::NO_CONTENT
+}
+
+async fn start_hooks() -> anyhow::Result<(Arc<Hooks>, String)> {
+    let hooks = Arc::new(Hooks::default());
+    let app = Router::new().fallback(hook).with_state(hooks.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("bench-messaging: the webhook receiver stopped: {e}");
+        }
+    });
+    Ok((hooks, format!("http://{addr}/hooks")))
+}
+
+/// Waits until `check` holds, or `limit` passes; whether it held.
+async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Servers
+
+/// A gateway for one phase, with the webhook endpoint; `Gateway::start`
+/// panics when the gateway does not come up, which is caught and reported.
+async fn start_gateway(hook_url: &str, opts: &Options) -> anyhow::Result<Gateway> {
+    let batch = if opts.webhook_batch > 1 {
+        format!("batch_max = {}\n", opts.webhook_batch)
+    } else {
+        String::new()
+    };
+    let webhooks = format!(
+        "[[webhooks]]\nname = \"rx\"\nurl = {hook_url:?}\nsecret = {:?}\n{batch}",
+        plugboard_tests::receiver::SECRET
+    );
+    let gw_opts = GatewayOptions::default()
+        .extra(GATEWAY_TOML)
+        .extra(&webhooks);
+    tokio::spawn(Gateway::start(gw_opts))
+        .await
+        .map_err(|e| anyhow::anyhow!("the gateway did not start: {e}"))
+}
+
+/// The baseline relay as a child process.
+async fn start_baseline() -> anyhow::Result<(Child, SocketAddr)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg(BASELINE_FLAG)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix(BASELINE_READY) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        }
+    });
+    let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+        .await?
+        .ok()
+        .and_then(|a| a.parse::<SocketAddr>().ok());
+    match addr {
+        Some(a) => Ok((child, a)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the baseline relay did not report its address")
+        }
+    }
+}
+
+async fn stop_baseline(mut child: Child) {
+    let _ = child.kill();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+}
+
+/// The baseline relay: a bare tokio-tungstenite server. Binds 127.0.0.1:0
+/// and prints its address. Each connection names its user with `?user=`,
+/// gets a `meta` `connect` frame, and then: a `send` frame to a person
+/// becomes a `message` frame queued to that user's connection (a bounded
+/// queue of 1,024 frames; a full queue drops the frame, as the gateway
+/// does) and is answered with a `sendack`. No storage, no webhooks.
+fn baseline_server() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baseline: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("baseline: cannot listen: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match listener.local_addr() {
+            Ok(addr) => {
+                println!("{BASELINE_READY}{addr}");
+                let _ = std::io::stdout().flush();
+            }
+            Err(e) => {
+                eprintln!("baseline: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        let hub: Arc<Mutex<BTreeMap<String, mpsc::Sender<Message>>>> = Arc::default();
+        let next_id = Arc::new(AtomicU64::new(1));
+        let mut accept_errors = 0usize;
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    let _ = tcp.set_nodelay(true);
+                    tokio::spawn(relay_connection(tcp, hub.clone(), next_id.clone()));
+                }
+                Err(e) => {
+                    accept_errors += 1;
+                    if accept_errors <= 5 {
+                        eprintln!("baseline: accept failed: {e}");
+                    }
+                    sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct RelaySend {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    channel_type: Option<String>,
+    #[serde(default)]
+    channel_id: Option<String>,
+    #[serde(default)]
+    payload: Option<Box<serde_json::value::RawValue>>,
+}
+
+async fn relay_connection(
+    tcp: TcpStream,
+    hub: Arc<Mutex<BTreeMap<String, mpsc::Sender<Message>>>>,
+    next_id: Arc<AtomicU64>,
+) {
+    let mut user: Option<String> = None;
+    let callback = |req: &Request, resp: Response| {
+        user = req.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("user="))
+                .map(str::to_string)
+        });
+        Ok(resp)
+    };
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let Ok(mut ws) =
+        tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await
+    else {
+        return;
+    };
+    let Some(user) = user else {
+        let _ = ws.close(None).await;
+        return;
+    };
+    let (tx, mut rx) = mpsc::channel::<Message>(1024);
+    hub.lock().unwrap().insert(user.clone(), tx.clone());
+    let hello = json!({"type": "meta", "event": "connect", "user_id": user}).to_string();
+    if ws.send(Message::text(hello)).await.is_err() {
+        return;
+    }
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            frame = rx.recv() => {
+                let Some(frame) = frame else { break };
+                if ws.send(frame).await.is_err() {
+                    break;
+                }
+            }
+            msg = ws.next() => {
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue,
+                };
+                let reply = match serde_json::from_str::<RelaySend>(text.as_str()) {
+                    Ok(f) if f.kind == "send" && f.channel_type.as_deref() == Some("person") => {
+                        let to = f.channel_id.unwrap_or_default();
+                        let payload = f.payload.map_or("null".to_string(), |p| p.get().to_string());
+                        seq += 1;
+                        let n = next_id.fetch_add(1, Ordering::Relaxed);
+                        let message_id = format!("msg_{n:026}");
+                        let frame = json!({
+                            "type": "message",
+                            "message_id": message_id,
+                            "channel_type": "person",
+                            "channel_id": user,
+                            "sender": user,
+                            "seq": seq,
+                            "version": n,
+                        });
+                        // The payload goes in as raw JSON, as the gateway embeds it.
+                        let mut text = frame.to_string();
+                        text.pop();
+                        text.push_str(",\"payload\":");
+                        text.push_str(&payload);
+                        text.push('}');
+                        let target = hub.lock().unwrap().get(&to).cloned();
+                        if let Some(t) = target {
+                            let _ = t.try_send(Message::text(text));
+                        }
+                        let mut ack = json!({
+                            "type": "sendack", "message_id": message_id, "channel_type": "person",
+                            "channel_id": to, "seq": seq, "version": n, "duplicate": false,
+                        });
+                        if let Some(id) = f.id {
+                            ack["id"] = id;
+                        }
+                        ack.to_string()
+                    }
+                    Ok(f) => json!({"type": "error", "code": "unknown_type", "id": f.id}).to_string(),
+                    Err(_) => json!({"type": "error", "code": "malformed_frame"}).to_string(),
+                };
+                if ws.send(Message::text(reply)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let mut hub = hub.lock().unwrap();
+    if hub.get(&user).is_some_and(|t| t.same_channel(&tx)) {
+        hub.remove(&user);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+/// Client connections are not what is measured: a small read buffer keeps
+/// 10,000 of them cheap.
+fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096)
+}
+
+type ClientWs = WebSocketStream<TcpStream>;
+
+/// One connection: TCP connect from `source`, WebSocket upgrade, then the
+/// first frame, which must be `meta` / `connect`.
+async fn connect_one(
+    server: SocketAddr,
+    source: Ipv4Addr,
+    url: &str,
+    deadline: Instant,
+) -> Result<ClientWs, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket(): {e}"))?;
+    socket
+        .bind(SocketAddr::new(source.into(), 0))
+        .map_err(|e| format!("bind to a 127.0.0.x source: {e}"))?;
+    let tcp = match timeout_at(deadline, socket.connect(server)).await {
+        Err(_) => return Err("timed out in the TCP connect".into()),
+        Ok(Err(e)) => return Err(format!("TCP connect: {e}")),
+        Ok(Ok(tcp)) => tcp,
+    };
+    let _ = tcp.set_nodelay(true);
+    let request = url
+        .into_client_request()
+        .map_err(|e| format!("bad request: {e}"))?;
+    let handshake =
+        tokio_tungstenite::client_async_with_config(request, tcp, Some(client_config()));
+    let mut ws = match timeout_at(deadline, handshake).await {
+        Err(_) => return Err("timed out in the WebSocket upgrade".into()),
+        Ok(Err(e)) => return Err(format!("WebSocket upgrade: {e}")),
+        Ok(Ok((ws, _))) => ws,
+    };
+    loop {
+        match timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err("timed out waiting for the connect frame".into()),
+            Ok(None) => return Err("closed before the connect frame".into()),
+            Ok(Some(Err(e))) => return Err(format!("error before the connect frame: {e}")),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let v: Value = serde_json::from_str(text.as_str())
+                    .map_err(|_| "first frame is not JSON".to_string())?;
+                if v["type"] == "meta" && v["event"] == "connect" {
+                    return Ok(ws);
+                }
+                return Err(format!("first frame is not meta/connect: {v}"));
+            }
+            Ok(Some(Ok(Message::Close(f)))) => {
+                return Err(format!(
+                    "close frame {} before the connect frame",
+                    f.map(|f| u16::from(f.code)).unwrap_or(1005)
+                ))
+            }
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
+/// Opens one connection per URL, at most `concurrency` attempts in flight,
+/// sources 127.0.0.2.. in turn. Results in the order of `urls`.
+async fn connect_many(
+    server: SocketAddr,
+    urls: Vec<String>,
+    concurrency: usize,
+    sources: usize,
+    first_source: usize,
+) -> (Vec<Option<ClientWs>>, BTreeMap<String, usize>, Duration) {
+    let started = Instant::now();
+    let semaphore = Arc::new(Semaphore::new(concurrency));
+    let mut handles: Vec<JoinHandle<Result<ClientWs, String>>> = Vec::with_capacity(urls.len());
+    for (i, url) in urls.into_iter().enumerate() {
+        let Ok(permit) = semaphore.clone().acquire_owned().await else {
+            break;
+        };
+        let source = Ipv4Addr::new(127, 0, 0, 2 + ((first_source + i) % sources) as u8);
+        handles.push(tokio::spawn(async move {
+            let r = connect_one(
+                server,
+                source,
+                &url,
+                Instant::now() + Duration::from_secs(30),
+            )
+            .await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut out = Vec::with_capacity(handles.len());
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    for h in handles {
+        match h.await {
+            Ok(Ok(ws)) => out.push(Some(ws)),
+            Ok(Err(why)) => {
+                *failures.entry(why).or_default() += 1;
+                out.push(None);
+            }
+            Err(e) => {
+                *failures.entry(format!("task failed: {e}")).or_default() += 1;
+                out.push(None);
+            }
+        }
+    }
+    (out, failures, started.elapsed())
+}
+
+/// The fields of a server frame this program reads.
+#[derive(Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    payload: Option<Value>,
+}
+
+fn frame_of(msg: &Message) -> Option<Frame> {
+    match msg {
+        Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
+        _ => None,
+    }
+}
+
+fn ended_by(msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> String {
+    match msg {
+        None => "connection ended".into(),
+        Some(Err(e)) => format!("connection error: {e}"),
+        Some(Ok(Message::Close(f))) => format!(
+            "close frame {}",
+            f.map(|f| format!("{} {}", u16::from(f.code), f.reason))
+                .unwrap_or_else(|| "1005".into())
+        ),
+        Some(Ok(_)) => "unexpected frame".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1:1 load
+
+/// What the senders and receivers of one load run share.
+struct LoadCtx {
+    window: usize,
+    /// Per sender: time between sends (paced runs only).
+    interval: Option<Duration>,
+    pairs: usize,
+    start: Instant,
+    measure_from: Instant,
+    stop: Instant,
+    acked_total: AtomicU64,
+    delivered_total: AtomicU64,
+}
+
+#[derive(Default)]
+struct SendOut {
+    sent: u64,
+    sent_in_window: u64,
+    acked_in_window: u64,
+    acked: u64,
+    /// Send to sendack, for sends made in the window, in ns.
+    ack_lat: Vec<u64>,
+    errors: BTreeMap<String, usize>,
+    out_of_order: u64,
+    unacked: u64,
+    ended: Option<String>,
+}
+
+async fn sender(
+    mut ws: ClientWs,
+    peer: String,
+    index: usize,
+    ctx: Arc<LoadCtx>,
+) -> (SendOut, Option<ClientWs>) {
+    let mut out = SendOut::default();
+    let mut pending: VecDeque<(u64, u64)> = VecDeque::with_capacity(ctx.window);
+    let mut next_id = 0u64;
+    let (from_ns, stop_ns) = (ns_at(ctx.measure_from), ns_at(ctx.stop));
+    // Paced senders start spread over one interval, so they do not send in step.
+    let mut next_due = ctx.start
+        + ctx
+            .interval
+            .map(|i| i.mul_f64(index as f64 / ctx.pairs as f64))
+            .unwrap_or_default();
+    let give_up = ctx.stop + ACK_GRACE;
+    sleep_until(ctx.start).await;
+    loop {
+        let now = Instant::now();
+        let sending = now < ctx.stop;
+        if !sending && pending.is_empty() {
+            break;
+        }
+        if now >= give_up {
+            out.unacked = pending.len() as u64;
+            break;
+        }
+        let mut wrote = false;
+        while sending && pending.len() < ctx.window && Instant::now() >= next_due {
+            let t = now_ns();
+            let frame = format!(
+                r#"{{"type":"send","id":{next_id},"channel_type":"person","channel_id":"{peer}","payload":{{"t":{t}}}}}"#
+            );
+            if let Err(e) = ws.feed(Message::text(frame)).await {
+                out.ended = Some(format!("send failed: {e}"));
+                out.unacked = pending.len() as u64;
+                return (out, None);
+            }
+            pending.push_back((next_id, t));
+            next_id += 1;
+            out.sent += 1;
+            if (from_ns..stop_ns).contains(&t) {
+                out.sent_in_window += 1;
+            }
+            if let Some(i) = ctx.interval {
+                next_due += i;
+            }
+            wrote = true;
+        }
+        if wrote {
+            if let Err(e) = ws.flush().await {
+                out.ended = Some(format!("send failed: {e}"));
+                out.unacked = pending.len() as u64;
+                return (out, None);
+            }
+        }
+        let wake = if sending {
+            if ctx.interval.is_some() && pending.len() < ctx.window {
+                next_due.min(ctx.stop)
+            } else {
+                ctx.stop
+            }
+        } else {
+            give_up
+        };
+        tokio::select! {
+            msg = ws.next() => {
+                let Some(Ok(m)) = &msg else {
+                    out.ended = Some(ended_by(msg));
+                    out.unacked = pending.len() as u64;
+                    return (out, None);
+                };
+                if let Message::Close(_) = m {
+                    out.ended = Some(ended_by(msg));
+                    out.unacked = pending.len() as u64;
+                    return (out, None);
+                }
+                let Some(f) = frame_of(m) else { continue };
+                if f.kind != "sendack" && f.kind != "error" {
+                    continue;
+                }
+                let Some((id, t)) = pending.pop_front() else {
+                    *out.errors.entry(format!("unexpected {}", f.kind)).or_default() += 1;
+                    continue;
+                };
+                if f.id.as_ref().and_then(Value::as_u64) != Some(id) {
+                    out.out_of_order += 1;
+                }
+                if f.kind == "error" {
+                    let code = f.code.unwrap_or_default();
+                    *out.errors.entry(format!("error {code}")).or_default() += 1;
+                    continue;
+                }
+                let now = now_ns();
+                out.acked += 1;
+                ctx.acked_total.fetch_add(1, Ordering::SeqCst);
+                if (from_ns..stop_ns).contains(&now) {
+                    out.acked_in_window += 1;
+                }
+                if (from_ns..stop_ns).contains(&t) {
+                    out.ack_lat.push(now.saturating_sub(t));
+                }
+            }
+            _ = sleep_until(wake) => {}
+        }
+    }
+    (out, Some(ws))
+}
+
+#[derive(Default)]
+struct RecvOut {
+    delivered: u64,
+    delivered_in_window: u64,
+    /// Send to delivery, for sends made in the window, in ns.
+    lat: Vec<u64>,
+    ended: Option<String>,
+}
+
+async fn receiver(
+    mut ws: ClientWs,
+    ctx: Arc<LoadCtx>,
+    mut stop: watch::Receiver<bool>,
+) -> (RecvOut, Option<ClientWs>) {
+    let mut out = RecvOut::default();
+    let (from_ns, stop_ns) = (ns_at(ctx.measure_from), ns_at(ctx.stop));
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            msg = ws.next() => {
+                let Some(Ok(m)) = &msg else {
+                    out.ended = Some(ended_by(msg));
+                    return (out, None);
+                };
+                if let Message::Close(_) = m {
+                    out.ended = Some(ended_by(msg));
+                    return (out, None);
+                }
+                let now = now_ns();
+                let Some(f) = frame_of(m) else { continue };
+                if f.kind != "message" {
+                    continue;
+                }
+                let Some(t) = f.payload.as_ref().and_then(|p| p["t"].as_u64()) else {
+                    continue;
+                };
+                out.delivered += 1;
+                ctx.delivered_total.fetch_add(1, Ordering::SeqCst);
+                if (from_ns..stop_ns).contains(&now) {
+                    out.delivered_in_window += 1;
+                }
+                if (from_ns..stop_ns).contains(&t) {
+                    out.lat.push(now.saturating_sub(t));
+                }
+            }
+        }
+    }
+    (out, Some(ws))
+}
+
+/// How the webhooks kept up with a load run (gateway only).
+#[derive(Clone, Debug, Default)]
+struct HookFigures {
+    /// message.created events delivered per second in the measured window.
+    rate_in_window: f64,
+    /// Messages acknowledged but not yet delivered as webhooks when the load stopped.
+    behind_at_stop: u64,
+    /// Same, as seconds of load at the acknowledged rate.
+    behind_secs: f64,
+    /// After the load: how long the drain was watched, and events delivered in it.
+    drain_watched: Duration,
+    drain_events: u64,
+    /// Still undelivered at the end of the watch.
+    behind_at_end: u64,
+}
+
+#[derive(Default)]
+struct LoadResult {
+    label: String,
+    pairs: usize,
+    window: usize,
+    requested_rate: Option<f64>,
+    secs: f64,
+    connect_failures: BTreeMap<String, usize>,
+    connect_time: Duration,
+    sent_in_window: u64,
+    acked_in_window: u64,
+    delivered_in_window: u64,
+    acked_total: u64,
+    delivered_total: u64,
+    unacked: u64,
+    out_of_order: u64,
+    errors: BTreeMap<String, usize>,
+    ended: BTreeMap<String, usize>,
+    /// Sorted, ns.
+    deliver_lat: Vec<u64>,
+    ack_lat: Vec<u64>,
+    server_cores: Option<f64>,
+    bench_cores: Option<f64>,
+    server_rss_mib: Option<f64>,
+    hooks: Option<HookFigures>,
+    metrics: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl LoadResult {
+    fn rate(&self, n: u64) -> f64 {
+        if self.secs > 0.0 {
+            n as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+    fn acked_rate(&self) -> f64 {
+        self.rate(self.acked_in_window)
+    }
+}
+
+/// Where the servers of a load run are.
+struct Target<'a> {
+    label: String,
+    server: SocketAddr,
+    pid: u32,
+    /// Gateway: mint tokens; baseline: `?user=`.
+    gateway: Option<&'a Gateway>,
+    hooks: Option<&'a Hooks>,
+    http: &'a reqwest::Client,
+}
+
+impl Target<'_> {
+    fn url(&self, user: &str) -> String {
+        match self.gateway {
+            Some(gw) => format!(
+                "ws://{}/v1/ws?token={}",
+                self.server,
+                gw.token(user, None, None)
+            ),
+            None => format!("ws://{}/v1/ws?user={user}", self.server),
+        }
+    }
+}
+
+/// One 1:1 load run: P pairs, W in flight per sender, at the maximum rate
+/// (`rate` None) or paced at `rate` msg/s in all.
+async fn load_run(
+    t: &Target<'_>,
+    opts: &Options,
+    rate: Option<f64>,
+    measure: Duration,
+    drain: Duration,
+) -> LoadResult {
+    let p = opts.pairs;
+    let mut r = LoadResult {
+        label: t.label.clone(),
+        pairs: p,
+        window: opts.window,
+        requested_rate: rate,
+        ..LoadResult::default()
+    };
+    let senders: Vec<String> = (0..p).map(|i| format!("s{i:05}")).collect();
+    let receivers: Vec<String> = (0..p).map(|i| format!("r{i:05}")).collect();
+    let urls: Vec<String> = receivers
+        .iter()
+        .chain(senders.iter())
+        .map(|u| t.url(u))
+        .collect();
+    let opened_before = t.hooks.map_or(0, Hooks::opened);
+    eprintln!("[{}] opening {} connections", t.label, 2 * p);
+    let (mut conns, failures, took) =
+        connect_many(t.server, urls, opts.concurrency, opts.sources, 0).await;
+    r.connect_failures = failures;
+    r.connect_time = took;
+    let mut send_ws = conns.split_off(p);
+    let mut recv_ws = conns;
+    let mut pairs: Vec<(ClientWs, ClientWs, String)> = Vec::new();
+    for i in 0..p {
+        if let (Some(s), Some(rx)) = (send_ws[i].take(), recv_ws[i].take()) {
+            pairs.push((s, rx, receivers[i].clone()));
+        }
+    }
+    if pairs.len() < p {
+        r.notes.push(format!(
+            "{} of {p} pairs could not connect and are left out",
+            p - pairs.len()
+        ));
+    }
+    r.pairs = pairs.len();
+    if pairs.is_empty() {
+        r.notes.push("no pair connected: nothing measured".into());
+        return r;
+    }
+    if let Some(h) = t.hooks {
+        // The opens go out as webhooks too; let them pass before the load.
+        let want = opened_before + 2 * pairs.len() as u64;
+        if !wait_for(Duration::from_secs(30), || h.opened() >= want).await {
+            r.notes.push(format!(
+                "only {} of {} connection.opened webhooks had arrived 30 s after the connects; load started anyway",
+                h.opened() - opened_before,
+                want - opened_before
+            ));
+        }
+    }
+
+    let start = Instant::now() + Duration::from_millis(200);
+    let measure_from = start + opts.warmup;
+    let ctx = Arc::new(LoadCtx {
+        window: opts.window,
+        interval: rate.map(|rate| Duration::from_secs_f64(pairs.len() as f64 / rate)),
+        pairs: pairs.len(),
+        start,
+        measure_from,
+        stop: measure_from + measure,
+        acked_total: AtomicU64::new(0),
+        delivered_total: AtomicU64::new(0),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut recv_tasks = Vec::new();
+    let mut send_tasks = Vec::new();
+    for (i, (s, rx, peer)) in pairs.into_iter().enumerate() {
+        recv_tasks.push(tokio::spawn(receiver(rx, ctx.clone(), stop_rx.clone())));
+        send_tasks.push(tokio::spawn(sender(s, peer, i, ctx.clone())));
+    }
+    eprintln!(
+        "[{}] {} pairs, window {}, {}; warm-up {:?}, then {:?} measured",
+        t.label,
+        ctx.pairs,
+        opts.window,
+        rate.map_or("maximum rate".to_string(), |r| format!(
+            "paced at {r:.0} msg/s"
+        )),
+        opts.warmup,
+        measure
+    );
+
+    sleep_until(measure_from).await;
+    let cpu_a = CpuMark::take(t.pid);
+    let hooks_a = t.hooks.map(Hooks::messages);
+    let snap_a = match t.gateway {
+        Some(gw) => snapshot(t.http, &format!("http://{}", gw.addr)).await,
+        None => None,
+    };
+    sleep_until(ctx.stop).await;
+    let cpu_b = CpuMark::take(t.pid);
+    let hooks_b = t.hooks.map(Hooks::messages);
+    let acked_at_stop = ctx.acked_total.load(Ordering::SeqCst);
+    r.server_rss_mib = rss_mib(t.pid);
+    let snap_b = match t.gateway {
+        Some(gw) => snapshot(t.http, &format!("http://{}", gw.addr)).await,
+        None => None,
+    };
+    r.secs = measure.as_secs_f64();
+    (r.server_cores, r.bench_cores) = cpu_a.cores(&cpu_b);
+    if let (Some(a), Some(b)) = (&snap_a, &snap_b) {
+        r.metrics = metric_lines(a, b, r.secs);
+    }
+
+    // Senders wait for their last acks; then the receivers for what was acknowledged.
+    let mut held: Vec<ClientWs> = Vec::new();
+    for h in send_tasks {
+        match timeout(ACK_GRACE + Duration::from_secs(5), h).await {
+            Ok(Ok((o, ws))) => {
+                r.sent_in_window += o.sent_in_window;
+                r.acked_in_window += o.acked_in_window;
+                r.acked_total += o.acked;
+                r.unacked += o.unacked;
+                r.out_of_order += o.out_of_order;
+                r.ack_lat.extend(o.ack_lat);
+                for (k, n) in o.errors {
+                    *r.errors.entry(k).or_default() += n;
+                }
+                if let Some(e) = o.ended {
+                    *r.ended.entry(format!("sender: {e}")).or_default() += 1;
+                }
+                held.extend(ws);
+            }
+            Ok(Err(e)) => r.notes.push(format!("a sender task failed: {e}")),
+            Err(_) => r.notes.push("a sender task did not finish in time".into()),
+        }
+    }
+    let acked = ctx.acked_total.load(Ordering::SeqCst);
+    if !wait_for(ACK_GRACE, || {
+        ctx.delivered_total.load(Ordering::SeqCst) >= acked
+    })
+    .await
+    {
+        r.notes.push(format!(
+            "{} acknowledged messages had not reached their receiver {:?} after the last ack",
+            acked.saturating_sub(ctx.delivered_total.load(Ordering::SeqCst)),
+            ACK_GRACE
+        ));
+    }
+    let _ = stop_tx.send(true);
+    for h in recv_tasks {
+        match timeout(Duration::from_secs(5), h).await {
+            Ok(Ok((o, ws))) => {
+                r.delivered_in_window += o.delivered_in_window;
+                r.delivered_total += o.delivered;
+                r.deliver_lat.extend(o.lat);
+                if let Some(e) = o.ended {
+                    *r.ended.entry(format!("receiver: {e}")).or_default() += 1;
+                }
+                held.extend(ws);
+            }
+            Ok(Err(e)) => r.notes.push(format!("a receiver task failed: {e}")),
+            Err(_) => r
+                .notes
+                .push("a receiver task did not finish in time".into()),
+        }
+    }
+    r.deliver_lat.sort_unstable();
+    r.ack_lat.sort_unstable();
+
+    if let (Some(h), Some(a), Some(b)) = (t.hooks, hooks_a, hooks_b) {
+        let mut f = HookFigures {
+            rate_in_window: (b - a) as f64 / r.secs,
+            behind_at_stop: acked_at_stop.saturating_sub(b),
+            ..HookFigures::default()
+        };
+        f.behind_secs = f.behind_at_stop as f64 / r.acked_rate().max(1e-9);
+        let all = r.acked_total;
+        let drain_from = Instant::now();
+        let at_drain = h.messages();
+        if !drain.is_zero() {
+            eprintln!(
+                "[{}] watching the webhook backlog drain ({} behind), {:?} at most",
+                t.label,
+                all.saturating_sub(at_drain),
+                drain
+            );
+            wait_for(drain, || h.messages() >= all).await;
+        }
+        if !drain.is_zero() {
+            f.drain_watched = drain_from.elapsed();
+        }
+        f.drain_events = h.messages() - at_drain;
+        f.behind_at_end = all.saturating_sub(h.messages());
+        r.hooks = Some(f);
+    }
+    for mut ws in held {
+        let _ = timeout(Duration::from_millis(200), ws.close(None)).await;
+    }
+    r
+}
+
+/// The gateway side of the 1:1 runs: maximum rate, then paced, each on a fresh gateway.
+async fn one_to_one_gateway(
+    opts: &Options,
+    hooks: &Hooks,
+    hook_url: &str,
+    http: &reqwest::Client,
+) -> (Option<LoadResult>, Option<LoadResult>, Option<f64>) {
+    let mut runs: [Option<LoadResult>; 2] = [None, None];
+    let mut paced_rate = opts.paced_rate;
+    for (k, run) in runs.iter_mut().enumerate() {
+        let gw = match start_gateway(hook_url, opts).await {
+            Ok(gw) => gw,
+            Err(e) => {
+                eprintln!("bench-messaging: 1:1 on the gateway: {e:#}");
+                return (None, None, paced_rate);
+            }
+        };
+        let target = Target {
+            label: if k == 0 {
+                "gateway, max".into()
+            } else {
+                "gateway, paced".into()
+            },
+            server: match gw.addr.parse() {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("bench-messaging: gateway address {}: {e}", gw.addr);
+                    return (None, None, paced_rate);
+                }
+            },
+            pid: gw.pid(),
+            gateway: Some(&gw),
+            hooks: Some(hooks),
+            http,
+        };
+        let result = if k == 0 {
+            load_run(&target, opts, None, opts.duration, opts.webhook_drain).await
+        } else {
+            let rate = paced_rate.unwrap_or(TARGET_RATE / 2.0);
+            load_run(
+                &target,
+                opts,
+                Some(rate),
+                opts.paced_duration,
+                Duration::ZERO,
+            )
+            .await
+        };
+        if k == 0 && paced_rate.is_none() {
+            let max = result.acked_rate();
+            paced_rate = Some(if max > TARGET_RATE {
+                TARGET_RATE / 2.0
+            } else {
+                (max / 2.0).max(1.0)
+            });
+        }
+        *run = Some(result);
+        gw.kill().await;
+    }
+    let [a, b] = runs;
+    (a, b, paced_rate)
+}
+
+async fn one_to_one_baseline(
+    opts: &Options,
+    paced_rate: Option<f64>,
+    http: &reqwest::Client,
+) -> (Option<LoadResult>, Option<LoadResult>) {
+    let mut out: [Option<LoadResult>; 2] = [None, None];
+    let mut rate = paced_rate;
+    for (k, slot) in out.iter_mut().enumerate() {
+        let (child, server) = match start_baseline().await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("bench-messaging: baseline: {e:#}");
+                return (None, None);
+            }
+        };
+        let target = Target {
+            label: if k == 0 {
+                "baseline, max".into()
+            } else {
+                "baseline, paced".into()
+            },
+            server,
+            pid: child.id(),
+            gateway: None,
+            hooks: None,
+            http,
+        };
+        let result = if k == 0 {
+            load_run(&target, opts, None, opts.duration, Duration::ZERO).await
+        } else {
+            let r = rate.unwrap_or(TARGET_RATE / 2.0);
+            load_run(&target, opts, Some(r), opts.paced_duration, Duration::ZERO).await
+        };
+        if k == 0 && rate.is_none() {
+            let max = result.acked_rate();
+            rate = Some(if max > TARGET_RATE {
+                TARGET_RATE / 2.0
+            } else {
+                (max / 2.0).max(1.0)
+            });
+        }
+        *slot = Some(result);
+        stop_baseline(child).await;
+    }
+    let [a, b] = out;
+    (a, b)
+}
+
+// ---------------------------------------------------------------------------
+// Server API calls
+
+/// One API request: (status, body, bytes of the body).
+async fn api(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value, usize), String> {
+    let mut req = http
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(API_KEY)
+        .timeout(Duration::from_secs(30));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| format!("reading the answer failed: {e}"))?;
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, v, bytes.len()))
+}
+
+fn short(v: &Value) -> String {
+    v.to_string().chars().take(200).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Group fan-out
+
+/// What the member connections record for one message.
+struct RepSlot {
+    count: AtomicUsize,
+    /// Receive instants (ns on the shared clock), one per member.
+    times: Mutex<Vec<u64>>,
+}
+
+/// One message to the group; times from the start of the request.
+#[derive(Default)]
+struct Rep {
+    api: Option<Duration>,
+    first: Option<Duration>,
+    p50: Option<Duration>,
+    p90: Option<Duration>,
+    last: Option<Duration>,
+    reached: usize,
+    /// CPU used from the request to the last member, in ms.
+    server_cpu_ms: Option<f64>,
+    bench_cpu_ms: Option<f64>,
+}
+
+#[derive(Default)]
+struct FanoutResult {
+    members: usize,
+    connected: usize,
+    connect_failures: BTreeMap<String, usize>,
+    connect_time: Duration,
+    group_create: Option<Duration>,
+    reps: Vec<Rep>,
+    metrics: Vec<String>,
+    server_rss_mib: Option<f64>,
+    notes: Vec<String>,
+}
+
+/// The number after `"rep":` in a message frame, without parsing the JSON.
+fn rep_of(text: &str) -> Option<usize> {
+    let at = text.find("\"rep\":")? + 6;
+    let digits: &str = &text[at..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+async fn fanout(
+    opts: &Options,
+    hooks: &Hooks,
+    hook_url: &str,
+    http: &reqwest::Client,
+) -> FanoutResult {
+    let n = opts.group_members;
+    let mut r = FanoutResult {
+        members: n,
+        ..FanoutResult::default()
+    };
+    let gw = match start_gateway(hook_url, opts).await {
+        Ok(gw) => gw,
+        Err(e) => {
+            r.notes.push(format!("{e:#}"));
+            return r;
+        }
+    };
+    let base = format!("http://{}", gw.addr);
+    let Ok(server) = gw.addr.parse::<SocketAddr>() else {
+        r.notes.push(format!("bad gateway address {}", gw.addr));
+        return r;
+    };
+    let members: Vec<String> = (0..n).map(|i| format!("gm{i:05}")).collect();
+    let started = Instant::now();
+    match api(
+        http,
+        &base,
+        reqwest::Method::POST,
+        "/v1/groups",
+        Some(json!({"group_id": "fanout", "members": members})),
+    )
+    .await
+    {
+        Ok((201, _, _)) => r.group_create = Some(started.elapsed()),
+        Ok((s, body, _)) => {
+            r.notes
+                .push(format!("creating the group: HTTP {s} {}", short(&body)));
+            return r;
+        }
+        Err(e) => {
+            r.notes.push(format!("creating the group: {e}"));
+            return r;
+        }
+    }
+    let urls: Vec<String> = tokio::task::spawn_blocking(move || {
+        members
+            .iter()
+            .map(|u| {
+                format!(
+                    "ws://{server}/v1/ws?token={}",
+                    plugboard::auth::mint_token(u, None, None, JWT_SECRET.as_bytes())
+                )
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    let opened_before = hooks.opened();
+    eprintln!("[fan-out] opening {n} member connections");
+    let (conns, failures, took) =
+        connect_many(server, urls, opts.concurrency, opts.sources, 0).await;
+    r.connect_failures = failures;
+    r.connect_time = took;
+    let slots: Arc<Vec<RepSlot>> = Arc::new(
+        (0..opts.group_repeats)
+            .map(|_| RepSlot {
+                count: AtomicUsize::new(0),
+                times: Mutex::new(Vec::with_capacity(n)),
+            })
+            .collect(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ended: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for ws in conns.into_iter().flatten() {
+        r.connected += 1;
+        let slots = slots.clone();
+        let mut stop = stop_rx.clone();
+        let ended = ended.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ws = ws;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => break,
+                    msg = ws.next() => {
+                        let now = now_ns();
+                        let text = match &msg {
+                            Some(Ok(Message::Text(t))) => t,
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                                *ended.lock().unwrap().entry(ended_by(msg)).or_default() += 1;
+                                return None;
+                            }
+                            Some(Ok(_)) => continue,
+                        };
+                        // Only the benchmark's messages carry `rep`; a cheap look, no JSON parse.
+                        if !text.as_str().starts_with("{\"type\":\"message\"") {
+                            continue;
+                        }
+                        if let Some(s) = rep_of(text.as_str()).and_then(|k| slots.get(k)) {
+                            s.times.lock().unwrap().push(now);
+                            s.count.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+            Some(ws)
+        }));
+    }
+    if r.connected < n {
+        r.notes.push(format!(
+            "{} of {n} members could not connect; the figures are for the {} connected",
+            n - r.connected,
+            r.connected
+        ));
+    }
+    let hooks_wait = Instant::now();
+    let want = opened_before + r.connected as u64;
+    if !wait_for(Duration::from_secs(60), || hooks.opened() >= want).await {
+        r.notes.push(format!(
+            "only {} of {} connection.opened webhooks had arrived 60 s after the connects",
+            hooks.opened() - opened_before,
+            r.connected
+        ));
+    }
+    eprintln!(
+        "[fan-out] {} connected in {:.1} s; their connection.opened webhooks took {:.1} s more",
+        r.connected,
+        took.as_secs_f64(),
+        hooks_wait.elapsed().as_secs_f64()
+    );
+    sleep(Duration::from_millis(500)).await;
+    let snap_a = snapshot(http, &base).await;
+    for k in 0..opts.group_repeats {
+        let mut rep = Rep::default();
+        let cpu_a = CpuMark::take(gw.pid());
+        let t0 = now_ns();
+        let sent = Instant::now();
+        let answer = api(
+            http,
+            &base,
+            reqwest::Method::POST,
+            "/v1/messages",
+            Some(json!({"channel_type": "group", "channel_id": "fanout",
+                        "payload": {"text": format!("fan-out {k}"), "rep": k}})),
+        )
+        .await;
+        match answer {
+            Ok((201, _, _)) => rep.api = Some(sent.elapsed()),
+            Ok((s, body, _)) => r
+                .notes
+                .push(format!("message {k}: HTTP {s} {}", short(&body))),
+            Err(e) => r.notes.push(format!("message {k}: {e}")),
+        }
+        let slot = &slots[k];
+        let all = r.connected;
+        let reached = wait_for(Duration::from_secs(10), || {
+            slot.count.load(Ordering::SeqCst) >= all
+        })
+        .await;
+        let cpu_b = CpuMark::take(gw.pid());
+        if let (Some(a), Some(b)) = (cpu_a.server, cpu_b.server) {
+            rep.server_cpu_ms = Some((b - a) * 1e3);
+        }
+        if let (Some(a), Some(b)) = (cpu_a.bench, cpu_b.bench) {
+            rep.bench_cpu_ms = Some((b - a) * 1e3);
+        }
+        let mut times = slot.times.lock().unwrap().clone();
+        times.sort_unstable();
+        rep.reached = times.len();
+        let since = |ns: Option<u64>| ns.map(|ns| Duration::from_nanos(ns.saturating_sub(t0)));
+        rep.first = since(times.first().copied());
+        rep.p50 = since(pct(&times, 50.0));
+        rep.p90 = since(pct(&times, 90.0));
+        if reached {
+            rep.last = since(times.last().copied());
+        } else {
+            r.notes.push(format!(
+                "message {k}: {} of {all} members had it 10 s after the request",
+                rep.reached
+            ));
+        }
+        eprintln!(
+            "[fan-out] message {k}: last of {} members after {}",
+            rep.reached,
+            ms_d(rep.last)
+        );
+        r.reps.push(rep);
+        sleep(Duration::from_millis(700)).await;
+    }
+    let snap_b = snapshot(http, &base).await;
+    r.server_rss_mib = rss_mib(gw.pid());
+    if let (Some(a), Some(b)) = (&snap_a, &snap_b) {
+        r.metrics = metric_lines(a, b, 1.0)
+            .into_iter()
+            .filter(|l| !l.starts_with("storage transactions") && !l.starts_with("webhook"))
+            .collect();
+    }
+    let _ = stop_tx.send(true);
+    let mut held = Vec::new();
+    for t in tasks {
+        if let Ok(Ok(Some(ws))) = timeout(Duration::from_secs(5), t).await {
+            held.push(ws);
+        }
+    }
+    for (why, c) in ended.lock().unwrap().iter() {
+        r.notes
+            .push(format!("{c} member connections ended early: {why}"));
+    }
+    gw.kill().await;
+    drop(held);
+    r
+}
+
+// ---------------------------------------------------------------------------
+// Conversation sync
+
+#[derive(Default)]
+struct SyncKind {
+    /// Sorted.
+    times: Vec<Duration>,
+    pages: usize,
+    bytes: usize,
+    conversations: usize,
+    failures: BTreeMap<String, usize>,
+}
+
+impl SyncKind {
+    fn fail(&mut self, why: String) {
+        *self.failures.entry(why).or_default() += 1;
+    }
+}
+
+#[derive(Default)]
+struct SyncResult {
+    conversations: usize,
+    fill_time: Option<Duration>,
+    fill_failures: BTreeMap<String, usize>,
+    api_page: SyncKind,
+    api_full: SyncKind,
+    ws_full: SyncKind,
+    metrics: Vec<String>,
+    notes: Vec<String>,
+}
+
+/// The full list through the API in pages of 100: (pages, conversations, bytes).
+async fn api_full_list(
+    http: &reqwest::Client,
+    base: &str,
+    user: &str,
+) -> Result<(usize, usize, usize), String> {
+    let mut query = "limit=100".to_string();
+    let (mut pages, mut convs, mut bytes) = (0, 0, 0);
+    loop {
+        let (s, body, n) = api(
+            http,
+            base,
+            reqwest::Method::GET,
+            &format!("/v1/users/{user}/conversations?{query}"),
+            None,
+        )
+        .await?;
+        if s != 200 {
+            return Err(format!("HTTP {s} {}", short(&body)));
+        }
+        pages += 1;
+        bytes += n;
+        convs += body["conversations"].as_array().map_or(0, Vec::len);
+        if body["more"] != true {
+            return Ok((pages, convs, bytes));
+        }
+        let Some(cursor) = body["cursor"].as_str() else {
+            return Err("`more` without a `cursor`".into());
+        };
+        query = format!("cursor={cursor}&limit=100");
+        if pages > 10_000 {
+            return Err("more than 10,000 pages".into());
+        }
+    }
+}
+
+/// The full list through `sync_conversations` frames with limit 500.
+async fn ws_full_list(ws: &mut ClientWs, run: usize) -> Result<(usize, usize, usize), String> {
+    let mut frame = json!({"type": "sync_conversations", "limit": 500});
+    let (mut pages, mut convs, mut bytes) = (0, 0, 0);
+    loop {
+        let id = format!("sync-{run}-{pages}");
+        frame["id"] = json!(id);
+        ws.send(Message::text(frame.to_string()))
+            .await
+            .map_err(|e| format!("send failed: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let body = loop {
+            match timeout_at(deadline, ws.next()).await {
+                Err(_) => return Err("no answer within 30 s".into()),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                    if v["id"] == id.as_str() {
+                        bytes += t.len();
+                        break v;
+                    }
+                }
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                    return Err("the connection ended".into())
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        };
+        if body["type"] != "conversations" {
+            return Err(format!("answer: {}", short(&body)));
+        }
+        pages += 1;
+        convs += body["conversations"].as_array().map_or(0, Vec::len);
+        if body["more"] != true {
+            return Ok((pages, convs, bytes));
+        }
+        frame = json!({"type": "sync_conversations", "limit": 500, "cursor": body["cursor"]});
+        if pages > 10_000 {
+            return Err("more than 10,000 pages".into());
+        }
+    }
+}
+
+async fn conversation_sync(
+    opts: &Options,
+    hooks: &Hooks,
+    hook_url: &str,
+    http: &reqwest::Client,
+) -> SyncResult {
+    let n = opts.conversations;
+    let mut r = SyncResult {
+        conversations: n,
+        ..SyncResult::default()
+    };
+    let gw = match start_gateway(hook_url, opts).await {
+        Ok(gw) => gw,
+        Err(e) => {
+            r.notes.push(format!("{e:#}"));
+            return r;
+        }
+    };
+    let base = format!("http://{}", gw.addr);
+    let user = "inbox";
+    eprintln!("[sync] {n} senders message `{user}` through the API, 16 at a time");
+    let messages_before = hooks.messages();
+    let started = Instant::now();
+    let semaphore = Arc::new(Semaphore::new(16));
+    let mut sends = Vec::new();
+    for i in 0..n {
+        let Ok(permit) = semaphore.clone().acquire_owned().await else {
+            break;
+        };
+        let (http, base) = (http.clone(), base.clone());
+        sends.push(tokio::spawn(async move {
+            let r = api(
+                &http,
+                &base,
+                reqwest::Method::POST,
+                "/v1/messages",
+                Some(json!({"from": format!("cs{i:05}"), "channel_type": "person",
+                            "channel_id": user, "payload": {"text": format!("hello from sender {i}")}})),
+            )
+            .await;
+            drop(permit);
+            r
+        }));
+    }
+    for s in sends {
+        match s.await {
+            Ok(Ok((201, _, _))) => {}
+            Ok(Ok((st, body, _))) => {
+                *r.fill_failures
+                    .entry(format!("HTTP {st} {}", short(&body)))
+                    .or_default() += 1
+            }
+            Ok(Err(e)) => *r.fill_failures.entry(e).or_default() += 1,
+            Err(e) => *r.fill_failures.entry(format!("task: {e}")).or_default() += 1,
+        }
+    }
+    r.fill_time = Some(started.elapsed());
+    let want = messages_before + n as u64;
+    if !wait_for(Duration::from_secs(30), || hooks.messages() >= want).await {
+        r.notes.push(format!(
+            "the message.created webhooks had not all arrived 30 s after the sends ({} of {n})",
+            hooks.messages() - messages_before
+        ));
+    }
+    let Ok(server) = gw.addr.parse::<SocketAddr>() else {
+        r.notes.push(format!("bad gateway address {}", gw.addr));
+        return r;
+    };
+    let url = format!("ws://{server}/v1/ws?token={}", gw.token(user, None, None));
+    let mut ws = match connect_one(
+        server,
+        Ipv4Addr::new(127, 0, 0, 2),
+        &url,
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    {
+        Ok(ws) => Some(ws),
+        Err(e) => {
+            r.notes
+                .push(format!("the syncing client could not connect: {e}"));
+            None
+        }
+    };
+    let snap_a = snapshot(http, &base).await;
+    eprintln!(
+        "[sync] {} runs of each sync, after one unrecorded warm-up run",
+        opts.sync_runs
+    );
+    for run in 0..=opts.sync_runs {
+        if run == 1 {
+            // Run 0 warmed up the connections and caches: start recording.
+            r.api_page = SyncKind::default();
+            r.api_full = SyncKind::default();
+            r.ws_full = SyncKind::default();
+        }
+        // One page of 100 through the API.
+        let t = Instant::now();
+        match api(
+            http,
+            &base,
+            reqwest::Method::GET,
+            &format!("/v1/users/{user}/conversations?limit=100"),
+            None,
+        )
+        .await
+        {
+            Ok((200, body, bytes)) => {
+                r.api_page.times.push(t.elapsed());
+                r.api_page.pages = 1;
+                r.api_page.bytes = bytes;
+                r.api_page.conversations = body["conversations"].as_array().map_or(0, Vec::len);
+            }
+            Ok((s, body, _)) => r.api_page.fail(format!("HTTP {s} {}", short(&body))),
+            Err(e) => r.api_page.fail(e),
+        }
+        // The full list through the API.
+        let t = Instant::now();
+        match api_full_list(http, &base, user).await {
+            Ok((pages, convs, bytes)) => {
+                r.api_full.times.push(t.elapsed());
+                (r.api_full.pages, r.api_full.conversations, r.api_full.bytes) =
+                    (pages, convs, bytes);
+            }
+            Err(e) => r.api_full.fail(e),
+        }
+        // The full list through frames.
+        if let Some(c) = ws.as_mut() {
+            let t = Instant::now();
+            match ws_full_list(c, run).await {
+                Ok((pages, convs, bytes)) => {
+                    r.ws_full.times.push(t.elapsed());
+                    (r.ws_full.pages, r.ws_full.conversations, r.ws_full.bytes) =
+                        (pages, convs, bytes);
+                }
+                Err(e) => {
+                    r.ws_full.fail(e);
+                    ws = None;
+                }
+            }
+        }
+    }
+    for k in [&mut r.api_page, &mut r.api_full, &mut r.ws_full] {
+        k.times.sort_unstable();
+    }
+    if let (Some(a), Some(b)) = (&snap_a, snapshot(http, &base).await) {
+        let h = HistDelta::of(a, &b, "plugboard_conversation_sync_seconds");
+        if let Some(mean) = h.mean() {
+            r.metrics.push(format!(
+                "gateway's conversation_sync_seconds: {:.0} pages, mean {:.2} ms per page (storage read, filter chain, JSON)",
+                h.count,
+                mean * 1e3
+            ));
+        }
+    }
+    if let Some(mut c) = ws {
+        let _ = timeout(Duration::from_millis(500), c.close(None)).await;
+    }
+    gw.kill().await;
+    r
+}
+
+// ---------------------------------------------------------------------------
+// The whole run and the report
+
+async fn run(opts: Options) -> anyhow::Result<()> {
+    let machine = machine();
+    let load_start = load_average();
+    eprintln!(
+        "bench-messaging{}: {machine}; load average {load_start}",
+        if opts.quick { " --quick" } else { "" }
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let (hooks, hook_url) = start_hooks().await?;
+    let started = Instant::now();
+
+    let (mut gw_max, mut gw_paced, mut paced_rate) = (None, None, opts.paced_rate);
+    if opts.one_to_one {
+        (gw_max, gw_paced, paced_rate) = one_to_one_gateway(&opts, &hooks, &hook_url, &http).await;
+        sleep(Duration::from_secs(1)).await;
+    }
+    let (mut base_max, mut base_paced) = (None, None);
+    if opts.one_to_one && opts.baseline {
+        (base_max, base_paced) = one_to_one_baseline(&opts, paced_rate, &http).await;
+        sleep(Duration::from_secs(1)).await;
+    }
+    let fan = if opts.group {
+        let f = fanout(&opts, &hooks, &hook_url, &http).await;
+        sleep(Duration::from_secs(1)).await;
+        Some(f)
+    } else {
+        None
+    };
+    let sync = if opts.sync {
+        Some(conversation_sync(&opts, &hooks, &hook_url, &http).await)
+    } else {
+        None
+    };
+    let load_end = load_average();
+
+    println!();
+    println!("== bench-messaging: messaging through the gateway ==");
+    println!("machine: {machine}");
+    println!(
+        "load average at start {load_start}, at end {load_end}; whole run {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "command: bench-messaging {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "gateway: the real binary, SQLite (WAL, synchronous=FULL) in a temp folder, log warn, one webhook endpoint \
+         (batch_max {}) answered 204 by a receiver in this process; a fresh gateway for each run",
+        opts.webhook_batch
+    );
+    println!(
+        "baseline: a bare tokio-tungstenite relay in a child process (`{BASELINE_FLAG}`): no storage, no webhooks"
+    );
+    if opts.one_to_one {
+        report_one_to_one(
+            &opts,
+            [&gw_max, &base_max, &gw_paced, &base_paced],
+            paced_rate,
+        );
+    }
+    if let Some(f) = &fan {
+        report_fanout(f);
+    }
+    if let Some(s) = &sync {
+        report_sync(s);
+    }
+    Ok(())
+}
+
+fn pct(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn pct_d(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn ms_ns(ns: Option<u64>) -> String {
+    ns.map_or("-".into(), |n| format!("{:.2} ms", n as f64 / 1e6))
+}
+
+fn ms_d(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+}
+
+fn thousands(n: f64) -> String {
+    let s = format!("{:.0}", n.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Prints a table: a header of column labels, rows of (name, cells, target).
+fn table(labels: &[String], rows: &[(String, Vec<String>, String)]) {
+    let name_w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    let col_w = labels
+        .iter()
+        .map(|l| l.chars().count())
+        .chain(
+            rows.iter()
+                .flat_map(|r| r.1.iter().map(|c| c.chars().count())),
+        )
+        .max()
+        .unwrap_or(8);
+    let mut header = format!("{:name_w$}", "");
+    for l in labels {
+        header.push_str(&format!("  {l:>col_w$}"));
+    }
+    header.push_str("  target (DESIGN.md §7)");
+    println!("{header}");
+    println!("{}", "-".repeat(header.chars().count()));
+    for (name, cells, target) in rows {
+        let mut line = format!("{name:name_w$}");
+        for c in cells {
+            line.push_str(&format!("  {c:>col_w$}"));
+        }
+        line.push_str(&format!("  {target}"));
+        println!("{}", line.trim_end());
+    }
+}
+
+fn report_one_to_one(opts: &Options, runs: [&Option<LoadResult>; 4], paced_rate: Option<f64>) {
+    println!();
+    println!(
+        "-- 1:1 messages: {} sender/receiver pairs, {} sends in flight per sender, warm-up {} s, measured {} s (paced {} s) --",
+        opts.pairs,
+        opts.window,
+        opts.warmup.as_secs(),
+        opts.duration.as_secs(),
+        opts.paced_duration.as_secs()
+    );
+    println!(
+        "paced runs at {} msg/s ({})",
+        paced_rate.map_or("-".into(), thousands),
+        if opts.paced_rate.is_some() {
+            "--paced-rate"
+        } else {
+            "half the gateway's maximum, or 15,000 when that is above 30,000"
+        }
+    );
+    println!("latency: send→deliver = the sender's send instant to the receiver reading the frame; send→ack = to the sendack");
+    println!();
+    let present: Vec<&LoadResult> = runs.iter().filter_map(|r| r.as_ref()).collect();
+    if present.is_empty() {
+        println!("(no 1:1 run completed)");
+        return;
+    }
+    let labels: Vec<String> = present.iter().map(|r| r.label.clone()).collect();
+    let mut rows: Vec<(String, Vec<String>, String)> = Vec::new();
+    let mut row = |name: &str, f: &dyn Fn(&LoadResult) -> String, target: &str| {
+        rows.push((
+            name.to_string(),
+            present.iter().map(|r| f(r)).collect(),
+            target.to_string(),
+        ));
+    };
+    row("pairs connected", &|r| r.pairs.to_string(), "");
+    row("sends in flight per sender", &|r| r.window.to_string(), "");
+    row(
+        "connecting them took",
+        &|r| format!("{:.1} s", r.connect_time.as_secs_f64()),
+        "",
+    );
+    row(
+        "requested rate",
+        &|r| {
+            r.requested_rate
+                .map_or("max".into(), |x| format!("{} msg/s", thousands(x)))
+        },
+        "",
+    );
+    row(
+        "sent in window",
+        &|r| format!("{} msg/s", thousands(r.rate(r.sent_in_window))),
+        "",
+    );
+    row(
+        "acknowledged (sendack)",
+        &|r| format!("{} msg/s", thousands(r.acked_rate())),
+        ">= 30,000 msg/s",
+    );
+    row(
+        "delivered at receivers",
+        &|r| format!("{} msg/s", thousands(r.rate(r.delivered_in_window))),
+        ">= 30,000 msg/s",
+    );
+    row(
+        "send→deliver p50",
+        &|r| ms_ns(pct(&r.deliver_lat, 50.0)),
+        "",
+    );
+    row(
+        "send→deliver p99",
+        &|r| ms_ns(pct(&r.deliver_lat, 99.0)),
+        "<= 20 ms at 15,000 msg/s",
+    );
+    row(
+        "send→deliver p99.9",
+        &|r| ms_ns(pct(&r.deliver_lat, 99.9)),
+        "",
+    );
+    row(
+        "send→deliver max",
+        &|r| ms_ns(r.deliver_lat.last().copied()),
+        "",
+    );
+    row("send→ack p50", &|r| ms_ns(pct(&r.ack_lat, 50.0)), "");
+    row("send→ack p99", &|r| ms_ns(pct(&r.ack_lat, 99.0)), "");
+    row(
+        "latency samples",
+        &|r| thousands(r.deliver_lat.len() as f64),
+        "",
+    );
+    row(
+        "acked, not delivered",
+        &|r| r.acked_total.saturating_sub(r.delivered_total).to_string(),
+        "",
+    );
+    row(
+        "errors / unacked",
+        &|r| format!("{} / {}", r.errors.values().sum::<usize>(), r.unacked),
+        "",
+    );
+    row(
+        "webhooks delivered",
+        &|r| {
+            r.hooks.as_ref().map_or("-".into(), |h| {
+                format!("{} ev/s", thousands(h.rate_in_window))
+            })
+        },
+        "every message (formatted)",
+    );
+    row(
+        "webhooks behind at stop",
+        &|r| {
+            r.hooks.as_ref().map_or("-".into(), |h| {
+                format!(
+                    "{} ({:.1} s)",
+                    thousands(h.behind_at_stop as f64),
+                    h.behind_secs
+                )
+            })
+        },
+        "",
+    );
+    row(
+        "server CPU (cores)",
+        &|r| r.server_cores.map_or("-".into(), |c| format!("{c:.2}")),
+        "",
+    );
+    row(
+        "bench CPU (cores)",
+        &|r| r.bench_cores.map_or("-".into(), |c| format!("{c:.2}")),
+        "",
+    );
+    row(
+        "server RSS at stop",
+        &|r| {
+            r.server_rss_mib
+                .map_or("-".into(), |m| format!("{m:.1} MiB"))
+        },
+        "",
+    );
+    table(&labels, &rows);
+    println!();
+    for r in &present {
+        let paced_ok = r.requested_rate.is_some();
+        let p99 = pct(&r.deliver_lat, 99.0).map(|n| n as f64 / 1e6);
+        if r.label.starts_with("gateway") {
+            if paced_ok {
+                println!(
+                    "{}: p99 send→deliver {} at {} msg/s: {}",
+                    r.label,
+                    p99.map_or("-".into(), |p| format!("{p:.2} ms")),
+                    thousands(r.acked_rate()),
+                    match p99 {
+                        Some(p) if p <= TARGET_PACED_P99_MS => "within 20 ms",
+                        Some(_) => "over the 20 ms target",
+                        None => "not measured",
+                    }
+                );
+            } else {
+                println!(
+                    "{}: {} msg/s acknowledged: {}",
+                    r.label,
+                    thousands(r.acked_rate()),
+                    if r.acked_rate() >= TARGET_RATE {
+                        "30,000 target met"
+                    } else {
+                        "below the 30,000 target"
+                    }
+                );
+            }
+        }
+        if let Some(h) = &r.hooks {
+            if !h.drain_watched.is_zero() {
+                println!(
+                    "  webhooks after the load: {} events in {:.1} s ({} ev/s); {} still behind",
+                    thousands(h.drain_events as f64),
+                    h.drain_watched.as_secs_f64(),
+                    thousands(h.drain_events as f64 / h.drain_watched.as_secs_f64().max(1e-9)),
+                    thousands(h.behind_at_end as f64)
+                );
+            }
+        }
+        if r.connect_failures.values().sum::<usize>() > 0 {
+            for (why, n) in &r.connect_failures {
+                println!("  connect failed x{n}: {why}");
+            }
+        }
+        for (why, n) in &r.errors {
+            println!("  {why} x{n}");
+        }
+        if r.out_of_order > 0 {
+            println!("  answers out of order: {}", r.out_of_order);
+        }
+        for (why, n) in &r.ended {
+            println!("  ended early x{n}: {why}");
+        }
+        for n in &r.notes {
+            println!("  note: {n}");
+        }
+        if !r.metrics.is_empty() {
+            println!("  gateway /metrics over the measured window:");
+            for l in &r.metrics {
+                println!("    {l}");
+            }
+        }
+    }
+}
+
+fn report_fanout(f: &FanoutResult) {
+    println!();
+    println!(
+        "-- group fan-out: one message through POST /v1/messages to a {}-member group, {} members connected --",
+        thousands(f.members as f64),
+        thousands(f.connected as f64)
+    );
+    println!(
+        "connecting them took {:.1} s; creating the group {}",
+        f.connect_time.as_secs_f64(),
+        ms_d(f.group_create)
+    );
+    println!(
+        "times from the start of the request: the API's answer (after the commit), then members receiving the frame"
+    );
+    println!();
+    if f.reps.is_empty() {
+        println!("(no message was sent)");
+    } else {
+        let labels: Vec<String> = (0..f.reps.len()).map(|k| format!("message {k}")).collect();
+        let mut rows: Vec<(String, Vec<String>, String)> = Vec::new();
+        let mut row = |name: &str, g: &dyn Fn(&Rep) -> String, target: &str| {
+            rows.push((
+                name.to_string(),
+                f.reps.iter().map(g).collect(),
+                target.to_string(),
+            ));
+        };
+        row("API answered", &|r| ms_d(r.api), "");
+        row("first member", &|r| ms_d(r.first), "");
+        row("half the members", &|r| ms_d(r.p50), "");
+        row("90% of the members", &|r| ms_d(r.p90), "");
+        row("last member", &|r| ms_d(r.last), "<= 200 ms");
+        row("members reached", &|r| r.reached.to_string(), "");
+        row(
+            "gateway CPU in that time",
+            &|r| r.server_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms")),
+            "",
+        );
+        row(
+            "bench CPU in that time",
+            &|r| r.bench_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms")),
+            "",
+        );
+        table(&labels, &rows);
+    }
+    let mut last: Vec<Duration> = f.reps.iter().filter_map(|r| r.last).collect();
+    last.sort_unstable();
+    if !last.is_empty() {
+        let median = last[(last.len() - 1) / 2];
+        let max = *last.last().unwrap();
+        println!();
+        println!(
+            "last member: min {} / median {} / max {} over {} messages: {}",
+            ms_d(last.first().copied()),
+            ms_d(Some(median)),
+            ms_d(Some(max)),
+            last.len(),
+            if max.as_secs_f64() * 1e3 <= TARGET_FANOUT_MS {
+                "all within 200 ms"
+            } else if median.as_secs_f64() * 1e3 <= TARGET_FANOUT_MS {
+                "median within 200 ms, not every message"
+            } else {
+                "over the 200 ms target"
+            }
+        );
+    }
+    if let Some(m) = f.server_rss_mib {
+        println!("gateway RSS at the end: {m:.1} MiB");
+    }
+    for (why, n) in &f.connect_failures {
+        println!("  connect failed x{n}: {why}");
+    }
+    for n in &f.notes {
+        println!("  note: {n}");
+    }
+    if !f.metrics.is_empty() {
+        println!("  gateway /metrics over the messages:");
+        for l in &f.metrics {
+            println!("    {l}");
+        }
+    }
+}
+
+fn report_sync(s: &SyncResult) {
+    println!();
+    println!(
+        "-- conversation sync: one user with {} conversations (one message from each of {} senders) --",
+        thousands(s.conversations as f64),
+        thousands(s.conversations as f64)
+    );
+    if let Some(t) = s.fill_time {
+        println!(
+            "filling: {} API sends, 16 at a time, took {:.1} s ({} msg/s)",
+            s.conversations,
+            t.as_secs_f64(),
+            thousands(s.conversations as f64 / t.as_secs_f64().max(1e-9))
+        );
+    }
+    for (why, n) in &s.fill_failures {
+        println!("  send failed x{n}: {why}");
+    }
+    println!();
+    let kinds = [
+        ("API, one page of 100", &s.api_page),
+        ("API, full list, pages of 100", &s.api_full),
+        ("sync_conversations, limit 500", &s.ws_full),
+    ];
+    let labels: Vec<String> = kinds.iter().map(|k| k.0.to_string()).collect();
+    let mut rows: Vec<(String, Vec<String>, String)> = Vec::new();
+    let mut row = |name: &str, f: &dyn Fn(&SyncKind) -> String| {
+        rows.push((
+            name.to_string(),
+            kinds.iter().map(|k| f(k.1)).collect(),
+            "(no target)".into(),
+        ));
+    };
+    row("runs", &|k| k.times.len().to_string());
+    row("p50", &|k| ms_d(pct_d(&k.times, 50.0)));
+    row("p99", &|k| ms_d(pct_d(&k.times, 99.0)));
+    row("max", &|k| ms_d(k.times.last().copied()));
+    row("pages / requests", &|k| k.pages.to_string());
+    row("conversations", &|k| k.conversations.to_string());
+    row("bytes", &|k| thousands(k.bytes as f64));
+    table(&labels, &rows);
+    for (name, k) in kinds {
+        for (why, n) in &k.failures {
+            println!("  {name}: failed x{n}: {why}");
+        }
+    }
+    for l in &s.metrics {
+        println!("  {l}");
+    }
+    for n in &s.notes {
+        println!("  note: {n}");
+    }
+}

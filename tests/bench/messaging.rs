@@ -115,6 +115,8 @@ usage: bench-messaging [options]
   --webhook-drain SECS   after the maximum-rate run, watch the webhook backlog drain
                          this long at most (default 15)
   --webhook-batch N      batch_max of the webhook endpoint (default 1, the production default)
+  --no-webhooks          gateways without a webhook endpoint (events are still written
+                         to the outbox; nothing delivers them)
   group fan-out:
   --group-members N      members of the group, all connected (default 10000)
   --group-repeats N      messages sent to it, one at a time (default 5)
@@ -138,6 +140,7 @@ struct Options {
     paced_rate: Option<f64>,
     webhook_drain: Duration,
     webhook_batch: usize,
+    webhooks: bool,
     group_members: usize,
     group_repeats: usize,
     conversations: usize,
@@ -162,6 +165,7 @@ impl Default for Options {
             paced_rate: None,
             webhook_drain: Duration::from_secs(15),
             webhook_batch: 1,
+            webhooks: true,
             group_members: 10_000,
             group_repeats: 5,
             conversations: 1_000,
@@ -239,6 +243,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--no-baseline" => o.baseline = false,
             "--no-group" => o.group = false,
             "--no-sync" => o.sync = false,
+            "--no-webhooks" => o.webhooks = false,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -640,8 +645,9 @@ async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
 // ---------------------------------------------------------------------------
 // Servers
 
-/// A gateway for one phase, with the webhook endpoint; `Gateway::start`
-/// panics when the gateway does not come up, which is caught and reported.
+/// A gateway for one phase, with the webhook endpoint (unless
+/// `--no-webhooks`); `Gateway::start` panics when the gateway does not come
+/// up, which is caught and reported.
 async fn start_gateway(hook_url: &str, opts: &Options) -> anyhow::Result<Gateway> {
     let batch = if opts.webhook_batch > 1 {
         format!("batch_max = {}\n", opts.webhook_batch)
@@ -652,9 +658,10 @@ async fn start_gateway(hook_url: &str, opts: &Options) -> anyhow::Result<Gateway
         "[[webhooks]]\nname = \"rx\"\nurl = {hook_url:?}\nsecret = {:?}\n{batch}",
         plugboard_tests::receiver::SECRET
     );
-    let gw_opts = GatewayOptions::default()
-        .extra(GATEWAY_TOML)
-        .extra(&webhooks);
+    let mut gw_opts = GatewayOptions::default().extra(GATEWAY_TOML);
+    if opts.webhooks {
+        gw_opts = gw_opts.extra(&webhooks);
+    }
     tokio::spawn(Gateway::start(gw_opts))
         .await
         .map_err(|e| anyhow::anyhow!("the gateway did not start: {e}"))
@@ -769,6 +776,8 @@ struct RelaySend {
     payload: Option<Box<serde_json::value::RawValue>>,
 }
 
+// The handshake callback's error type is tungstenite's, large by its design.
+#[allow(clippy::result_large_err)]
 async fn relay_connection(
     tcp: TcpStream,
     hub: Arc<Mutex<BTreeMap<String, mpsc::Sender<Message>>>>,
@@ -1514,7 +1523,7 @@ async fn one_to_one_gateway(
             },
             pid: gw.pid(),
             gateway: Some(&gw),
-            hooks: Some(hooks),
+            hooks: opts.webhooks.then_some(hooks),
             http,
         };
         let result = if k == 0 {
@@ -1795,7 +1804,7 @@ async fn fanout(
     }
     let hooks_wait = Instant::now();
     let want = opened_before + r.connected as u64;
-    if !wait_for(Duration::from_secs(60), || hooks.opened() >= want).await {
+    if opts.webhooks && !wait_for(Duration::from_secs(60), || hooks.opened() >= want).await {
         r.notes.push(format!(
             "only {} of {} connection.opened webhooks had arrived 60 s after the connects",
             hooks.opened() - opened_before,
@@ -2058,7 +2067,7 @@ async fn conversation_sync(
     }
     r.fill_time = Some(started.elapsed());
     let want = messages_before + n as u64;
-    if !wait_for(Duration::from_secs(30), || hooks.messages() >= want).await {
+    if opts.webhooks && !wait_for(Duration::from_secs(30), || hooks.messages() >= want).await {
         r.notes.push(format!(
             "the message.created webhooks had not all arrived 30 s after the sends ({} of {n})",
             hooks.messages() - messages_before
@@ -2177,6 +2186,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         .build()?;
     let (hooks, hook_url) = start_hooks().await?;
     let started = Instant::now();
+    let fsync_start = fsync_probe().await;
 
     let (mut gw_max, mut gw_paced, mut paced_rate) = (None, None, opts.paced_rate);
     if opts.one_to_one {
@@ -2201,6 +2211,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         None
     };
     let load_end = load_average();
+    let fsync_end = fsync_probe().await;
 
     println!();
     println!("== bench-messaging: messaging through the gateway ==");
@@ -2210,13 +2221,25 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "command: bench-messaging {}",
-        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        "disk: 4 KiB write + fsync in {} (where the gateways keep their data): {fsync_start} at the start, {fsync_end} at the end",
+        std::env::temp_dir().display()
     );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    println!("command: {}", {
+        let mut c = vec!["bench-messaging".to_string()];
+        c.extend(args);
+        c.join(" ")
+    });
     println!(
-        "gateway: the real binary, SQLite (WAL, synchronous=FULL) in a temp folder, log warn, one webhook endpoint \
-         (batch_max {}) answered 204 by a receiver in this process; a fresh gateway for each run",
-        opts.webhook_batch
+        "gateway: the real binary, SQLite (WAL, synchronous=FULL) in a temp folder, log warn, {}; a fresh gateway for each run",
+        if opts.webhooks {
+            format!(
+                "one webhook endpoint (batch_max {}) answered 204 by a receiver in this process",
+                opts.webhook_batch
+            )
+        } else {
+            "no webhook endpoint (--no-webhooks)".to_string()
+        }
     );
     println!(
         "baseline: a bare tokio-tungstenite relay in a child process (`{BASELINE_FLAG}`): no storage, no webhooks"
@@ -2235,6 +2258,36 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         report_sync(s);
     }
     Ok(())
+}
+
+/// The disk's commit latency, as SQLite pays it with `synchronous = FULL`:
+/// 200 appends of 4 KiB to a file in the temp folder, each followed by
+/// fsync. Returns "p50 … / p99 …".
+async fn fsync_probe() -> String {
+    let probe = tokio::task::spawn_blocking(|| -> std::io::Result<Vec<u64>> {
+        let dir = tempfile::tempdir()?;
+        let mut f = std::fs::File::create(dir.path().join("probe"))?;
+        let page = [0x5au8; 4096];
+        let mut times = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            f.write_all(&page)?;
+            f.sync_all()?;
+            times.push(t.elapsed().as_nanos() as u64);
+        }
+        times.sort_unstable();
+        Ok(times)
+    })
+    .await;
+    match probe {
+        Ok(Ok(t)) => format!(
+            "p50 {} / p99 {}",
+            ms_ns(pct(&t, 50.0)),
+            ms_ns(pct(&t, 99.0))
+        ),
+        Ok(Err(e)) => format!("failed: {e}"),
+        Err(e) => format!("failed: {e}"),
+    }
 }
 
 fn pct(sorted: &[u64], p: f64) -> Option<u64> {

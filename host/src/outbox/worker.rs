@@ -82,31 +82,39 @@ pub(crate) async fn run(
         } else if cfg.enabled && !disabled.load(Ordering::Acquire) {
             linger_until = None;
             let per_request = cfg.batch_max.max(1);
-            while inflight.len() < settings.max_in_flight {
+            // One claim for every free request slot: while the storage
+            // writer is busy each write waits for a commit, so claiming slot
+            // by slot would starve the endpoint.
+            let free = settings.max_in_flight.saturating_sub(inflight.len());
+            if free > 0 {
                 let now = crate::now_ms();
                 let lease =
                     now + (settings.request_timeout + Duration::from_secs(5)).as_millis() as i64;
-                let claimed = match shared
+                match shared
                     .storage
-                    .deliveries_claim(&name, now, per_request, lease)
+                    .deliveries_claim(&name, now, per_request * free, lease)
                     .await
                 {
-                    Ok(c) => c,
+                    Ok(claimed) => {
+                        // Claims hold at most one event per user, so any
+                        // chunk is a valid batch.
+                        let mut claimed = claimed.into_iter().peekable();
+                        while claimed.peek().is_some() {
+                            let chunk: Vec<ClaimedEvent> =
+                                claimed.by_ref().take(per_request).collect();
+                            inflight.spawn(deliver(
+                                shared.clone(),
+                                cfg.clone(),
+                                settings.clone(),
+                                disabled.clone(),
+                                chunk,
+                            ));
+                        }
+                    }
                     Err(e) => {
                         tracing::error!(endpoint = %name, error = %e, "cannot claim deliveries");
-                        break;
                     }
-                };
-                if claimed.is_empty() {
-                    break;
                 }
-                inflight.spawn(deliver(
-                    shared.clone(),
-                    cfg.clone(),
-                    settings.clone(),
-                    disabled.clone(),
-                    claimed,
-                ));
             }
             if let Ok(Some(next)) = shared.storage.deliveries_next_due(&name).await {
                 let wait = (next - crate::now_ms()).max(0) as u64;

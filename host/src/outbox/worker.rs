@@ -51,6 +51,10 @@ pub(crate) async fn run(
     let mut inflight: JoinSet<()> = JoinSet::new();
     let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
+        // Reap every finished request: `len` counts them until joined, and
+        // the select below joins at most one per turn, so under a stream of
+        // wake-ups finished requests would hold their slots.
+        while inflight.try_join_next().is_some() {}
         let cfg = config.load_full();
         let settings = shared.settings.load_full();
         // 1. Move new events into this endpoint's queue.

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{
     ClaimedEvent, EndpointState, EventFilter, NewEvent, Presence, Result, SessionEvents,
@@ -95,7 +95,7 @@ CREATE TABLE IF NOT EXISTS plugin_kv (
 
 /// SQLite storage: a writer thread plus a read connection.
 pub struct SqliteStorage {
-    jobs: mpsc::Sender<Job>,
+    jobs: Arc<JobQueue>,
     /// Read connections; WAL lets each read a consistent snapshot beside the writer.
     readers: Arc<Vec<Mutex<Connection>>>,
 }
@@ -162,10 +162,11 @@ impl SqliteStorage {
         writer
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(open_err)?;
-        let (tx, rx) = mpsc::channel::<Job>(8192);
+        let jobs = Arc::new(JobQueue::default());
+        let queue = jobs.clone();
         std::thread::Builder::new()
             .name("plugboard-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx, metrics))
+            .spawn(move || writer_loop(writer, queue, metrics))
             .map_err(|e| StorageError::Open {
                 path: path.display().to_string(),
                 message: e.to_string(),
@@ -180,7 +181,7 @@ impl SqliteStorage {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })?;
-        Ok(SqliteStorage { jobs: tx, readers })
+        Ok(SqliteStorage { jobs, readers })
     }
 
     /// Runs `f` in the next write transaction; resolves after the commit.
@@ -192,10 +193,30 @@ impl SqliteStorage {
         self.write_hooked(f, |_: &R| {}).await
     }
 
+    /// Like [`Self::write`], in a lane the writer takes before the others:
+    /// for small bookkeeping writes (sessions, webhook deliveries) that must
+    /// not queue behind a burst of messages.
+    pub(super) async fn write_urgent<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        self.submit(f, |_: &R| {}, true).await
+    }
+
     /// Like [`Self::write`], and runs `after` on the writer thread once the
     /// transaction committed, before the future resolves. Jobs are answered
     /// in the order they ran, so `after` sees commits in order.
     pub(super) async fn write_hooked<R, F, H>(&self, f: F, after: H) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        H: FnOnce(&R) + Send + 'static,
+    {
+        self.submit(f, after, false).await
+    }
+
+    async fn submit<R, F, H>(&self, f: F, after: H, urgent: bool) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
@@ -216,10 +237,9 @@ impl SqliteStorage {
                 let _ = tx.send(out);
             })
         });
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| StorageError::Closed)?;
+        if !self.jobs.push(job, urgent) {
+            return Err(StorageError::Closed);
+        }
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -278,15 +298,69 @@ fn in_savepoint<R>(
     }
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, metrics: Option<Arc<Metrics>>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
+/// The writer's two lanes. Jobs of one lane run in the order they came.
+#[derive(Default)]
+struct JobQueue {
+    lanes: Mutex<Lanes>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Lanes {
+    urgent: std::collections::VecDeque<Job>,
+    normal: std::collections::VecDeque<Job>,
+    closed: bool,
+}
+
+impl JobQueue {
+    /// Queues a job; false once the storage is shut down.
+    fn push(&self, job: Job, urgent: bool) -> bool {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if lanes.closed {
+            return false;
         }
+        if urgent {
+            lanes.urgent.push_back(job);
+        } else {
+            lanes.normal.push_back(job);
+        }
+        drop(lanes);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Waits for work: every urgent job, then normal ones, up to `max`.
+    /// `None` once closed and drained.
+    fn take(&self, max: usize) -> Option<Vec<Job>> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        while lanes.urgent.is_empty() && lanes.normal.is_empty() {
+            if lanes.closed {
+                return None;
+            }
+            lanes = self.ready.wait(lanes).unwrap_or_else(|p| p.into_inner());
+        }
+        let mut batch: Vec<Job> = lanes.urgent.drain(..).collect();
+        let room = max.saturating_sub(batch.len()).max(1);
+        let n = room.min(lanes.normal.len());
+        batch.extend(lanes.normal.drain(..n));
+        Some(batch)
+    }
+
+    fn close(&self) {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.ready.notify_all();
+    }
+}
+
+impl Drop for SqliteStorage {
+    fn drop(&mut self) {
+        // The writer finishes what is queued, then exits.
+        self.jobs.close();
+    }
+}
+
+fn writer_loop(conn: Connection, queue: Arc<JobQueue>, metrics: Option<Arc<Metrics>>) {
+    while let Some(batch) = queue.take(MAX_BATCH) {
         let started = Instant::now();
         let size = batch.len();
         let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
@@ -441,7 +515,7 @@ fn endpoint_state_of(conn: &Connection, name: &str) -> rusqlite::Result<Option<E
 #[async_trait]
 impl Storage for SqliteStorage {
     async fn open_session(&self, record: SessionRecord, events: SessionEvents) -> Result<Presence> {
-        self.write(move |conn| {
+        self.write_urgent(move |conn| {
             conn.prepare_cached(&format!(
                 "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
             ))?
@@ -466,7 +540,8 @@ impl Storage for SqliteStorage {
         events: SessionEvents,
     ) -> Result<Option<Presence>> {
         let id = connection_id.to_string();
-        self.write(move |conn| close_one(conn, &id, &events)).await
+        self.write_urgent(move |conn| close_one(conn, &id, &events))
+            .await
     }
 
     async fn close_node_sessions(&self, node_id: &str, events: SessionEvents) -> Result<usize> {
@@ -506,7 +581,7 @@ impl Storage for SqliteStorage {
 
     async fn endpoint_register(&self, name: &str) -> Result<EndpointState> {
         let name = name.to_string();
-        self.write(move |conn| {
+        self.write_urgent(move |conn| {
             conn.execute(
                 "INSERT OR IGNORE INTO endpoints (name, cursor)
                  VALUES (?1, (SELECT COALESCE(MAX(seq), 0) FROM outbox))",
@@ -524,7 +599,7 @@ impl Storage for SqliteStorage {
         limit: usize,
     ) -> Result<usize> {
         let name = name.to_string();
-        self.write(move |conn| {
+        self.write_urgent(move |conn| {
             let cursor: i64 = conn
                 .prepare_cached("SELECT cursor FROM endpoints WHERE name = ?1")?
                 .query_row(params![name], |r| r.get(0))?;
@@ -571,7 +646,7 @@ impl Storage for SqliteStorage {
         lease_until: i64,
     ) -> Result<Vec<ClaimedEvent>> {
         let name = name.to_string();
-        self.write(move |conn| {
+        self.write_urgent(move |conn| {
             let claimed: Vec<ClaimedEvent> = conn
                 .prepare_cached(
                     "SELECT d.event_seq, o.id, o.type, d.order_key, o.created_at, o.data, d.attempts
@@ -622,7 +697,7 @@ impl Storage for SqliteStorage {
         now: i64,
     ) -> Result<Option<i64>> {
         let name = name.to_string();
-        self.write(move |conn| {
+        self.write_urgent(move |conn| {
             let mut key_of = conn.prepare_cached(
                 "SELECT order_key FROM deliveries WHERE endpoint = ?1 AND event_seq = ?2",
             )?;
@@ -703,7 +778,7 @@ impl Storage for SqliteStorage {
         now: i64,
     ) -> Result<()> {
         let name = name.to_string();
-        self.write(move |conn| {
+        self.write_urgent(move |conn| {
             match reason {
                 Some(reason) => {
                     conn.execute(
@@ -734,7 +809,7 @@ impl Storage for SqliteStorage {
 
     async fn endpoint_retry_failed(&self, name: &str, now: i64) -> Result<usize> {
         let name = name.to_string();
-        self.write(move |conn| {
+        self.write_urgent(move |conn| {
             let n = conn.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?2
                  WHERE endpoint = ?1 AND state = 'failed'",
@@ -831,7 +906,7 @@ impl Storage for SqliteStorage {
     async fn kv_set(&self, plugin: &str, key: &str, value: Vec<u8>) -> Result<()> {
         let (plugin, key) = (plugin.to_string(), key.to_string());
         let quota = self
-            .write(move |conn| {
+            .write_urgent(move |conn| {
                 let (keys, bytes): (i64, i64) = conn
                     .prepare_cached(
                         "SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM plugin_kv
@@ -859,7 +934,7 @@ impl Storage for SqliteStorage {
 
     async fn kv_delete(&self, plugin: &str, key: &str) -> Result<()> {
         let (plugin, key) = (plugin.to_string(), key.to_string());
-        self.write(move |conn| {
+        self.write_urgent(move |conn| {
             conn.prepare_cached("DELETE FROM plugin_kv WHERE plugin = ?1 AND key = ?2")?
                 .execute(params![plugin, key])?;
             Ok(())

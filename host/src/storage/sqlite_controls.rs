@@ -11,6 +11,9 @@ use super::controls::{
 use super::sqlite::{insert_events, SqliteStorage};
 use super::{NewEvent, Result};
 
+// `controls` is a rowid table on purpose: answers can be large, and in a
+// WITHOUT ROWID table they would sit in the key's B-tree, where every key
+// search passing them copies them.
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS controls (
     id              TEXT PRIMARY KEY,
@@ -23,7 +26,7 @@ CREATE TABLE IF NOT EXISTS controls (
     idempotency_key TEXT UNIQUE,
     answer          TEXT,
     created_at      INTEGER NOT NULL
-) WITHOUT ROWID;
+);
 
 CREATE TABLE IF NOT EXISTS control_targets (
     control_id   TEXT NOT NULL,

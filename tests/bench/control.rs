@@ -1,0 +1,1997 @@
+//! `bench-control`: business control messages (`POST /v1/control`) through
+//! the real gateway: the time to deliver one control message to 10,000
+//! online users, and how many persisted controls are stored per second,
+//! each beside a baseline measured in the same run.
+//!
+//! ```text
+//! cargo build --release -p plugboard-tests --bin bench-control --bin gateway-under-test
+//! ./target/release/bench-control [--quick] [--users N] [--repeats R] [--in-flight C] [--duration SECS] ...
+//! ```
+//!
+//! `--help` lists every option. The defaults finish in about two minutes on
+//! a 2-core machine; `--quick` is a smoke run with small sizes.
+//!
+//! Every gateway is the real binary started through the test harness,
+//! SQLite in a temporary folder, log level warn, one webhook endpoint for
+//! `control.*` and `message.created` events served by a tiny receiver in
+//! this process that answers 204 and counts them (unless `--no-webhooks`).
+//! Its `[control]` limiter is opened wide (`rate_limit = 100000.0`,
+//! `rate_burst = 100000`), so that the default 50 requests/s do not
+//! throttle the measurement.
+//!
+//! 1. **Control fan-out.** N users (10,000 by default), one connection each
+//!    (client sockets bound to 127.0.0.2…127.0.0.9 in turn), all members of
+//!    one group. Then, R times, one online-only, normal-priority control to
+//!    all N users (`{"targets": {"users": [...]}}`) and, as the baseline,
+//!    one message to the group through `POST /v1/messages` (the message
+//!    fan-out path on the same connections); then one control with
+//!    `"priority": "high"`. For each: the time from the start of the request
+//!    until the HTTP answer, and until the first, the median, the 90th
+//!    percentile and the last client read the frame. Between two requests
+//!    the bench waits until the webhook receiver has every event the last
+//!    one caused (one `control.delivered` per target; that time is reported
+//!    too), then until the gateway's storage writer is idle, so that each
+//!    request starts on an idle gateway.
+//! 2. **Persisted controls stored per second.** No client connected, so
+//!    every target is offline. C requests in flight (32) for D seconds after
+//!    a warm-up, `"reliability": "persisted"`, once with 1 target per
+//!    request and once with 100; the baseline is the same loop with
+//!    online-only controls (answered `offline`; the gateway records those
+//!    target rows too, but nothing waits for the user). A fresh gateway for
+//!    each run. Requests/s, target rows/s, request latency, and the
+//!    gateway's own view (`/metrics`: storage transactions, writes per
+//!    transaction, time per transaction).
+//!
+//! Every wait is bounded. A failure is reported, with what was seen, and is
+//! not a crash: a benchmark prints figures, it asserts nothing. All traffic
+//! stays on 127.0.0.x. The clients, the webhook receiver and the server
+//! share the machine's cores, so every figure is one for the whole system.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Router;
+use futures_util::StreamExt;
+use plugboard_tests::gateway::{API_KEY, JWT_SECRET};
+use plugboard_tests::{Gateway, GatewayOptions};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// The limiter settings of every benchmark gateway.
+const RATE_LIMIT: &str = "100000.0";
+const RATE_BURST: &str = "100000";
+
+/// The gateway's default `control.max_targets`.
+const DEFAULT_MAX_TARGETS: usize = 10_000;
+
+/// Longest wait for the clients to read a fan-out frame.
+const MEMBERS_WAIT: Duration = Duration::from_secs(20);
+
+/// How long the storage writer must stand still to count as idle, and the
+/// longest wait for that.
+const IDLE_QUIET: Duration = Duration::from_millis(300);
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The webhook endpoint's `events`: what the bench counts. Connection and
+/// presence events (20,000 for 10,000 connects) are not sent.
+const HOOK_EVENTS: &str = r#"["control.*", "message.created"]"#;
+
+/// Timeout of one API request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+const USAGE: &str = "\
+usage: bench-control [options]
+
+  --quick                small sizes for a smoke run (other options still apply after it)
+  control fan-out:
+  --users N              online users, one connection each, all in one group (default 10000)
+  --repeats R            controls (and, as the baseline, group messages) sent to them,
+                         one at a time (default 5); then one control with priority high
+  --webhook-wait SECS    after each request, wait this long at most for its webhooks
+                         (one control.delivered per target) before the next (default 60)
+  persisted controls stored per second:
+  --in-flight C          requests in flight (default 32)
+  --warmup SECS          load before measuring (default 2)
+  --duration SECS        measured load of each run (default 6)
+  --targets LIST         targets per request, one pair of runs each (default 1,100)
+  --offline-users U      distinct offline users the targets cycle through (default 100000)
+  webhooks:
+  --webhook-batch N      batch_max of the webhook endpoint (default 1, the production default)
+  --no-webhooks          gateways without a webhook endpoint (events are still written
+                         to the outbox; nothing delivers them)
+  connections:
+  --concurrency C        connection attempts in flight at once (default 200)
+  --sources K            client source addresses 127.0.0.2 .. 127.0.0.(K+1) (default 8)
+  phases:
+  --no-fanout  --no-rate  --no-baseline
+";
+
+#[derive(Clone, Debug)]
+struct Options {
+    users: usize,
+    repeats: usize,
+    webhook_wait: Duration,
+    in_flight: usize,
+    warmup: Duration,
+    duration: Duration,
+    targets: Vec<usize>,
+    offline_users: usize,
+    webhook_batch: usize,
+    webhooks: bool,
+    concurrency: usize,
+    sources: usize,
+    fanout: bool,
+    rate: bool,
+    baseline: bool,
+    quick: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            users: 10_000,
+            repeats: 5,
+            webhook_wait: Duration::from_secs(60),
+            in_flight: 32,
+            warmup: Duration::from_secs(2),
+            duration: Duration::from_secs(6),
+            targets: vec![1, 100],
+            offline_users: 100_000,
+            webhook_batch: 1,
+            webhooks: true,
+            concurrency: 200,
+            sources: 8,
+            fanout: true,
+            rate: true,
+            baseline: true,
+            quick: false,
+        }
+    }
+}
+
+impl Options {
+    fn quick() -> Self {
+        Options {
+            users: 500,
+            repeats: 3,
+            webhook_wait: Duration::from_secs(20),
+            in_flight: 16,
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(2),
+            offline_users: 10_000,
+            quick: true,
+            ..Options::default()
+        }
+    }
+
+    /// `control.max_targets` of the benchmark gateways: the default, or
+    /// more when a request here names more users.
+    fn max_targets(&self) -> usize {
+        let mut m = DEFAULT_MAX_TARGETS;
+        if self.fanout {
+            m = m.max(self.users);
+        }
+        if self.rate {
+            m = m.max(self.targets.iter().copied().max().unwrap_or(1));
+        }
+        m.min(1_000_000)
+    }
+}
+
+fn parse_options(args: &[String]) -> Result<Options, String> {
+    let mut o = if args.iter().any(|a| a == "--quick") {
+        Options::quick()
+    } else {
+        Options::default()
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let number = |name: &str, v: String| -> Result<usize, String> {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{name}: `{v}` is not a whole number"))
+        };
+        let secs = |n: usize| Duration::from_secs(n as u64);
+        match flag.as_str() {
+            "--quick" => {}
+            "--users" => o.users = number(&flag, value(&flag)?)?.clamp(1, 1_000_000),
+            "--repeats" => o.repeats = number(&flag, value(&flag)?)?.max(1),
+            "--webhook-wait" => o.webhook_wait = secs(number(&flag, value(&flag)?)?),
+            "--in-flight" => o.in_flight = number(&flag, value(&flag)?)?.max(1),
+            "--warmup" => o.warmup = secs(number(&flag, value(&flag)?)?),
+            "--duration" => o.duration = secs(number(&flag, value(&flag)?)?.max(1)),
+            "--targets" => {
+                let v = value(&flag)?;
+                let mut list = Vec::new();
+                for part in v.split(',').filter(|p| !p.trim().is_empty()) {
+                    list.push(number(&flag, part.to_string())?.clamp(1, 1_000_000));
+                }
+                if list.is_empty() {
+                    return Err(format!("{flag} needs at least one number"));
+                }
+                o.targets = list;
+            }
+            "--offline-users" => o.offline_users = number(&flag, value(&flag)?)?.max(1),
+            "--webhook-batch" => o.webhook_batch = number(&flag, value(&flag)?)?.clamp(1, 1000),
+            "--no-webhooks" => o.webhooks = false,
+            "--concurrency" => o.concurrency = number(&flag, value(&flag)?)?.max(1),
+            "--sources" => o.sources = number(&flag, value(&flag)?)?.clamp(1, 250),
+            "--no-fanout" => o.fanout = false,
+            "--no-rate" => o.rate = false,
+            "--no-baseline" => o.baseline = false,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match parse_options(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("bench-control: {e}\n");
+            }
+            eprint!("{USAGE}");
+            return ExitCode::from(if e.is_empty() { 0 } else { 2 });
+        }
+    };
+    // Before anything starts: the gateways inherit the limit.
+    plugboard_tests::raise_fd_limit();
+    let _ = now_ns();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench-control: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-control: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clock and process facts
+
+static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+
+/// Nanoseconds since the clock every task of this process shares.
+fn now_ns() -> u64 {
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based).
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some((utime + stime) / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn open_files_limit() -> String {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            let l = t.lines().find(|l| l.starts_with("Max open files"))?;
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(format!("{} (hard {})", f.get(3)?, f.get(4)?))
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "{cores} cores ({cpu}), {mem_gib:.1} GiB RAM, open-files limit {}",
+        open_files_limit()
+    )
+}
+
+/// CPU used by the server and by this process over an interval.
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuMark {
+    at: Option<std::time::Instant>,
+    server: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl CpuMark {
+    fn take(server_pid: u32) -> CpuMark {
+        CpuMark {
+            at: Some(std::time::Instant::now()),
+            server: cpu_seconds(server_pid),
+            bench: cpu_seconds(std::process::id()),
+        }
+    }
+
+    /// (server, bench) CPU seconds from `self` to `later`.
+    fn used(&self, later: &CpuMark) -> (Option<f64>, Option<f64>) {
+        let d = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+        (d(self.server, later.server), d(self.bench, later.bench))
+    }
+
+    /// (server, bench) cores from `self` to `later`.
+    fn cores(&self, later: &CpuMark) -> (Option<f64>, Option<f64>) {
+        let Some(secs) = later
+            .at
+            .zip(self.at)
+            .map(|(b, a)| b.duration_since(a).as_secs_f64())
+            .filter(|s| *s > 0.0)
+        else {
+            return (None, None);
+        };
+        let (s, b) = self.used(later);
+        (s.map(|x| x / secs), b.map(|x| x / secs))
+    }
+}
+
+/// Bytes of a gateway's database file and of its write-ahead log.
+fn data_bytes(gw: &Gateway) -> (Option<u64>, Option<u64>) {
+    let data = gw.dir.path().join("data");
+    let size = |name: &str| std::fs::metadata(data.join(name)).ok().map(|m| m.len());
+    (size("plugboard.db"), size("plugboard.db-wal"))
+}
+
+// ---------------------------------------------------------------------------
+// The gateway's metrics
+
+/// One reading of `GET /metrics`: every series, by its full name with labels.
+#[derive(Clone, Debug, Default)]
+struct Snapshot(BTreeMap<String, f64>);
+
+impl Snapshot {
+    fn parse(text: &str) -> Snapshot {
+        let mut map = BTreeMap::new();
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            if let Some((series, v)) = l.rsplit_once(' ') {
+                if let Ok(v) = v.parse::<f64>() {
+                    map.insert(series.to_string(), v);
+                }
+            }
+        }
+        Snapshot(map)
+    }
+
+    /// The sum over the series of metric `name` (any labels).
+    fn sum(&self, name: &str) -> f64 {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.split('{').next() == Some(name))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Cumulative bucket counts of histogram `name`, by upper bound.
+    fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{");
+        let mut out: Vec<(f64, f64)> = self
+            .0
+            .iter()
+            .filter_map(|(k, v)| {
+                let labels = k.strip_prefix(&prefix)?;
+                let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, *v))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out
+    }
+}
+
+/// What a histogram did between two readings.
+struct HistDelta {
+    count: f64,
+    sum: f64,
+    /// Cumulative counts by upper bound.
+    buckets: Vec<(f64, f64)>,
+}
+
+impl HistDelta {
+    fn of(before: &Snapshot, after: &Snapshot, name: &str) -> HistDelta {
+        let b = before.buckets(name);
+        let buckets = after
+            .buckets(name)
+            .into_iter()
+            .map(|(le, v)| {
+                let was = b.iter().find(|(l, _)| *l == le).map_or(0.0, |x| x.1);
+                (le, v - was)
+            })
+            .collect();
+        HistDelta {
+            count: after.sum(&format!("{name}_count")) - before.sum(&format!("{name}_count")),
+            sum: after.sum(&format!("{name}_sum")) - before.sum(&format!("{name}_sum")),
+            buckets,
+        }
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count)
+    }
+
+    /// The upper bound of the bucket holding quantile `q`.
+    fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let want = q * self.count;
+        self.buckets
+            .iter()
+            .find(|(_, c)| *c >= want)
+            .map(|(le, _)| *le)
+    }
+}
+
+async fn snapshot(http: &reqwest::Client, base: &str) -> Option<Snapshot> {
+    let resp = http
+        .get(format!("{base}/metrics"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .ok()?;
+    Some(Snapshot::parse(&resp.text().await.ok()?))
+}
+
+fn bound_ms(s: Option<f64>) -> String {
+    match s {
+        Some(s) if s.is_infinite() => "> largest bucket".to_string(),
+        Some(s) => format!("≤ {:.1} ms", s * 1e3),
+        None => "-".into(),
+    }
+}
+
+/// The storage side of an interval: (transactions, writes per transaction,
+/// mean time per transaction in s, seconds spent in transactions, bucket
+/// bound of the longest).
+struct StorageView {
+    transactions: f64,
+    writes_per_txn: Option<f64>,
+    mean_txn: Option<f64>,
+    busy_secs: f64,
+    longest_bound: Option<f64>,
+}
+
+impl StorageView {
+    fn of(before: &Snapshot, after: &Snapshot) -> StorageView {
+        let batches = HistDelta::of(before, after, "plugboard_storage_batch_size");
+        let commits = HistDelta::of(before, after, "plugboard_storage_commit_seconds");
+        StorageView {
+            transactions: commits.count,
+            writes_per_txn: batches.mean(),
+            mean_txn: commits.mean(),
+            busy_secs: commits.sum,
+            longest_bound: commits.quantile_bound(1.0),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The webhook receiver
+
+/// Counts what reaches the webhook endpoint; every request is answered 204.
+#[derive(Default)]
+struct Hooks {
+    requests: AtomicU64,
+    delivered: AtomicU64,
+    messages: AtomicU64,
+    opened: AtomicU64,
+    online: AtomicU64,
+    other: AtomicU64,
+}
+
+impl Hooks {
+    fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::SeqCst)
+    }
+    fn messages(&self) -> u64 {
+        self.messages.load(Ordering::SeqCst)
+    }
+    fn opened(&self) -> u64 {
+        self.opened.load(Ordering::SeqCst)
+    }
+    fn online(&self) -> u64 {
+        self.online.load(Ordering::SeqCst)
+    }
+}
+
+fn occurrences(hay: &[u8], needle: &[u8]) -> u64 {
+    hay.windows(needle.len()).filter(|w| *w == needle).count() as u64
+}
+
+async fn hook(State(h): State<Arc<Hooks>>, body: Bytes) -> StatusCode {
+    h.requests.fetch_add(1, Ordering::Relaxed);
+    // Envelopes read `{"id":…,"type":"control.delivered",…}`; a batch holds several.
+    let all = occurrences(&body, b"{\"id\":");
+    let delivered = occurrences(&body, b"\"type\":\"control.delivered\"");
+    let messages = occurrences(&body, b"\"type\":\"message.created\"");
+    let opened = occurrences(&body, b"\"type\":\"connection.opened\"");
+    let online = occurrences(&body, b"\"type\":\"user.online\"");
+    let batch = u64::from(occurrences(&body, b"\"type\":\"batch\"") > 0);
+    h.delivered.fetch_add(delivered, Ordering::SeqCst);
+    h.messages.fetch_add(messages, Ordering::SeqCst);
+    h.opened.fetch_add(opened, Ordering::SeqCst);
+    h.online.fetch_add(online, Ordering::SeqCst);
+    h.other.fetch_add(
+        all.saturating_sub(delivered + messages + opened + online + batch),
+        Ordering::Relaxed,
+    );
+    StatusCode::NO_CONTENT
+}
+
+async fn start_hooks() -> anyhow::Result<(Arc<Hooks>, String)> {
+    let hooks = Arc::new(Hooks::default());
+    let app = Router::new().fallback(hook).with_state(hooks.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("bench-control: the webhook receiver stopped: {e}");
+        }
+    });
+    Ok((hooks, format!("http://{addr}/hooks")))
+}
+
+/// Waits until `check` holds, or `limit` passes; whether it held.
+async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the gateway's storage writer has committed nothing for
+/// `IDLE_QUIET` (its transaction count, read from `/metrics`, stands still),
+/// at most `IDLE_LIMIT`; how long that took.
+async fn wait_idle(http: &reqwest::Client, base: &str) -> Result<Duration, String> {
+    let started = Instant::now();
+    let count = |s: &Snapshot| s.sum("plugboard_storage_commit_seconds_count");
+    let mut last = snapshot(http, base).await.map(|s| count(&s));
+    let mut still_since = Instant::now();
+    loop {
+        sleep(Duration::from_millis(50)).await;
+        let now = snapshot(http, base).await.map(|s| count(&s));
+        if now.is_none() {
+            return Err("GET /metrics failed".into());
+        }
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= IDLE_QUIET {
+            return Ok(started.elapsed().saturating_sub(IDLE_QUIET));
+        }
+        if started.elapsed() >= IDLE_LIMIT {
+            return Err(format!(
+                "the storage writer was still busy {} s later",
+                IDLE_LIMIT.as_secs()
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Gateways
+
+/// A gateway with production heartbeat and auth deadline, quiet logs, the
+/// control limiter opened wide, and the webhook endpoint (unless
+/// `--no-webhooks`). `Gateway::start` panics when the gateway does not come
+/// up, which is caught and reported.
+async fn start_gateway(hook_url: &str, opts: &Options) -> anyhow::Result<Gateway> {
+    let config = format!(
+        "[gateway]\nping_interval = \"25s\"\npong_timeout = \"10s\"\nauth_timeout = \"10s\"\n\
+         [log]\nlevel = \"warn\"\n\
+         [control]\nrate_limit = {RATE_LIMIT}\nrate_burst = {RATE_BURST}\nmax_targets = {}\n",
+        opts.max_targets()
+    );
+    let mut gw_opts = GatewayOptions::default().extra(&config);
+    if opts.webhooks {
+        let batch = if opts.webhook_batch > 1 {
+            format!("batch_max = {}\n", opts.webhook_batch)
+        } else {
+            String::new()
+        };
+        gw_opts = gw_opts.extra(&format!(
+            "[[webhooks]]\nname = \"rx\"\nurl = {hook_url:?}\nsecret = {:?}\nevents = {HOOK_EVENTS}\n{batch}",
+            plugboard_tests::receiver::SECRET
+        ));
+    }
+    tokio::spawn(Gateway::start(gw_opts))
+        .await
+        .map_err(|e| anyhow::anyhow!("the gateway did not start: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// Server API calls
+
+/// One API request with a JSON body given as text: (status, body bytes).
+async fn post_text(
+    http: &reqwest::Client,
+    url: &str,
+    body: String,
+) -> Result<(u16, Bytes), String> {
+    let resp = http
+        .post(url)
+        .bearer_auth(API_KEY)
+        .header("content-type", "application/json")
+        .body(body)
+        .timeout(REQUEST_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| format!("reading the answer failed: {e}"))?;
+    Ok((status, bytes))
+}
+
+/// The error code of an API error answer, or the start of the body.
+fn why(status: u16, body: &[u8]) -> String {
+    let code = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+    match code {
+        Some(c) => format!("HTTP {status} {c}"),
+        None => format!(
+            "HTTP {status} {}",
+            String::from_utf8_lossy(body)
+                .chars()
+                .take(120)
+                .collect::<String>()
+        ),
+    }
+}
+
+/// The `summary` of a control answer.
+#[derive(Deserialize, Debug, Default, Clone, Copy)]
+struct Summary {
+    targets: usize,
+    delivered: usize,
+    stored: usize,
+    offline: usize,
+    rejected: usize,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    summary: Summary,
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+/// Client connections are not what is measured: a small read buffer keeps
+/// 10,000 of them cheap.
+fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096)
+}
+
+type ClientWs = WebSocketStream<TcpStream>;
+
+/// One connection: TCP connect from `source`, WebSocket upgrade, then the
+/// first frame, which must be `meta` / `connect`.
+async fn connect_one(
+    server: SocketAddr,
+    source: Ipv4Addr,
+    url: &str,
+    deadline: Instant,
+) -> Result<ClientWs, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket(): {e}"))?;
+    socket
+        .bind(SocketAddr::new(source.into(), 0))
+        .map_err(|e| format!("bind to a 127.0.0.x source: {e}"))?;
+    let tcp = match timeout_at(deadline, socket.connect(server)).await {
+        Err(_) => return Err("timed out in the TCP connect".into()),
+        Ok(Err(e)) => return Err(format!("TCP connect: {e}")),
+        Ok(Ok(tcp)) => tcp,
+    };
+    let _ = tcp.set_nodelay(true);
+    let request = url
+        .into_client_request()
+        .map_err(|e| format!("bad request: {e}"))?;
+    let handshake =
+        tokio_tungstenite::client_async_with_config(request, tcp, Some(client_config()));
+    let mut ws = match timeout_at(deadline, handshake).await {
+        Err(_) => return Err("timed out in the WebSocket upgrade".into()),
+        Ok(Err(e)) => return Err(format!("WebSocket upgrade: {e}")),
+        Ok(Ok((ws, _))) => ws,
+    };
+    loop {
+        match timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err("timed out waiting for the connect frame".into()),
+            Ok(None) => return Err("closed before the connect frame".into()),
+            Ok(Some(Err(e))) => return Err(format!("error before the connect frame: {e}")),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let v: Value = serde_json::from_str(text.as_str())
+                    .map_err(|_| "first frame is not JSON".to_string())?;
+                if v["type"] == "meta" && v["event"] == "connect" {
+                    return Ok(ws);
+                }
+                return Err(format!("first frame is not meta/connect: {v}"));
+            }
+            Ok(Some(Ok(Message::Close(f)))) => {
+                return Err(format!(
+                    "close frame {} before the connect frame",
+                    f.map(|f| u16::from(f.code)).unwrap_or(1005)
+                ))
+            }
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
+/// Opens one connection per URL, at most `concurrency` attempts in flight,
+/// sources 127.0.0.2.. in turn. Results in the order of `urls`.
+async fn connect_many(
+    server: SocketAddr,
+    urls: Vec<String>,
+    concurrency: usize,
+    sources: usize,
+) -> (Vec<Option<ClientWs>>, BTreeMap<String, usize>, Duration) {
+    let started = Instant::now();
+    let semaphore = Arc::new(Semaphore::new(concurrency));
+    let mut handles: Vec<JoinHandle<Result<ClientWs, String>>> = Vec::with_capacity(urls.len());
+    for (i, url) in urls.into_iter().enumerate() {
+        let Ok(permit) = semaphore.clone().acquire_owned().await else {
+            break;
+        };
+        let source = Ipv4Addr::new(127, 0, 0, 2 + (i % sources) as u8);
+        handles.push(tokio::spawn(async move {
+            let r = connect_one(
+                server,
+                source,
+                &url,
+                Instant::now() + Duration::from_secs(30),
+            )
+            .await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut out = Vec::with_capacity(handles.len());
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    for h in handles {
+        match h.await {
+            Ok(Ok(ws)) => out.push(Some(ws)),
+            Ok(Err(why)) => {
+                *failures.entry(why).or_default() += 1;
+                out.push(None);
+            }
+            Err(e) => {
+                *failures.entry(format!("task failed: {e}")).or_default() += 1;
+                out.push(None);
+            }
+        }
+    }
+    (out, failures, started.elapsed())
+}
+
+fn ended_by(msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> String {
+    match msg {
+        None => "connection ended".into(),
+        Some(Err(e)) => format!("connection error: {e}"),
+        Some(Ok(Message::Close(f))) => format!(
+            "close frame {}",
+            f.map(|f| format!("{} {}", u16::from(f.code), f.reason))
+                .unwrap_or_else(|| "1005".into())
+        ),
+        Some(Ok(_)) => "unexpected frame".into(),
+    }
+}
+
+/// The number after `"rep":` in a frame, without parsing the JSON.
+fn rep_of(text: &str) -> Option<usize> {
+    let at = text.find("\"rep\":")? + 6;
+    let digits: &str = &text[at..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Control fan-out
+
+/// What the client connections record for one request.
+struct Slot {
+    count: AtomicUsize,
+    /// Receive instants (ns on the shared clock), one per client.
+    times: Mutex<Vec<u64>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RepKind {
+    Control { high: bool },
+    Message,
+}
+
+/// One request to every user; times from the start of the request.
+#[derive(Default)]
+struct Rep {
+    label: String,
+    api: Option<Duration>,
+    answer_bytes: usize,
+    summary: Option<Summary>,
+    first: Option<Duration>,
+    p50: Option<Duration>,
+    p90: Option<Duration>,
+    last: Option<Duration>,
+    reached: usize,
+    /// Until the webhook receiver had every event of the request.
+    hooks_done: Option<Duration>,
+    /// Storage from the request until the answer and the last client.
+    storage: Option<StorageView>,
+    /// CPU from the request until the answer and the last client, in ms.
+    server_cpu_ms: Option<f64>,
+    bench_cpu_ms: Option<f64>,
+}
+
+#[derive(Default)]
+struct FanoutResult {
+    users: usize,
+    connected: usize,
+    connect_failures: BTreeMap<String, usize>,
+    connect_time: Duration,
+    group_create: Option<Duration>,
+    /// From the last connect until the storage writer was idle.
+    idle_wait: Option<Duration>,
+    controls: Vec<Rep>,
+    high: Option<Rep>,
+    messages: Vec<Rep>,
+    server_rss_mib: Option<f64>,
+    notes: Vec<String>,
+}
+
+/// Creates group `fanout` with every user: one `POST /v1/groups`, then
+/// `POST /v1/groups/fanout/members` in batches of 1,000.
+async fn create_group(
+    http: &reqwest::Client,
+    base: &str,
+    users: &[String],
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let body = json!({"group_id": "fanout", "name": "fanout"}).to_string();
+    match post_text(http, &format!("{base}/v1/groups"), body).await? {
+        (201, _) => {}
+        (s, b) => return Err(format!("creating the group: {}", why(s, &b))),
+    }
+    for (i, chunk) in users.chunks(1_000).enumerate() {
+        let body = json!({ "members": chunk }).to_string();
+        match post_text(http, &format!("{base}/v1/groups/fanout/members"), body).await? {
+            (200 | 201, _) => {}
+            (s, b) => return Err(format!("adding members, batch {i}: {}", why(s, &b))),
+        }
+    }
+    Ok(started.elapsed())
+}
+
+struct FanCtx<'a> {
+    http: &'a reqwest::Client,
+    base: String,
+    gw: &'a Gateway,
+    hooks: &'a Hooks,
+    slots: Arc<Vec<Slot>>,
+    /// `["cu00000", …]` as JSON text.
+    users_json: String,
+    connected: usize,
+    webhooks: bool,
+    webhook_wait: Duration,
+}
+
+async fn fan_rep(
+    ctx: &FanCtx<'_>,
+    kind: RepKind,
+    label: String,
+    slot_index: usize,
+    notes: &mut Vec<String>,
+) -> Rep {
+    let mut rep = Rep {
+        label: label.clone(),
+        ..Rep::default()
+    };
+    let (url, body) = match kind {
+        RepKind::Control { high } => (
+            format!("{}/v1/control", ctx.base),
+            format!(
+                r#"{{"kind":"bench.fanout","payload":{{"rep":{slot_index}}},"targets":{{"users":{}}}{}}}"#,
+                ctx.users_json,
+                if high { r#","priority":"high""# } else { "" }
+            ),
+        ),
+        RepKind::Message => (
+            format!("{}/v1/messages", ctx.base),
+            format!(
+                r#"{{"channel_type":"group","channel_id":"fanout","payload":{{"text":"fan-out","rep":{slot_index}}}}}"#
+            ),
+        ),
+    };
+    if let Err(e) = wait_idle(ctx.http, &ctx.base).await {
+        notes.push(format!("before {label}: {e}"));
+    }
+    let delivered_before = ctx.hooks.delivered();
+    let messages_before = ctx.hooks.messages();
+    let snap_a = snapshot(ctx.http, &ctx.base).await;
+    let cpu_a = CpuMark::take(ctx.gw.pid());
+    let t0 = now_ns();
+    let sent = Instant::now();
+    let answer = post_text(ctx.http, &url, body).await;
+    let answered = sent.elapsed();
+    let mut ok = false;
+    match (&answer, kind) {
+        (Ok((200, bytes)), RepKind::Control { .. }) => {
+            rep.api = Some(answered);
+            rep.answer_bytes = bytes.len();
+            match serde_json::from_slice::<Answer>(bytes) {
+                Ok(a) => {
+                    rep.summary = Some(a.summary);
+                    ok = true;
+                    if a.summary.delivered != ctx.connected {
+                        notes.push(format!(
+                            "{label}: the answer says {} delivered, {} offline, {} rejected; {} clients are connected",
+                            a.summary.delivered, a.summary.offline, a.summary.rejected, ctx.connected
+                        ));
+                    }
+                }
+                Err(e) => notes.push(format!("{label}: the answer has no summary: {e}")),
+            }
+        }
+        (Ok((201, bytes)), RepKind::Message) => {
+            rep.api = Some(answered);
+            rep.answer_bytes = bytes.len();
+            ok = true;
+        }
+        (Ok((s, b)), _) => notes.push(format!("{label}: {}", why(*s, b))),
+        (Err(e), _) => notes.push(format!("{label}: {e}")),
+    }
+    let slot = &ctx.slots[slot_index];
+    let all = ctx.connected;
+    let reached = if ok {
+        wait_for(MEMBERS_WAIT, || slot.count.load(Ordering::SeqCst) >= all).await
+    } else {
+        false
+    };
+    let cpu_b = CpuMark::take(ctx.gw.pid());
+    let snap_b = snapshot(ctx.http, &ctx.base).await;
+    let (s, b) = cpu_a.used(&cpu_b);
+    rep.server_cpu_ms = s.map(|x| x * 1e3);
+    rep.bench_cpu_ms = b.map(|x| x * 1e3);
+    if let (Some(a), Some(b)) = (&snap_a, &snap_b) {
+        rep.storage = Some(StorageView::of(a, b));
+    }
+    let mut times = slot.times.lock().unwrap().clone();
+    times.sort_unstable();
+    rep.reached = times.len();
+    let since = |ns: Option<u64>| ns.map(|ns| Duration::from_nanos(ns.saturating_sub(t0)));
+    rep.first = since(times.first().copied());
+    rep.p50 = since(pct(&times, 50.0));
+    rep.p90 = since(pct(&times, 90.0));
+    if reached {
+        rep.last = since(times.last().copied());
+    } else if ok {
+        notes.push(format!(
+            "{label}: {} of {all} clients had it {} s after the request",
+            rep.reached,
+            MEMBERS_WAIT.as_secs()
+        ));
+    }
+    // The request's webhooks, so that the next request starts on an idle gateway.
+    if ctx.webhooks && ok {
+        let (done, what) = match kind {
+            RepKind::Control { .. } => {
+                let want = delivered_before + rep.summary.map_or(all, |s| s.delivered) as u64;
+                (
+                    wait_for(ctx.webhook_wait, || ctx.hooks.delivered() >= want).await,
+                    "control.delivered",
+                )
+            }
+            RepKind::Message => (
+                wait_for(ctx.webhook_wait, || ctx.hooks.messages() > messages_before).await,
+                "message.created",
+            ),
+        };
+        if done {
+            rep.hooks_done = Some(sent.elapsed());
+        } else {
+            notes.push(format!(
+                "{label}: its {what} webhooks were not all in {} s after the request ({} control.delivered, {} message.created arrived)",
+                ctx.webhook_wait.as_secs(),
+                ctx.hooks.delivered() - delivered_before,
+                ctx.hooks.messages() - messages_before
+            ));
+        }
+    }
+    eprintln!(
+        "[fan-out] {label}: answer after {}, last of {} clients after {}, webhooks after {}",
+        ms_d(rep.api),
+        rep.reached,
+        ms_d(rep.last),
+        ms_d(rep.hooks_done)
+    );
+    rep
+}
+
+async fn fanout(
+    opts: &Options,
+    hooks: &Hooks,
+    hook_url: &str,
+    http: &reqwest::Client,
+) -> FanoutResult {
+    let n = opts.users;
+    let mut r = FanoutResult {
+        users: n,
+        ..FanoutResult::default()
+    };
+    let gw = match start_gateway(hook_url, opts).await {
+        Ok(gw) => gw,
+        Err(e) => {
+            r.notes.push(format!("{e:#}"));
+            return r;
+        }
+    };
+    let base = format!("http://{}", gw.addr);
+    let Ok(server) = gw.addr.parse::<SocketAddr>() else {
+        r.notes.push(format!("bad gateway address {}", gw.addr));
+        gw.kill().await;
+        return r;
+    };
+    let users: Vec<String> = (0..n).map(|i| format!("cu{i:05}")).collect();
+    match create_group(http, &base, &users).await {
+        Ok(t) => r.group_create = Some(t),
+        Err(e) => r.notes.push(format!("{e}; no message baseline")),
+    }
+    let users_json = serde_json::to_string(&users).unwrap_or_else(|_| "[]".into());
+    let urls: Vec<String> = tokio::task::spawn_blocking(move || {
+        users
+            .iter()
+            .map(|u| {
+                format!(
+                    "ws://{server}/v1/ws?token={}",
+                    plugboard::auth::mint_token(u, None, None, JWT_SECRET.as_bytes())
+                )
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    eprintln!("[fan-out] opening {n} client connections");
+    let (conns, failures, took) = connect_many(server, urls, opts.concurrency, opts.sources).await;
+    r.connect_failures = failures;
+    r.connect_time = took;
+    let slot_count = 2 * opts.repeats + 1;
+    let slots: Arc<Vec<Slot>> = Arc::new(
+        (0..slot_count)
+            .map(|_| Slot {
+                count: AtomicUsize::new(0),
+                times: Mutex::new(Vec::with_capacity(n)),
+            })
+            .collect(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ended: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for ws in conns.into_iter().flatten() {
+        r.connected += 1;
+        let slots = slots.clone();
+        let mut stop = stop_rx.clone();
+        let ended = ended.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ws = ws;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => break,
+                    msg = ws.next() => {
+                        let now = now_ns();
+                        let text = match &msg {
+                            Some(Ok(Message::Text(t))) => t,
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                                *ended.lock().unwrap().entry(ended_by(msg)).or_default() += 1;
+                                return None;
+                            }
+                            Some(Ok(_)) => continue,
+                        };
+                        // Only the benchmark's frames carry `rep`; a cheap look, no JSON parse.
+                        let t = text.as_str();
+                        if !t.starts_with("{\"type\":\"control\"") && !t.starts_with("{\"type\":\"message\"") {
+                            continue;
+                        }
+                        if let Some(s) = rep_of(t).and_then(|k| slots.get(k)) {
+                            s.times.lock().unwrap().push(now);
+                            s.count.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+            Some(ws)
+        }));
+    }
+    if r.connected < n {
+        r.notes.push(format!(
+            "{} of {n} users could not connect; the figures are for the {} connected",
+            n - r.connected,
+            r.connected
+        ));
+    }
+    // Their opens are written (and their events queued, which the endpoint
+    // does not subscribe to): wait until the storage writer is idle.
+    let idle = wait_idle(http, &base).await;
+    match idle {
+        Ok(d) => r.idle_wait = Some(d),
+        Err(e) => r.notes.push(format!("after the connects: {e}")),
+    }
+    eprintln!(
+        "[fan-out] {} connected in {:.1} s; the gateway was idle {} later",
+        r.connected,
+        took.as_secs_f64(),
+        ms_d(r.idle_wait)
+    );
+    sleep(Duration::from_millis(500)).await;
+    let ctx = FanCtx {
+        http,
+        base,
+        gw: &gw,
+        hooks,
+        slots,
+        users_json,
+        connected: r.connected,
+        webhooks: opts.webhooks,
+        webhook_wait: opts.webhook_wait,
+    };
+    let group_ok = r.group_create.is_some();
+    let mut notes = Vec::new();
+    // Controls and messages alternate, so that both see the same conditions.
+    for k in 0..opts.repeats {
+        let kind = RepKind::Control { high: false };
+        let rep = fan_rep(&ctx, kind, format!("control {k}"), 2 * k, &mut notes).await;
+        r.controls.push(rep);
+        sleep(Duration::from_millis(300)).await;
+        if opts.baseline && group_ok {
+            let label = format!("message {k}");
+            let rep = fan_rep(&ctx, RepKind::Message, label, 2 * k + 1, &mut notes).await;
+            r.messages.push(rep);
+            sleep(Duration::from_millis(300)).await;
+        }
+    }
+    r.high = Some(
+        fan_rep(
+            &ctx,
+            RepKind::Control { high: true },
+            "control, high".to_string(),
+            2 * opts.repeats,
+            &mut notes,
+        )
+        .await,
+    );
+    r.notes.extend(notes);
+    r.server_rss_mib = rss_mib(gw.pid());
+    let _ = stop_tx.send(true);
+    let mut held = Vec::new();
+    for t in tasks {
+        if let Ok(Ok(Some(ws))) = timeout(Duration::from_secs(5), t).await {
+            held.push(ws);
+        }
+    }
+    for (why, c) in ended.lock().unwrap().iter() {
+        r.notes
+            .push(format!("{c} client connections ended early: {why}"));
+    }
+    gw.kill().await;
+    drop(held);
+    r
+}
+
+// ---------------------------------------------------------------------------
+// 2. Persisted controls stored per second
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reliability {
+    Persisted,
+    Online,
+}
+
+/// What the workers of one run share.
+struct RateCtx {
+    url: String,
+    reliability: Reliability,
+    targets: usize,
+    offline_users: usize,
+    next_user: AtomicU64,
+    measure_from: Instant,
+    stop: Instant,
+}
+
+#[derive(Default)]
+struct WorkerOut {
+    sent: u64,
+    /// Answered 200 with the expected summary, completed inside the window.
+    ok_in_window: u64,
+    /// Latency of the requests started inside the window and answered 200, in ns.
+    lat: Vec<u64>,
+    errors: BTreeMap<String, usize>,
+    unexpected: u64,
+}
+
+fn user_list(ctx: &RateCtx) -> String {
+    let first = ctx
+        .next_user
+        .fetch_add(ctx.targets as u64, Ordering::Relaxed);
+    let mut s = String::with_capacity(ctx.targets * 12 + 2);
+    s.push('[');
+    for j in 0..ctx.targets as u64 {
+        if j > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "\"off{:06}\"", (first + j) % ctx.offline_users as u64);
+    }
+    s.push(']');
+    s
+}
+
+async fn rate_worker(ctx: Arc<RateCtx>, http: reqwest::Client, index: usize) -> WorkerOut {
+    let mut out = WorkerOut::default();
+    let reliability = match ctx.reliability {
+        Reliability::Persisted => r#","reliability":"persisted""#,
+        Reliability::Online => "",
+    };
+    let mut n = 0u64;
+    loop {
+        let started = Instant::now();
+        if started >= ctx.stop {
+            break;
+        }
+        let body = format!(
+            r#"{{"kind":"bench.rate","payload":{{"w":{index},"n":{n}}},"targets":{{"users":{}}}{reliability}}}"#,
+            user_list(&ctx)
+        );
+        n += 1;
+        out.sent += 1;
+        let answer = post_text(&http, &ctx.url, body).await;
+        let done = Instant::now();
+        match answer {
+            Ok((200, bytes)) => {
+                let expected = serde_json::from_slice::<Answer>(&bytes)
+                    .ok()
+                    .is_some_and(|a| {
+                        let s = a.summary;
+                        let want = match ctx.reliability {
+                            Reliability::Persisted => s.stored,
+                            Reliability::Online => s.offline,
+                        };
+                        s.targets == ctx.targets && want == ctx.targets
+                    });
+                if !expected {
+                    out.unexpected += 1;
+                    continue;
+                }
+                if done >= ctx.measure_from && done < ctx.stop {
+                    out.ok_in_window += 1;
+                }
+                if started >= ctx.measure_from && started < ctx.stop {
+                    out.lat.push(done.duration_since(started).as_nanos() as u64);
+                }
+            }
+            Ok((s, b)) => *out.errors.entry(why(s, &b)).or_default() += 1,
+            Err(e) => {
+                *out.errors.entry(e).or_default() += 1;
+                // Not a tight loop against a gateway that is gone.
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    out
+}
+
+struct RateResult {
+    label: String,
+    targets: usize,
+    reliability: Reliability,
+    in_flight: usize,
+    measured: Duration,
+    ok_in_window: u64,
+    sent: u64,
+    /// Sorted, ns.
+    lat: Vec<u64>,
+    errors: BTreeMap<String, usize>,
+    unexpected: u64,
+    storage: Option<StorageView>,
+    controls_counted: Option<f64>,
+    server_cores: Option<f64>,
+    bench_cores: Option<f64>,
+    /// The database file and its write-ahead log at the end.
+    data_bytes: (Option<u64>, Option<u64>),
+    /// Controls accepted over the whole run (warm-up included).
+    controls_total: Option<u64>,
+    notes: Vec<String>,
+}
+
+impl RateResult {
+    fn requests_per_sec(&self) -> f64 {
+        self.ok_in_window as f64 / self.measured.as_secs_f64().max(1e-9)
+    }
+    fn rows_per_sec(&self) -> f64 {
+        self.requests_per_sec() * self.targets as f64
+    }
+}
+
+async fn rate_run(
+    opts: &Options,
+    hook_url: &str,
+    http: &reqwest::Client,
+    reliability: Reliability,
+    targets: usize,
+) -> RateResult {
+    let label = format!(
+        "{}, {targets} target{}",
+        match reliability {
+            Reliability::Persisted => "persisted",
+            Reliability::Online => "online-only",
+        },
+        if targets == 1 { "" } else { "s" }
+    );
+    let mut r = RateResult {
+        label: label.clone(),
+        targets,
+        reliability,
+        in_flight: opts.in_flight,
+        measured: opts.duration,
+        ok_in_window: 0,
+        sent: 0,
+        lat: Vec::new(),
+        errors: BTreeMap::new(),
+        unexpected: 0,
+        storage: None,
+        controls_counted: None,
+        server_cores: None,
+        bench_cores: None,
+        data_bytes: (None, None),
+        controls_total: None,
+        notes: Vec::new(),
+    };
+    let gw = match start_gateway(hook_url, opts).await {
+        Ok(gw) => gw,
+        Err(e) => {
+            r.notes.push(format!("{e:#}"));
+            return r;
+        }
+    };
+    let base = format!("http://{}", gw.addr);
+    eprintln!(
+        "[rate] {label}: {} requests in flight, {} s warm-up, {} s measured",
+        opts.in_flight,
+        opts.warmup.as_secs(),
+        opts.duration.as_secs()
+    );
+    let start = Instant::now() + Duration::from_millis(100);
+    let measure_from = start + opts.warmup;
+    let stop = measure_from + opts.duration;
+    let ctx = Arc::new(RateCtx {
+        url: format!("{base}/v1/control"),
+        reliability,
+        targets,
+        offline_users: opts.offline_users.max(targets),
+        next_user: AtomicU64::new(0),
+        measure_from,
+        stop,
+    });
+    let workers: Vec<JoinHandle<WorkerOut>> = (0..opts.in_flight)
+        .map(|i| {
+            let ctx = ctx.clone();
+            let http = http.clone();
+            tokio::spawn(async move {
+                sleep_until(start).await;
+                rate_worker(ctx, http, i).await
+            })
+        })
+        .collect();
+    sleep_until(measure_from).await;
+    let snap_a = snapshot(http, &base).await;
+    let cpu_a = CpuMark::take(gw.pid());
+    sleep_until(stop).await;
+    let cpu_b = CpuMark::take(gw.pid());
+    let snap_b = snapshot(http, &base).await;
+    (r.server_cores, r.bench_cores) = cpu_a.cores(&cpu_b);
+    if let (Some(a), Some(b)) = (&snap_a, &snap_b) {
+        r.storage = Some(StorageView::of(a, b));
+        r.controls_counted =
+            Some(b.sum("plugboard_controls_total") - a.sum("plugboard_controls_total"));
+    } else {
+        r.notes
+            .push("GET /metrics failed; no storage figures".to_string());
+    }
+    for w in workers {
+        match timeout(REQUEST_TIMEOUT + Duration::from_secs(5), w).await {
+            Ok(Ok(out)) => {
+                r.ok_in_window += out.ok_in_window;
+                r.sent += out.sent;
+                r.lat.extend(out.lat);
+                r.unexpected += out.unexpected;
+                for (k, v) in out.errors {
+                    *r.errors.entry(k).or_default() += v;
+                }
+            }
+            Ok(Err(e)) => r.notes.push(format!("a worker failed: {e}")),
+            Err(_) => r
+                .notes
+                .push("a worker did not finish its last request in time".to_string()),
+        }
+    }
+    r.controls_total = snapshot(http, &base)
+        .await
+        .map(|end| end.sum("plugboard_controls_total") as u64);
+    r.lat.sort_unstable();
+    r.data_bytes = data_bytes(&gw);
+    eprintln!(
+        "[rate] {label}: {} requests/s, {} target rows/s, p50 {}, p99 {}",
+        thousands(r.requests_per_sec()),
+        thousands(r.rows_per_sec()),
+        ms_ns(pct(&r.lat, 50.0)),
+        ms_ns(pct(&r.lat, 99.0))
+    );
+    gw.kill().await;
+    r
+}
+
+// ---------------------------------------------------------------------------
+// Figures
+
+/// The disk's commit latency, as SQLite pays it with `synchronous = FULL`:
+/// 200 appends of 4 KiB to a file in the temp folder, each followed by
+/// fsync. Returns "p50 … / p99 …".
+async fn fsync_probe() -> String {
+    let probe = tokio::task::spawn_blocking(|| -> std::io::Result<Vec<u64>> {
+        let dir = tempfile::tempdir()?;
+        let mut f = std::fs::File::create(dir.path().join("probe"))?;
+        let page = [0x5au8; 4096];
+        let mut times = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            f.write_all(&page)?;
+            f.sync_all()?;
+            times.push(t.elapsed().as_nanos() as u64);
+        }
+        times.sort_unstable();
+        Ok(times)
+    })
+    .await;
+    match probe {
+        Ok(Ok(t)) => format!(
+            "p50 {} / p99 {}",
+            ms_ns(pct(&t, 50.0)),
+            ms_ns(pct(&t, 99.0))
+        ),
+        Ok(Err(e)) => format!("failed: {e}"),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
+fn pct(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn ms_ns(ns: Option<u64>) -> String {
+    ns.map_or("-".into(), |n| format!("{:.2} ms", n as f64 / 1e6))
+}
+
+fn ms_d(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+}
+
+fn thousands(n: f64) -> String {
+    let s = format!("{:.0}", n.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1024.0 / 1024.0)
+}
+
+/// Prints a table: a header of column labels, rows of (name, cells).
+fn table(labels: &[String], rows: &[(String, Vec<String>)]) {
+    let name_w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    let col_w = labels
+        .iter()
+        .map(|l| l.chars().count())
+        .chain(
+            rows.iter()
+                .flat_map(|r| r.1.iter().map(|c| c.chars().count())),
+        )
+        .max()
+        .unwrap_or(8);
+    let mut header = format!("{:name_w$}", "");
+    for l in labels {
+        header.push_str(&format!("  {l:>col_w$}"));
+    }
+    println!("{header}");
+    println!("{}", "-".repeat(header.chars().count()));
+    for (name, cells) in rows {
+        let mut line = format!("{name:name_w$}");
+        for c in cells {
+            line.push_str(&format!("  {c:>col_w$}"));
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// "min … / median … / max …" of some durations.
+fn spread(mut d: Vec<Duration>) -> String {
+    d.sort_unstable();
+    if d.is_empty() {
+        return "-".into();
+    }
+    format!(
+        "min {} / median {} / max {} (of {})",
+        ms_d(d.first().copied()),
+        ms_d(Some(d[(d.len() - 1) / 2])),
+        ms_d(d.last().copied()),
+        d.len()
+    )
+}
+
+fn rep_table(reps: &[&Rep]) {
+    let labels: Vec<String> = reps.iter().map(|r| r.label.clone()).collect();
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |name: &str, f: &dyn Fn(&Rep) -> String| {
+        rows.push((name.to_string(), reps.iter().map(|r| f(r)).collect()));
+    };
+    row("HTTP answer", &|r| ms_d(r.api));
+    row("first client", &|r| ms_d(r.first));
+    row("half the clients", &|r| ms_d(r.p50));
+    row("90% of the clients", &|r| ms_d(r.p90));
+    row("last client", &|r| ms_d(r.last));
+    row("clients reached", &|r| r.reached.to_string());
+    row("answer: delivered", &|r| {
+        r.summary.map_or("-".into(), |s| s.delivered.to_string())
+    });
+    row("answer size", &|r| thousands(r.answer_bytes as f64) + " B");
+    row("webhooks all in", &|r| {
+        r.hooks_done
+            .map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+    });
+    row("storage transactions", &|r| {
+        r.storage
+            .as_ref()
+            .map_or("-".into(), |s| format!("{:.0}", s.transactions))
+    });
+    row("time in transactions", &|r| {
+        r.storage
+            .as_ref()
+            .map_or("-".into(), |s| format!("{:.1} ms", s.busy_secs * 1e3))
+    });
+    row("longest transaction", &|r| {
+        r.storage
+            .as_ref()
+            .map_or("-".into(), |s| bound_ms(s.longest_bound))
+    });
+    row("gateway CPU", &|r| {
+        r.server_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms"))
+    });
+    row("bench CPU", &|r| {
+        r.bench_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms"))
+    });
+    table(&labels, &rows);
+}
+
+fn report_fanout(opts: &Options, f: &FanoutResult) {
+    println!();
+    println!(
+        "-- control fan-out: {} online users (one connection each, {} connected), one POST /v1/control naming all of them --",
+        thousands(f.users as f64),
+        thousands(f.connected as f64)
+    );
+    println!(
+        "connecting them took {:.1} s; the gateway's storage writer was idle {} later; group `fanout` ({} members, POST /v1/groups + members in batches of 1,000) {}",
+        f.connect_time.as_secs_f64(),
+        ms_d(f.idle_wait),
+        thousands(f.users as f64),
+        f.group_create
+            .map_or("not created".into(), |d| format!("created in {}", ms_d(Some(d))))
+    );
+    println!(
+        "controls: online-only, normal priority (the last one: high); baseline: one message to the group through POST /v1/messages, to the same clients"
+    );
+    println!(
+        "times from the start of the request; after each request the bench waits for its webhooks (one control.delivered per target, {}) before the next",
+        if opts.webhooks {
+            format!("at most {} s", opts.webhook_wait.as_secs())
+        } else {
+            "no endpoint: not waited for".to_string()
+        }
+    );
+    println!("storage and CPU: from the start of the request until the answer and the last client");
+    println!();
+    let mut reps: Vec<&Rep> = f.controls.iter().collect();
+    if let Some(h) = &f.high {
+        reps.push(h);
+    }
+    if reps.is_empty() {
+        println!("(no control was sent)");
+    } else {
+        rep_table(&reps);
+    }
+    if !f.messages.is_empty() {
+        println!();
+        let m: Vec<&Rep> = f.messages.iter().collect();
+        rep_table(&m);
+    }
+    println!();
+    let last = |reps: &[Rep]| reps.iter().filter_map(|r| r.last).collect::<Vec<_>>();
+    let api = |reps: &[Rep]| reps.iter().filter_map(|r| r.api).collect::<Vec<_>>();
+    println!(
+        "control, normal priority: last client {}",
+        spread(last(&f.controls))
+    );
+    println!(
+        "                          HTTP answer {}",
+        spread(api(&f.controls))
+    );
+    if let Some(h) = &f.high {
+        println!(
+            "control, high priority:   last client {}, HTTP answer {}",
+            ms_d(h.last),
+            ms_d(h.api)
+        );
+    }
+    if !f.messages.is_empty() {
+        println!(
+            "baseline, group message:  last client {}",
+            spread(last(&f.messages))
+        );
+        println!(
+            "                          HTTP answer {}",
+            spread(api(&f.messages))
+        );
+    }
+    let hooks: Vec<Duration> = f.controls.iter().filter_map(|r| r.hooks_done).collect();
+    if !hooks.is_empty() {
+        let mut h = hooks.clone();
+        h.sort_unstable();
+        let med = h[(h.len() - 1) / 2].as_secs_f64();
+        println!(
+            "webhooks: the {} control.delivered events of one control all delivered after {:.2} s (median), {} events/s",
+            thousands(f.connected as f64),
+            med,
+            thousands(f.connected as f64 / med.max(1e-9))
+        );
+    }
+    if let Some(m) = f.server_rss_mib {
+        println!("gateway RSS at the end: {m:.1} MiB");
+    }
+    for (why, n) in &f.connect_failures {
+        println!("  connect failed x{n}: {why}");
+    }
+    for n in &f.notes {
+        println!("  note: {n}");
+    }
+}
+
+fn report_rate(opts: &Options, runs: &[RateResult]) {
+    println!();
+    println!(
+        "-- controls stored per second: every target offline (no client connected), {} requests in flight, warm-up {} s, measured {} s, a fresh gateway per run --",
+        opts.in_flight,
+        opts.warmup.as_secs(),
+        opts.duration.as_secs()
+    );
+    println!(
+        "persisted: \"reliability\": \"persisted\" (answered `stored`); baseline, online-only: the same requests without it (answered `offline`)"
+    );
+    println!(
+        "targets cycle through {} offline users (off000000 …); latency: request sent → answer read, for requests sent in the window",
+        thousands(opts.offline_users as f64)
+    );
+    println!();
+    if runs.is_empty() {
+        println!("(no run)");
+        return;
+    }
+    let labels: Vec<String> = runs.iter().map(|r| r.label.clone()).collect();
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |name: &str, f: &dyn Fn(&RateResult) -> String| {
+        rows.push((name.to_string(), runs.iter().map(f).collect()));
+    };
+    row("requests in flight", &|r| r.in_flight.to_string());
+    row("requests answered", &|r| {
+        format!("{} req/s", thousands(r.requests_per_sec()))
+    });
+    row("target rows stored", &|r| {
+        format!("{} rows/s", thousands(r.rows_per_sec()))
+    });
+    row("latency p50", &|r| ms_ns(pct(&r.lat, 50.0)));
+    row("latency p99", &|r| ms_ns(pct(&r.lat, 99.0)));
+    row("latency max", &|r| ms_ns(r.lat.last().copied()));
+    row("latency samples", &|r| thousands(r.lat.len() as f64));
+    row("errors / unexpected answers", &|r| {
+        format!("{} / {}", r.errors.values().sum::<usize>(), r.unexpected)
+    });
+    row("controls counted by gateway", &|r| {
+        r.controls_counted.map_or("-".into(), |c| {
+            format!("{} /s", thousands(c / r.measured.as_secs_f64().max(1e-9)))
+        })
+    });
+    row("storage transactions", &|r| {
+        r.storage.as_ref().map_or("-".into(), |s| {
+            format!(
+                "{} /s",
+                thousands(s.transactions / r.measured.as_secs_f64().max(1e-9))
+            )
+        })
+    });
+    row("writes per transaction", &|r| {
+        r.storage
+            .as_ref()
+            .and_then(|s| s.writes_per_txn)
+            .map_or("-".into(), |w| format!("{w:.1}"))
+    });
+    row("time per transaction", &|r| {
+        r.storage
+            .as_ref()
+            .and_then(|s| s.mean_txn)
+            .map_or("-".into(), |t| format!("{:.2} ms", t * 1e3))
+    });
+    row("writer busy", &|r| {
+        r.storage.as_ref().map_or("-".into(), |s| {
+            format!(
+                "{:.0}%",
+                100.0 * s.busy_secs / r.measured.as_secs_f64().max(1e-9)
+            )
+        })
+    });
+    row("server CPU (cores)", &|r| {
+        r.server_cores.map_or("-".into(), |c| format!("{c:.2}"))
+    });
+    row("bench CPU (cores)", &|r| {
+        r.bench_cores.map_or("-".into(), |c| format!("{c:.2}"))
+    });
+    row("controls in the run, in all", &|r| {
+        r.controls_total.map_or("-".into(), |c| thousands(c as f64))
+    });
+    row("database / WAL at the end", &|r| {
+        let f = |b: Option<u64>| b.map_or("-".into(), mib);
+        format!("{} / {}", f(r.data_bytes.0), f(r.data_bytes.1))
+    });
+    table(&labels, &rows);
+    println!();
+    for &k in &opts.targets {
+        let p = runs
+            .iter()
+            .find(|r| r.targets == k && r.reliability == Reliability::Persisted);
+        let o = runs
+            .iter()
+            .find(|r| r.targets == k && r.reliability == Reliability::Online);
+        if let Some(p) = p {
+            print!(
+                "{k} target{} per request: persisted {} req/s = {} rows/s",
+                if k == 1 { "" } else { "s" },
+                thousands(p.requests_per_sec()),
+                thousands(p.rows_per_sec())
+            );
+            match o {
+                Some(o) if o.requests_per_sec() > 0.0 => println!(
+                    "; online-only {} req/s ({:.0}% of it persisted)",
+                    thousands(o.requests_per_sec()),
+                    100.0 * p.requests_per_sec() / o.requests_per_sec()
+                ),
+                _ => println!(),
+            }
+        }
+    }
+    for r in runs {
+        for (why, n) in &r.errors {
+            println!("  {}: {why} x{n}", r.label);
+        }
+        if r.unexpected > 0 {
+            println!(
+                "  {}: {} answers whose summary did not count every target as {}",
+                r.label,
+                r.unexpected,
+                match r.reliability {
+                    Reliability::Persisted => "stored",
+                    Reliability::Online => "offline",
+                }
+            );
+        }
+        for n in &r.notes {
+            println!("  {}: note: {n}", r.label);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The whole run
+
+async fn run(opts: Options) -> anyhow::Result<()> {
+    let machine = machine();
+    let load_start = load_average();
+    eprintln!(
+        "bench-control{}: {machine}; load average {load_start}",
+        if opts.quick { " --quick" } else { "" }
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(opts.in_flight.max(64))
+        .build()?;
+    let (hooks, hook_url) = start_hooks().await?;
+    let started = Instant::now();
+    let fsync_start = fsync_probe().await;
+
+    let fan = if opts.fanout {
+        let f = fanout(&opts, &hooks, &hook_url, &http).await;
+        sleep(Duration::from_secs(1)).await;
+        Some(f)
+    } else {
+        None
+    };
+    let mut rates = Vec::new();
+    if opts.rate {
+        for &k in &opts.targets {
+            rates.push(rate_run(&opts, &hook_url, &http, Reliability::Persisted, k).await);
+            sleep(Duration::from_millis(500)).await;
+            if opts.baseline {
+                rates.push(rate_run(&opts, &hook_url, &http, Reliability::Online, k).await);
+                sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let load_end = load_average();
+    let fsync_end = fsync_probe().await;
+
+    println!();
+    println!("== bench-control: business control messages through the gateway ==");
+    println!("machine: {machine}");
+    println!(
+        "load average at start {load_start}, at end {load_end}; whole run {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "disk: 4 KiB write + fsync in {} (where the gateways keep their data): {fsync_start} at the start, {fsync_end} at the end",
+        std::env::temp_dir().display()
+    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    println!("command: {}", {
+        let mut c = vec!["bench-control".to_string()];
+        c.extend(args);
+        c.join(" ")
+    });
+    println!(
+        "gateway: the real binary, SQLite (WAL, synchronous=FULL) in a temp folder, log warn, {}",
+        if opts.webhooks {
+            format!(
+                "one webhook endpoint (events {HOOK_EVENTS}, batch_max {}) answered 204 by a receiver in this process",
+                opts.webhook_batch
+            )
+        } else {
+            "no webhook endpoint (--no-webhooks)".to_string()
+        }
+    );
+    println!(
+        "[control] rate_limit = {RATE_LIMIT}, rate_burst = {RATE_BURST} (defaults 50/s and 100: opened so that the limiter does not throttle the measurement), max_targets = {}",
+        opts.max_targets()
+    );
+    if let Some(f) = &fan {
+        report_fanout(&opts, f);
+    }
+    if opts.rate {
+        report_rate(&opts, &rates);
+    }
+    let other = hooks.other.load(Ordering::Relaxed);
+    if opts.webhooks {
+        println!();
+        println!(
+            "webhook receiver: {} requests; {} control.delivered, {} message.created, {} connection.opened, {} user.online, {} other events",
+            thousands(hooks.requests.load(Ordering::Relaxed) as f64),
+            thousands(hooks.delivered() as f64),
+            thousands(hooks.messages() as f64),
+            thousands(hooks.opened() as f64),
+            thousands(hooks.online() as f64),
+            thousands(other as f64)
+        );
+    }
+    Ok(())
+}

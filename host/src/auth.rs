@@ -45,6 +45,17 @@ pub enum TokenError {
 /// Largest accepted user or device id, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 
+/// Checks an id a request names in `field`; the error says what is wrong.
+pub fn check_id(field: &str, id: &str) -> Result<(), String> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{field}` must be 1 to {MAX_ID_LEN} bytes without control characters"
+        ))
+    }
+}
+
 /// Whether `id` is acceptable as a user or device id.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(|c| c.is_control())

@@ -163,14 +163,7 @@ fn from_wit(p: ch::Priority) -> Priority {
 }
 
 fn check_user(field: &str, id: &str) -> Result<(), ControlError> {
-    if crate::auth::valid_id(id) {
-        Ok(())
-    } else {
-        Err(ControlError::BadRequest(format!(
-            "`{field}` holds {id:?}: ids are 1 to {} bytes without control characters",
-            crate::auth::MAX_ID_LEN
-        )))
-    }
+    crate::auth::check_id(field, id).map_err(ControlError::BadRequest)
 }
 
 /// Handles one control request; the answer is JSON for the API.
@@ -433,7 +426,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
     let mut results: Vec<TargetResult> = Vec::with_capacity(targets.len() + rejected.len());
     let mut delivered = Vec::new();
     let mut unreached = Vec::new();
-    let shared_frame = control_frame(&Deliverable {
+    // The frame for every target without a payload of its own.
+    let shared = Deliverable {
         control_id: id.clone(),
         user_id: String::new(),
         kind: body.kind.clone(),
@@ -444,21 +438,15 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
         created_at: now,
         expires_at,
         redelivery: false,
-    });
+    };
+    let shared_frame = control_frame(&shared);
     for u in &targets {
         let sessions = online.get(u).map(Vec::as_slice).unwrap_or_default();
         let frame = match per_target.get(u) {
             Some(p) => control_frame(&Deliverable {
-                control_id: id.clone(),
                 user_id: u.clone(),
-                kind: body.kind.clone(),
                 payload: p.clone(),
-                priority,
-                persist,
-                receipt: body.receipt,
-                created_at: now,
-                expires_at,
-                redelivery: false,
+                ..shared.clone()
             }),
             None => shared_frame.clone(),
         };

@@ -93,18 +93,6 @@ pub struct ChannelFrame {
     pub channel_id: String,
 }
 
-impl PartialEq for SyncQuery {
-    fn eq(&self, o: &Self) -> bool {
-        format!("{self:?}") == format!("{o:?}")
-    }
-}
-
-impl PartialEq for ListQuery {
-    fn eq(&self, o: &Self) -> bool {
-        format!("{self:?}") == format!("{o:?}")
-    }
-}
-
 /// Why a text message is not a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameError {

@@ -279,10 +279,7 @@ async fn handle_message(
 /// Answers one parsed client frame (`None`: no answer).
 async fn handle_frame(app: &App, live: &LiveSession, frame: ClientFrame) -> Option<String> {
     let count = |k: &str| app.metrics.frames_received.get_or_create(&kind(k)).inc();
-    let failed = |e: MessagingError, id: Option<&serde_json::Value>| {
-        app.metrics.frame_error(e.code());
-        protocol::error_frame(e.code(), &e.public_message(), id)
-    };
+    let failed = |e: MessagingError, id: Option<&serde_json::Value>| error_reply(app, e, id);
     let user = live.user_id.as_str();
     let device = Some(live.device_id.as_str());
     Some(match frame {
@@ -349,46 +346,18 @@ async fn handle_frame(app: &App, live: &LiveSession, frame: ClientFrame) -> Opti
         ClientFrame::Read { frame, id } => {
             count("read");
             let change = RowChange::Read(frame.seq);
-            match conversations::change(
-                app,
-                user,
-                device,
-                Some(&live.connection_id),
-                &frame.channel_type,
-                &frame.channel_id,
-                change,
-            )
-            .await
-            {
-                Ok(body) => protocol::reply_frame("conversations", body, id.as_ref()),
-                Err(e) => failed(e, id.as_ref()),
-            }
+            let (kind, channel) = (&frame.channel_type, &frame.channel_id);
+            return Some(change_conversation(app, live, kind, channel, change, id).await);
         }
         ClientFrame::RemoveConversation { frame, hide, id } => {
-            count(if hide {
-                "hide_conversation"
+            let (label, change) = if hide {
+                ("hide_conversation", RowChange::Hide)
             } else {
-                "delete_conversation"
-            });
-            let change = if hide {
-                RowChange::Hide
-            } else {
-                RowChange::Delete
+                ("delete_conversation", RowChange::Delete)
             };
-            match conversations::change(
-                app,
-                user,
-                device,
-                Some(&live.connection_id),
-                &frame.channel_type,
-                &frame.channel_id,
-                change,
-            )
-            .await
-            {
-                Ok(body) => protocol::reply_frame("conversations", body, id.as_ref()),
-                Err(e) => failed(e, id.as_ref()),
-            }
+            count(label);
+            let (kind, channel) = (&frame.channel_type, &frame.channel_id);
+            return Some(change_conversation(app, live, kind, channel, change, id).await);
         }
         ClientFrame::Unknown { kind: k, id } => {
             count("unknown");
@@ -400,6 +369,29 @@ async fn handle_frame(app: &App, live: &LiveSession, frame: ClientFrame) -> Opti
             )
         }
     })
+}
+
+/// Answers `read`, `hide_conversation` and `delete_conversation`.
+async fn change_conversation(
+    app: &App,
+    live: &LiveSession,
+    kind: &str,
+    channel: &str,
+    change: RowChange,
+    id: Option<serde_json::Value>,
+) -> String {
+    let device = Some(live.device_id.as_str());
+    let origin = Some(live.connection_id.as_str());
+    match conversations::change(app, &live.user_id, device, origin, kind, channel, change).await {
+        Ok(body) => protocol::reply_frame("conversations", body, id.as_ref()),
+        Err(e) => error_reply(app, e, id.as_ref()),
+    }
+}
+
+/// The `error` frame answering a refused messaging request, counted.
+fn error_reply(app: &App, e: MessagingError, id: Option<&serde_json::Value>) -> String {
+    app.metrics.frame_error(e.code());
+    protocol::error_frame(e.code(), &e.public_message(), id)
 }
 
 fn kind(k: &str) -> crate::metrics::FrameLabel {

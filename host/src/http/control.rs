@@ -86,13 +86,17 @@ impl Guard {
     }
 }
 
-fn refuse(app: &App, status: StatusCode, code: &'static str, message: String) -> ApiError {
+fn count_refusal(app: &App, code: &str) {
     app.metrics
         .control_refusals
         .get_or_create(&crate::metrics::ReasonLabel {
             reason: code.to_string(),
         })
         .inc();
+}
+
+fn refuse(app: &App, status: StatusCode, code: &'static str, message: String) -> ApiError {
+    count_refusal(app, code);
     ApiError::new(status, code, message)
 }
 
@@ -196,18 +200,15 @@ async fn handle(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Response,
     match crate::control::submit(app, parsed).await {
         Ok((status, answer)) => Ok((status, Json(answer)).into_response()),
         Err(e) => {
-            let code = match &e {
-                crate::control::ControlError::Rejected { .. } => "rejected",
-                crate::control::ControlError::HandlerFailed { .. } => "control_handler_failed",
-                _ => "",
+            let refusal = match &e {
+                crate::control::ControlError::Rejected { .. } => Some("rejected"),
+                crate::control::ControlError::HandlerFailed { .. } => {
+                    Some("control_handler_failed")
+                }
+                _ => None,
             };
-            if !code.is_empty() {
-                app.metrics
-                    .control_refusals
-                    .get_or_create(&crate::metrics::ReasonLabel {
-                        reason: code.to_string(),
-                    })
-                    .inc();
+            if let Some(code) = refusal {
+                count_refusal(app, code);
             }
             Err(e.into())
         }

@@ -26,7 +26,7 @@ use crate::storage::messages::{
 };
 
 /// A conversation sync request (frame fields and API query parameters).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// The version the client holds (0 or absent: a full sync).

@@ -24,7 +24,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::auth::valid_id;
 use crate::http::ApiError;
 use crate::server::App;
 use crate::storage::messages::{
@@ -134,14 +133,7 @@ pub fn channel_type(text: &str) -> Result<ChannelType, MessagingError> {
 
 /// Checks an id named in a request.
 pub fn check_id(field: &str, id: &str) -> Result<(), MessagingError> {
-    if valid_id(id) {
-        Ok(())
-    } else {
-        Err(MessagingError::BadRequest(format!(
-            "`{field}` must be 1 to {} bytes without control characters",
-            crate::auth::MAX_ID_LEN
-        )))
-    }
+    crate::auth::check_id(field, id).map_err(MessagingError::BadRequest)
 }
 
 /// A send, from a client frame or the API.
@@ -302,7 +294,7 @@ fn message_event_data(m: &StoredMessage, channel_id: &str) -> Value {
 }
 
 /// A message sync request: exactly one of the three positions.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncQuery {
     pub channel_type: Option<String>,

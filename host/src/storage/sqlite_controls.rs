@@ -166,19 +166,11 @@ impl ControlStore for SqliteStorage {
     ) -> Result<()> {
         let id = control_id.to_string();
         self.write(move |conn| {
-            let now = crate::now_ms();
-            let mut mark = conn.prepare_cached(
-                "UPDATE control_targets SET state = 'delivered', delivered_at = ?3
-                 WHERE control_id = ?1 AND user_id = ?2 AND state = 'pending'",
+            let out = mark_delivered(
+                conn,
+                delivered.iter().map(|u| (id.as_str(), u.as_str())),
+                &events,
             )?;
-            let mut out = Vec::new();
-            for user in &delivered {
-                if mark.execute(params![id, user, now])? > 0 {
-                    if let Some(t) = target(conn, &id, user)? {
-                        out.push(events(&t));
-                    }
-                }
-            }
             let mut offline = conn.prepare_cached(
                 "UPDATE control_targets SET state = 'offline'
                  WHERE control_id = ?1 AND user_id = ?2 AND state = 'pending' AND persist = 0",
@@ -213,8 +205,16 @@ impl ControlStore for SqliteStorage {
         control_ids: Vec<String>,
         events: TargetEvents,
     ) -> Result<()> {
-        self.control_delivered_many(user_id, control_ids, events)
-            .await
+        let user = user_id.to_string();
+        self.write(move |conn| {
+            let out = mark_delivered(
+                conn,
+                control_ids.iter().map(|id| (id.as_str(), user.as_str())),
+                &events,
+            )?;
+            insert_events(conn, &out)
+        })
+        .await
     }
 
     async fn control_ack(
@@ -273,31 +273,24 @@ impl ControlStore for SqliteStorage {
     }
 }
 
-impl SqliteStorage {
-    /// Marks one user's pushed controls delivered; events for first deliveries.
-    async fn control_delivered_many(
-        &self,
-        user_id: &str,
-        control_ids: Vec<String>,
-        events: TargetEvents,
-    ) -> Result<()> {
-        let user = user_id.to_string();
-        self.write(move |conn| {
-            let now = crate::now_ms();
-            let mut mark = conn.prepare_cached(
-                "UPDATE control_targets SET state = 'delivered', delivered_at = ?3
-                 WHERE control_id = ?1 AND user_id = ?2 AND state = 'pending'",
-            )?;
-            let mut out = Vec::new();
-            for id in &control_ids {
-                if mark.execute(params![id, user, now])? > 0 {
-                    if let Some(t) = target(conn, id, &user)? {
-                        out.push(events(&t));
-                    }
-                }
+/// Marks pending targets delivered; returns an event for each one that was pending.
+fn mark_delivered<'a>(
+    conn: &Connection,
+    targets: impl Iterator<Item = (&'a str, &'a str)>,
+    events: &TargetEvents,
+) -> rusqlite::Result<Vec<NewEvent>> {
+    let now = crate::now_ms();
+    let mut mark = conn.prepare_cached(
+        "UPDATE control_targets SET state = 'delivered', delivered_at = ?3
+         WHERE control_id = ?1 AND user_id = ?2 AND state = 'pending'",
+    )?;
+    let mut out = Vec::new();
+    for (control_id, user) in targets {
+        if mark.execute(params![control_id, user, now])? > 0 {
+            if let Some(t) = target(conn, control_id, user)? {
+                out.push(events(&t));
             }
-            insert_events(conn, &out)
-        })
-        .await
+        }
     }
+    Ok(out)
 }

@@ -16,6 +16,7 @@
 //!   chain, delivery by priority, persisted controls, receipts, expiry.
 //! - [`outbox`]: event payloads, the per-endpoint delivery worker, signing.
 //! - [`plugins`]: the WebAssembly plugin runtime (engine, sandbox, registry, hot swap).
+//! - [`json`]: limits on JSON from outside (nesting depth), checked at the door.
 //! - [`http`]: routers for the server API, admin API and operations, and the
 //!   one error type at the HTTP edge.
 //! - [`server`]: wiring: starts everything, reloads config, shuts down in order.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod control;
 pub mod gateway;
 pub mod http;
+pub mod json;
 pub mod messaging;
 pub mod metrics;
 pub mod outbox;

@@ -182,7 +182,10 @@ impl From<Cli> for Options {
 fn main() -> ExitCode {
     // Checked before the options, which do not list it: the benchmark starts
     // this executable with it as the baseline server.
-    if std::env::args_os().nth(1).is_some_and(|a| a == BASELINE_FLAG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == BASELINE_FLAG)
+    {
         let args: Vec<String> = std::env::args().skip(2).collect();
         return baseline_server(&args);
     }

@@ -295,7 +295,10 @@ impl From<Cli> for Options {
 fn main() -> ExitCode {
     // Checked before the options, which do not list it: the benchmark starts
     // this executable with it as the baseline relay.
-    if std::env::args_os().nth(1).is_some_and(|a| a == BASELINE_FLAG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == BASELINE_FLAG)
+    {
         return baseline_server();
     }
     let opts = Options::from(Cli::parse());

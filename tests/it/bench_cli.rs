@@ -77,11 +77,7 @@ const BENCHES: [(&str, &[&str], &str); 4] = [
         ],
         "--pairs",
     ),
-    (
-        env!("CARGO_BIN_EXE_bench-plugins"),
-        &["--calls"],
-        "--calls",
-    ),
+    (env!("CARGO_BIN_EXE_bench-plugins"), &["--calls"], "--calls"),
 ];
 
 /// A program that ignored its arguments would start a benchmark of minutes.

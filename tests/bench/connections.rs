@@ -9,6 +9,8 @@
 //!     [--connections N] [--concurrency C]
 //! ```
 //!
+//! `--help` lists every option.
+//!
 //! For each server (the real gateway binary started through the test
 //! harness, then the baseline) it:
 //! 1. reads the server's RSS (`VmRSS` in `/proc/<pid>/status`) after a short settle;
@@ -30,6 +32,8 @@
 //! reasons, and is not a crash: a benchmark prints figures, it asserts nothing.
 //! All traffic stays on 127.0.0.x.
 
+mod cli;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -38,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use plugboard_tests::{Gateway, GatewayOptions};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -72,24 +77,70 @@ auth_timeout = "10s"
 level = "warn"
 "#;
 
-const USAGE: &str = "\
-usage: bench-connections [options]
+/// How many idle, authenticated WebSocket connections one gateway holds,
+/// what each costs in resident memory, and how fast they open, beside a bare
+/// tokio-tungstenite server measured the same way in the same run
+#[derive(Debug, Parser)]
+#[command(name = "bench-connections", args_override_self = true)]
+struct Cli {
+    /// Connections to open and hold per server
+    #[arg(long, value_name = "N", default_value_t = 50_000, value_parser = cli::whole)]
+    connections: usize,
+    /// Connection attempts in flight at once (at least 1)
+    #[arg(long, value_name = "C", default_value_t = 500, value_parser = cli::clamped(1, usize::MAX))]
+    concurrency: usize,
+    /// Wait before each RSS reading
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = cli::seconds(0))]
+    settle: Duration,
+    /// Limit for one attempt: TCP connect to connect frame (at least 1)
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = cli::seconds(1))]
+    attempt_timeout: Duration,
+    /// Limit for opening all N connections (at least 1)
+    #[arg(long, value_name = "SECS", default_value = "600", value_parser = cli::seconds(1))]
+    ramp_timeout: Duration,
+    /// After the RSS reading, keep holding this long and read again, e.g.
+    /// past a ping interval (0: no extra hold)
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = cli::seconds(0))]
+    hold: Duration,
+    /// Client source addresses 127.0.0.2 .. 127.0.0.(K+1) (1 to 250)
+    #[arg(long, value_name = "K", default_value_t = 8, value_parser = cli::clamped(1, 250))]
+    sources: usize,
+    /// One baseline run per entry: `default` (tokio-tungstenite's defaults,
+    /// i.e. plain accept_async) or a read buffer size in bytes, e.g.
+    /// `default,4096`
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "default",
+        value_parser = baseline_list,
+        overrides_with = "no_baseline"
+    )]
+    baseline_read_buffers: Baselines,
+    /// Measure the gateway only (the later of this and
+    /// --baseline-read-buffers counts)
+    #[arg(long, overrides_with = "baseline_read_buffers")]
+    no_baseline: bool,
+    /// Measure the baseline(s) only
+    #[arg(long)]
+    no_gateway: bool,
+}
 
-  --connections N        connections to open and hold per server (default 50000)
-  --concurrency C        connection attempts in flight at once (default 500)
-  --settle SECS          wait before each RSS reading (default 5)
-  --attempt-timeout SECS limit for one attempt: TCP connect to connect frame (default 30)
-  --ramp-timeout SECS    limit for opening all N connections (default 600)
-  --hold SECS            after the RSS reading, keep holding this long and read
-                         again, e.g. past a ping interval (default 0: no extra hold)
-  --sources K            client source addresses 127.0.0.2 .. 127.0.0.(K+1) (default 8)
-  --baseline-read-buffers LIST
-                         one baseline run per entry: `default` (tokio-tungstenite's
-                         defaults, i.e. plain accept_async) or a read buffer size in
-                         bytes, e.g. `default,4096` (default: `default`)
-  --no-baseline          measure the gateway only
-  --no-gateway           measure the baseline(s) only
-";
+/// The baselines of `--baseline-read-buffers`; `None` is tokio-tungstenite's
+/// default config.
+#[derive(Clone, Debug)]
+struct Baselines(Vec<Option<usize>>);
+
+/// `--baseline-read-buffers`: a comma-separated list of `default` or sizes
+/// in bytes (at least 1).
+fn baseline_list(s: &str) -> Result<Baselines, String> {
+    s.split(',')
+        .map(|entry| match entry.trim() {
+            "default" => Ok(None),
+            n => cli::whole(n).map(|n| Some(n.max(1))),
+        })
+        .collect::<Result<_, _>>()
+        .map(Baselines)
+}
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -107,86 +158,38 @@ struct Options {
     socket_budget: usize,
 }
 
-impl Default for Options {
-    fn default() -> Self {
+impl From<Cli> for Options {
+    fn from(cli: Cli) -> Self {
         Options {
-            connections: 50_000,
-            concurrency: 500,
-            settle: Duration::from_secs(5),
-            attempt_timeout: Duration::from_secs(30),
-            ramp_timeout: Duration::from_secs(600),
-            hold: Duration::ZERO,
-            sources: 8,
-            baselines: vec![None],
-            gateway: true,
+            connections: cli.connections,
+            concurrency: cli.concurrency,
+            settle: cli.settle,
+            attempt_timeout: cli.attempt_timeout,
+            ramp_timeout: cli.ramp_timeout,
+            hold: cli.hold,
+            sources: cli.sources,
+            baselines: if cli.no_baseline {
+                Vec::new()
+            } else {
+                cli.baseline_read_buffers.0
+            },
+            gateway: !cli.no_gateway,
             socket_budget: usize::MAX,
         }
     }
 }
 
-fn parse_options(args: &[String]) -> Result<Options, String> {
-    let mut o = Options::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let number = |name: &str, v: String| -> Result<usize, String> {
-            v.parse::<usize>()
-                .map_err(|_| format!("{name}: `{v}` is not a whole number"))
-        };
-        match flag.as_str() {
-            "--connections" => o.connections = number(&flag, value(&flag)?)?,
-            "--concurrency" => o.concurrency = number(&flag, value(&flag)?)?.max(1),
-            "--settle" => o.settle = Duration::from_secs(number(&flag, value(&flag)?)? as u64),
-            "--attempt-timeout" => {
-                o.attempt_timeout = Duration::from_secs(number(&flag, value(&flag)?)?.max(1) as u64)
-            }
-            "--ramp-timeout" => {
-                o.ramp_timeout = Duration::from_secs(number(&flag, value(&flag)?)?.max(1) as u64)
-            }
-            "--hold" => o.hold = Duration::from_secs(number(&flag, value(&flag)?)? as u64),
-            "--sources" => o.sources = number(&flag, value(&flag)?)?.clamp(1, 250),
-            "--baseline-read-buffers" => {
-                o.baselines = value(&flag)?
-                    .split(',')
-                    .map(|s| match s.trim() {
-                        "default" => Ok(None),
-                        n => number(&flag, n.to_string()).map(|n| Some(n.max(1))),
-                    })
-                    .collect::<Result<_, _>>()?;
-            }
-            "--no-baseline" => o.baselines.clear(),
-            "--no-gateway" => o.gateway = false,
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument `{other}`")),
-        }
-    }
-    Ok(o)
-}
-
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(BASELINE_FLAG) {
-        return baseline_server(&args[1..]);
+    // Checked before the options, which do not list it: the benchmark starts
+    // this executable with it as the baseline server.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == BASELINE_FLAG)
+    {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return baseline_server(&args);
     }
-    let opts = match parse_options(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("bench-connections: {e}\n");
-            }
-            eprint!("{USAGE}");
-            return ExitCode::from(if e.is_empty() { 0 } else { 2 });
-        }
-    };
+    let opts = Options::from(Cli::parse());
     // Before anything starts: the gateway and the baseline inherit the limit.
     let nofile = raise_nofile(NOFILE_WANTED);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -47,6 +47,7 @@
 //! stays on 127.0.0.x. The clients, the webhook receiver and the server
 //! share the machine's cores, so every figure is one for the whole system.
 
+mod cli;
 mod common;
 
 use std::collections::BTreeMap;
@@ -57,6 +58,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
+use clap::Parser;
 use futures_util::StreamExt;
 use plugboard_tests::gateway::{API_KEY, JWT_SECRET};
 use plugboard_tests::{Gateway, GatewayOptions};
@@ -91,32 +93,104 @@ const HOOK_EVENTS: &str = r#"["control.*", "message.created"]"#;
 /// Timeout of one API request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-const USAGE: &str = "\
-usage: bench-control [options]
+const FANOUT: &str = "Control fan-out";
+const RATE: &str = "Persisted controls stored per second";
+const WEBHOOKS: &str = "Webhooks";
+const CONNECTIONS: &str = "Connections";
+const PHASES: &str = "Phases";
 
-  --quick                small sizes for a smoke run (other options still apply after it)
-  control fan-out:
-  --users N              online users, one connection each, all in one group (default 10000)
-  --repeats R            controls (and, as the baseline, group messages) sent to them,
-                         one at a time (default 5); then one control with priority high
-  --webhook-wait SECS    after each request, wait this long at most for its webhooks
-                         (one control.delivered per target) before the next (default 60)
-  persisted controls stored per second:
-  --in-flight C          requests in flight (default 32)
-  --warmup SECS          load before measuring (default 2)
-  --duration SECS        measured load of each run (default 6)
-  --targets LIST         targets per request, one pair of runs each (default 1,100)
-  --offline-users U      distinct offline users the targets cycle through (default 100000)
-  webhooks:
-  --webhook-batch N      batch_max of the webhook endpoint (default 1, the production default)
-  --no-webhooks          gateways without a webhook endpoint (events are still written
-                         to the outbox; nothing delivers them)
-  connections:
-  --concurrency C        connection attempts in flight at once (default 200)
-  --sources K            client source addresses 127.0.0.2 .. 127.0.0.(K+1) (default 8)
-  phases:
-  --no-fanout  --no-rate  --no-baseline
-";
+/// Business control messages (POST /v1/control) through the real gateway:
+/// the time to deliver one control to many online users, and how many
+/// persisted controls are stored per second, each beside a baseline
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench-control",
+    args_override_self = true,
+    after_help = "An option left out takes its default, or with --quick its smoke-run size."
+)]
+struct Cli {
+    /// Small sizes for a smoke run; options given with it still apply
+    #[arg(long)]
+    quick: bool,
+
+    /// Online users, one connection each, all in one group, 1 to 1000000
+    /// [default: 10000; --quick: 500]
+    #[arg(long, value_name = "N", value_parser = cli::clamped(1, 1_000_000), help_heading = FANOUT)]
+    users: Option<usize>,
+    /// Controls (and, as the baseline, group messages) sent to them, one at
+    /// a time, at least 1; then one control with priority high [default: 5;
+    /// --quick: 3]
+    #[arg(long, value_name = "R", value_parser = cli::clamped(1, usize::MAX), help_heading = FANOUT)]
+    repeats: Option<usize>,
+    /// After each request, wait this long at most for its webhooks (one
+    /// control.delivered per target) before the next [default: 60; --quick:
+    /// 20]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds(0), help_heading = FANOUT)]
+    webhook_wait: Option<Duration>,
+
+    /// Requests in flight, at least 1 [default: 32; --quick: 16]
+    #[arg(long, value_name = "C", value_parser = cli::clamped(1, usize::MAX), help_heading = RATE)]
+    in_flight: Option<usize>,
+    /// Load before measuring [default: 2; --quick: 1]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds(0), help_heading = RATE)]
+    warmup: Option<Duration>,
+    /// Measured load of each run, at least 1 [default: 6; --quick: 2]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds(1), help_heading = RATE)]
+    duration: Option<Duration>,
+    /// Targets per request, one pair of runs each: a comma-separated list of
+    /// numbers, each 1 to 1000000 [default: 1,100]
+    #[arg(long, value_name = "LIST", value_parser = target_list, help_heading = RATE)]
+    targets: Option<Targets>,
+    /// Distinct offline users the targets cycle through, at least 1
+    /// [default: 100000; --quick: 10000]
+    #[arg(long, value_name = "U", value_parser = cli::clamped(1, usize::MAX), help_heading = RATE)]
+    offline_users: Option<usize>,
+
+    /// batch_max of the webhook endpoint, 1 to 1000 [default: 1, the
+    /// production default]
+    #[arg(long, value_name = "N", value_parser = cli::clamped(1, 1000), help_heading = WEBHOOKS)]
+    webhook_batch: Option<usize>,
+    /// Gateways without a webhook endpoint (events are still written to the
+    /// outbox; nothing delivers them)
+    #[arg(long, help_heading = WEBHOOKS)]
+    no_webhooks: bool,
+
+    /// Connection attempts in flight at once, at least 1 [default: 200]
+    #[arg(long, value_name = "C", value_parser = cli::clamped(1, usize::MAX), help_heading = CONNECTIONS)]
+    concurrency: Option<usize>,
+    /// Client source addresses 127.0.0.2 .. 127.0.0.(K+1), 1 to 250
+    /// [default: 8]
+    #[arg(long, value_name = "K", value_parser = cli::clamped(1, 250), help_heading = CONNECTIONS)]
+    sources: Option<usize>,
+
+    /// Skip the control fan-out
+    #[arg(long, help_heading = PHASES)]
+    no_fanout: bool,
+    /// Skip the persisted-controls rate runs
+    #[arg(long, help_heading = PHASES)]
+    no_rate: bool,
+    /// Skip the baselines (group messages, online-only controls)
+    #[arg(long, help_heading = PHASES)]
+    no_baseline: bool,
+}
+
+/// The list of `--targets`.
+#[derive(Clone, Debug)]
+struct Targets(Vec<usize>);
+
+/// `--targets`: comma-separated whole numbers, each clamped into
+/// 1..=1,000,000; empty entries are skipped, but one number is needed.
+fn target_list(s: &str) -> Result<Targets, String> {
+    let list = s
+        .split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(cli::clamped(1, 1_000_000))
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() {
+        return Err("at least one number is needed".into());
+    }
+    Ok(Targets(list))
+}
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -190,77 +264,38 @@ impl Options {
     }
 }
 
-fn parse_options(args: &[String]) -> Result<Options, String> {
-    let mut o = if args.iter().any(|a| a == "--quick") {
-        Options::quick()
-    } else {
-        Options::default()
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
+impl From<Cli> for Options {
+    /// Each option given, else its default (the `--quick` one with `--quick`).
+    fn from(cli: Cli) -> Self {
+        let base = if cli.quick {
+            Options::quick()
+        } else {
+            Options::default()
         };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let number = |name: &str, v: String| -> Result<usize, String> {
-            v.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("{name}: `{v}` is not a whole number"))
-        };
-        let secs = |n: usize| Duration::from_secs(n as u64);
-        match flag.as_str() {
-            "--quick" => {}
-            "--users" => o.users = number(&flag, value(&flag)?)?.clamp(1, 1_000_000),
-            "--repeats" => o.repeats = number(&flag, value(&flag)?)?.max(1),
-            "--webhook-wait" => o.webhook_wait = secs(number(&flag, value(&flag)?)?),
-            "--in-flight" => o.in_flight = number(&flag, value(&flag)?)?.max(1),
-            "--warmup" => o.warmup = secs(number(&flag, value(&flag)?)?),
-            "--duration" => o.duration = secs(number(&flag, value(&flag)?)?.max(1)),
-            "--targets" => {
-                let v = value(&flag)?;
-                let mut list = Vec::new();
-                for part in v.split(',').filter(|p| !p.trim().is_empty()) {
-                    list.push(number(&flag, part.to_string())?.clamp(1, 1_000_000));
-                }
-                if list.is_empty() {
-                    return Err(format!("{flag} needs at least one number"));
-                }
-                o.targets = list;
-            }
-            "--offline-users" => o.offline_users = number(&flag, value(&flag)?)?.max(1),
-            "--webhook-batch" => o.webhook_batch = number(&flag, value(&flag)?)?.clamp(1, 1000),
-            "--no-webhooks" => o.webhooks = false,
-            "--concurrency" => o.concurrency = number(&flag, value(&flag)?)?.max(1),
-            "--sources" => o.sources = number(&flag, value(&flag)?)?.clamp(1, 250),
-            "--no-fanout" => o.fanout = false,
-            "--no-rate" => o.rate = false,
-            "--no-baseline" => o.baseline = false,
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument `{other}`")),
+        Options {
+            users: cli.users.unwrap_or(base.users),
+            repeats: cli.repeats.unwrap_or(base.repeats),
+            webhook_wait: cli.webhook_wait.unwrap_or(base.webhook_wait),
+            in_flight: cli.in_flight.unwrap_or(base.in_flight),
+            warmup: cli.warmup.unwrap_or(base.warmup),
+            duration: cli.duration.unwrap_or(base.duration),
+            targets: cli.targets.map_or(base.targets, |t| t.0),
+            offline_users: cli.offline_users.unwrap_or(base.offline_users),
+            webhook_batch: cli.webhook_batch.unwrap_or(base.webhook_batch),
+            webhooks: base.webhooks && !cli.no_webhooks,
+            concurrency: cli.concurrency.unwrap_or(base.concurrency),
+            sources: cli.sources.unwrap_or(base.sources),
+            fanout: base.fanout && !cli.no_fanout,
+            rate: base.rate && !cli.no_rate,
+            baseline: base.baseline && !cli.no_baseline,
+            quick: base.quick,
         }
     }
-    Ok(o)
 }
 
 fn main() -> std::process::ExitCode {
     use std::process::ExitCode;
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match parse_options(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("bench-control: {e}\n");
-            }
-            eprint!("{USAGE}");
-            return ExitCode::from(if e.is_empty() { 0 } else { 2 });
-        }
-    };
+    let opts = Options::from(Cli::parse());
     // Before anything starts: the gateways inherit the limit.
     plugboard_tests::raise_fd_limit();
     let _ = now_ns();

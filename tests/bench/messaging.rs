@@ -49,6 +49,7 @@
 //! stays on 127.0.0.x. The clients, the webhook receiver and the server share
 //! the machine's cores, so every rate is a figure for the whole system.
 
+mod cli;
 mod common;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -59,6 +60,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use plugboard_tests::gateway::{API_KEY, JWT_SECRET};
 use plugboard_tests::{Gateway, GatewayOptions};
@@ -97,35 +99,95 @@ level = "warn"
 /// and for the receivers to get what was acknowledged.
 const ACK_GRACE: Duration = Duration::from_secs(10);
 
-const USAGE: &str = "\
-usage: bench-messaging [options]
+const ONE_TO_ONE: &str = "1:1 throughput and latency";
+const GROUP: &str = "Group fan-out";
+const SYNC: &str = "Conversation sync";
+const CONNECTIONS: &str = "Connections";
+const PHASES: &str = "Phases";
 
-  --quick                small sizes for a smoke run (other options still apply after it)
-  1:1 throughput and latency:
-  --pairs P              sender/receiver connection pairs (default 200)
-  --window W             sends in flight per sender (default 8)
-  --warmup SECS          load before measuring (default 3)
-  --duration SECS        measured load at the maximum rate (default 10)
-  --paced-duration SECS  measured load of the paced run (default 10)
-  --paced-rate MSGS      rate of the paced runs in msg/s (default: half the gateway's
-                         maximum, or 15000 when the maximum is above 30000)
-  --webhook-drain SECS   after the maximum-rate run, watch the webhook backlog drain
-                         this long at most (default 15)
-  --webhook-batch N      batch_max of the webhook endpoint (default 1, the production default)
-  --no-webhooks          gateways without a webhook endpoint (events are still written
-                         to the outbox; nothing delivers them)
-  group fan-out:
-  --group-members N      members of the group, all connected (default 10000)
-  --group-repeats N      messages sent to it, one at a time (default 5)
-  conversation sync:
-  --conversations N      conversations of the syncing user (default 1000)
-  --sync-runs N          runs of each kind of sync (default 50)
-  connections:
-  --concurrency C        connection attempts in flight at once (default 200)
-  --sources K            client source addresses 127.0.0.2 .. 127.0.0.(K+1) (default 8)
-  phases:
-  --no-one-to-one  --no-baseline  --no-group  --no-sync
-";
+/// Messages through the gateway (persisted, delivered, written to the outbox
+/// and delivered as webhooks) beside a bare tokio-tungstenite relay measured
+/// the same way in the same run
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench-messaging",
+    args_override_self = true,
+    after_help = "An option left out takes its default, or with --quick its smoke-run size."
+)]
+struct Cli {
+    /// Small sizes for a smoke run; options given with it still apply
+    #[arg(long)]
+    quick: bool,
+
+    /// Sender/receiver connection pairs, at least 1 [default: 200; --quick: 20]
+    #[arg(long, value_name = "P", value_parser = cli::clamped(1, usize::MAX), help_heading = ONE_TO_ONE)]
+    pairs: Option<usize>,
+    /// Sends in flight per sender, at least 1 [default: 8; --quick: 4]
+    #[arg(long, value_name = "W", value_parser = cli::clamped(1, usize::MAX), help_heading = ONE_TO_ONE)]
+    window: Option<usize>,
+    /// Load before measuring [default: 3; --quick: 1]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds(0), help_heading = ONE_TO_ONE)]
+    warmup: Option<Duration>,
+    /// Measured load at the maximum rate, at least 1 [default: 10; --quick: 3]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds(1), help_heading = ONE_TO_ONE)]
+    duration: Option<Duration>,
+    /// Measured load of the paced run, at least 1 [default: 10; --quick: 3]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds(1), help_heading = ONE_TO_ONE)]
+    paced_duration: Option<Duration>,
+    /// Rate of the paced runs in msg/s, at least 1 [default: half the
+    /// gateway's maximum, or 15000 when the maximum is above 30000]
+    #[arg(long, value_name = "MSGS", value_parser = cli::clamped(1, usize::MAX), help_heading = ONE_TO_ONE)]
+    paced_rate: Option<usize>,
+    /// After the maximum-rate run, watch the webhook backlog drain this long
+    /// at most [default: 15; --quick: 3]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds(0), help_heading = ONE_TO_ONE)]
+    webhook_drain: Option<Duration>,
+    /// batch_max of the webhook endpoint, 1 to 1000 [default: 1, the
+    /// production default]
+    #[arg(long, value_name = "N", value_parser = cli::clamped(1, 1000), help_heading = ONE_TO_ONE)]
+    webhook_batch: Option<usize>,
+    /// Gateways without a webhook endpoint (events are still written to the
+    /// outbox; nothing delivers them)
+    #[arg(long, help_heading = ONE_TO_ONE)]
+    no_webhooks: bool,
+
+    /// Members of the group, all connected, at least 1 [default: 10000;
+    /// --quick: 500]
+    #[arg(long, value_name = "N", value_parser = cli::clamped(1, usize::MAX), help_heading = GROUP)]
+    group_members: Option<usize>,
+    /// Messages sent to it, one at a time, at least 1 [default: 5; --quick: 3]
+    #[arg(long, value_name = "N", value_parser = cli::clamped(1, usize::MAX), help_heading = GROUP)]
+    group_repeats: Option<usize>,
+
+    /// Conversations of the syncing user, at least 1 [default: 1000;
+    /// --quick: 100]
+    #[arg(long, value_name = "N", value_parser = cli::clamped(1, usize::MAX), help_heading = SYNC)]
+    conversations: Option<usize>,
+    /// Runs of each kind of sync, at least 1 [default: 50; --quick: 10]
+    #[arg(long, value_name = "N", value_parser = cli::clamped(1, usize::MAX), help_heading = SYNC)]
+    sync_runs: Option<usize>,
+
+    /// Connection attempts in flight at once, at least 1 [default: 200]
+    #[arg(long, value_name = "C", value_parser = cli::clamped(1, usize::MAX), help_heading = CONNECTIONS)]
+    concurrency: Option<usize>,
+    /// Client source addresses 127.0.0.2 .. 127.0.0.(K+1), 1 to 250
+    /// [default: 8]
+    #[arg(long, value_name = "K", value_parser = cli::clamped(1, 250), help_heading = CONNECTIONS)]
+    sources: Option<usize>,
+
+    /// Skip the 1:1 throughput and latency measurement (and so its baseline)
+    #[arg(long, help_heading = PHASES)]
+    no_one_to_one: bool,
+    /// Skip the bare relay baseline of the 1:1 measurement
+    #[arg(long, help_heading = PHASES)]
+    no_baseline: bool,
+    /// Skip the group fan-out
+    #[arg(long, help_heading = PHASES)]
+    no_group: bool,
+    /// Skip the conversation sync
+    #[arg(long, help_heading = PHASES)]
+    no_sync: bool,
+}
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -197,72 +259,49 @@ impl Options {
     }
 }
 
-fn parse_options(args: &[String]) -> Result<Options, String> {
-    let mut o = if args.iter().any(|a| a == "--quick") {
-        Options::quick()
-    } else {
-        Options::default()
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
+impl From<Cli> for Options {
+    /// Each option given, else its default (the `--quick` one with `--quick`).
+    fn from(cli: Cli) -> Self {
+        let base = if cli.quick {
+            Options::quick()
+        } else {
+            Options::default()
         };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        let number = |name: &str, v: String| -> Result<usize, String> {
-            v.parse::<usize>()
-                .map_err(|_| format!("{name}: `{v}` is not a whole number"))
-        };
-        let secs = |n: usize| Duration::from_secs(n as u64);
-        match flag.as_str() {
-            "--quick" => {}
-            "--pairs" => o.pairs = number(&flag, value(&flag)?)?.max(1),
-            "--window" => o.window = number(&flag, value(&flag)?)?.max(1),
-            "--warmup" => o.warmup = secs(number(&flag, value(&flag)?)?),
-            "--duration" => o.duration = secs(number(&flag, value(&flag)?)?.max(1)),
-            "--paced-duration" => o.paced_duration = secs(number(&flag, value(&flag)?)?.max(1)),
-            "--paced-rate" => o.paced_rate = Some(number(&flag, value(&flag)?)?.max(1) as f64),
-            "--webhook-drain" => o.webhook_drain = secs(number(&flag, value(&flag)?)?),
-            "--webhook-batch" => o.webhook_batch = number(&flag, value(&flag)?)?.clamp(1, 1000),
-            "--group-members" => o.group_members = number(&flag, value(&flag)?)?.max(1),
-            "--group-repeats" => o.group_repeats = number(&flag, value(&flag)?)?.max(1),
-            "--conversations" => o.conversations = number(&flag, value(&flag)?)?.max(1),
-            "--sync-runs" => o.sync_runs = number(&flag, value(&flag)?)?.max(1),
-            "--concurrency" => o.concurrency = number(&flag, value(&flag)?)?.max(1),
-            "--sources" => o.sources = number(&flag, value(&flag)?)?.clamp(1, 250),
-            "--no-one-to-one" => o.one_to_one = false,
-            "--no-baseline" => o.baseline = false,
-            "--no-group" => o.group = false,
-            "--no-sync" => o.sync = false,
-            "--no-webhooks" => o.webhooks = false,
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument `{other}`")),
+        Options {
+            pairs: cli.pairs.unwrap_or(base.pairs),
+            window: cli.window.unwrap_or(base.window),
+            warmup: cli.warmup.unwrap_or(base.warmup),
+            duration: cli.duration.unwrap_or(base.duration),
+            paced_duration: cli.paced_duration.unwrap_or(base.paced_duration),
+            paced_rate: cli.paced_rate.map(|n| n as f64).or(base.paced_rate),
+            webhook_drain: cli.webhook_drain.unwrap_or(base.webhook_drain),
+            webhook_batch: cli.webhook_batch.unwrap_or(base.webhook_batch),
+            webhooks: base.webhooks && !cli.no_webhooks,
+            group_members: cli.group_members.unwrap_or(base.group_members),
+            group_repeats: cli.group_repeats.unwrap_or(base.group_repeats),
+            conversations: cli.conversations.unwrap_or(base.conversations),
+            sync_runs: cli.sync_runs.unwrap_or(base.sync_runs),
+            concurrency: cli.concurrency.unwrap_or(base.concurrency),
+            sources: cli.sources.unwrap_or(base.sources),
+            one_to_one: base.one_to_one && !cli.no_one_to_one,
+            baseline: base.baseline && !cli.no_baseline,
+            group: base.group && !cli.no_group,
+            sync: base.sync && !cli.no_sync,
+            quick: base.quick,
         }
     }
-    Ok(o)
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(BASELINE_FLAG) {
+    // Checked before the options, which do not list it: the benchmark starts
+    // this executable with it as the baseline relay.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == BASELINE_FLAG)
+    {
         return baseline_server();
     }
-    let opts = match parse_options(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("bench-messaging: {e}\n");
-            }
-            eprint!("{USAGE}");
-            return ExitCode::from(if e.is_empty() { 0 } else { 2 });
-        }
-    };
+    let opts = Options::from(Cli::parse());
     // Before anything starts: the gateways and the baseline inherit the limit.
     plugboard_tests::raise_fd_limit();
     let _ = now_ns();

@@ -5,16 +5,32 @@
 //!
 //!     cargo run --release -p plugboard-tests --bin bench-plugins [-- --calls N]
 //!
+//! `--help` lists the options.
+//!
 //! The plugins are the ones `tests/build.rs` builds from source. Calls run
 //! the way the gateway makes them: a pooled instance reused across calls,
 //! `call_async` under an epoch deadline and a memory cap.
 
+mod cli;
+
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use plugboard::plugins::bindings::exports::plugboard::plugin::webhook_formatter as wf;
 use plugboard::plugins::tool;
 use plugboard_tests::plugins;
 use serde_json::{json, Value};
+
+/// The webhook-formatter hook per call for the Rust, JavaScript and Python
+/// examples, beside the same logic as native Rust, and each plugin's cold
+/// and cached load
+#[derive(Debug, Parser)]
+#[command(name = "bench-plugins", args_override_self = true)]
+struct Cli {
+    /// Measured calls per plugin, after 1,000 warm-up calls (at least 1)
+    #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = cli::clamped(1, usize::MAX))]
+    calls: usize,
+}
 
 fn event() -> wf::Event {
     wf::Event {
@@ -88,14 +104,7 @@ async fn load(
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let mut calls: usize = 20_000;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--calls" => calls = args.next().and_then(|v| v.parse().ok()).expect("--calls N"),
-            other => panic!("unknown argument {other}; use --calls N"),
-        }
-    }
+    let calls = Cli::parse().calls;
     type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
     let cases: [Case; 3] = [
         (

@@ -1,6 +1,7 @@
 //! Integration tests: a real gateway process, real WebSocket clients over
 //! real sockets, a real webhook receiver. One binary, one module per area.
 
+mod bench_cli;
 mod catchup;
 mod churn;
 mod config;

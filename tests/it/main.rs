@@ -2,6 +2,7 @@
 //! real sockets, a real webhook receiver. One binary, one module per area.
 
 mod churn;
+mod codes;
 mod config;
 mod control;
 mod conversations;

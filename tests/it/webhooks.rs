@@ -170,10 +170,12 @@ async fn rate_limited_deliveries_honour_retry_after() {
         .collect();
     assert_eq!(for_held.len(), 1, "retried before Retry-After: {for_held:#?}");
     assert!(rx.for_user("slowpoke").is_empty(), "{:#?}", rx.for_user("slowpoke"));
-    let (_, view) = gw.admin(Method::GET, "/admin/webhooks", None).await;
+    // Once the bystander's four events are settled, only the held event and
+    // the user's next one (`user.online`, queued behind it) are pending.
+    let view = plugboard_tests::wait_until_admin(&gw, |v| v["endpoints"][0]["delivered_total"] == 4)
+        .await;
     let ep = &view["endpoints"][0];
     assert_eq!(ep["last_error"], "HTTP 429 Too Many Requests", "{view}");
-    // Its event and the user's next one (`user.online`) wait behind it.
     assert_eq!(ep["pending"], 2, "{view}");
     assert_eq!(
         gw.metric_strict("plugboard_webhook_attempts_total", "outcome=\"rate_limited\"")

@@ -70,7 +70,11 @@ impl Attempt {
     pub fn query_pairs(&self) -> Vec<(String, String)> {
         let query = self.query.as_deref().unwrap_or_default();
         reqwest::Url::parse(&format!("http://receiver/?{query}"))
-            .map(|u| u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+            .map(|u| {
+                u.query_pairs()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -127,7 +131,10 @@ impl Shared {
                     "{} {}{} webhook-id={:?} webhook-timestamp={:?} webhook-signature={:?}",
                     a.method,
                     a.path,
-                    a.query.as_deref().map(|q| format!("?{q}")).unwrap_or_default(),
+                    a.query
+                        .as_deref()
+                        .map(|q| format!("?{q}"))
+                        .unwrap_or_default(),
                     a.webhook_id,
                     a.header("webhook-timestamp"),
                     a.header("webhook-signature"),
@@ -250,7 +257,9 @@ impl Receiver {
                     .iter()
                     .map(|a| format!("{} {} -> {}", a.method, a.path, a.answered))
                     .collect();
-                panic!("timed out after {timeout:?} waiting for {what}; requests so far: {seen:#?}");
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; requests so far: {seen:#?}"
+                );
             }
         }
     }

@@ -97,20 +97,68 @@ async fn every_refusal_of_an_auth_frame_has_its_error_code_and_close_code() {
     let (gw, rx) = setup("[gateway]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"").await;
     let forged =
         plugboard::auth::mint_token("mallory", None, None, b"not-the-secret-not-the-secret-000");
-    check_auth(&gw, First::Text(r#"{"type":"ping"}"#.into()), "auth_required", 1008).await;
+    check_auth(
+        &gw,
+        First::Text(r#"{"type":"ping"}"#.into()),
+        "auth_required",
+        1008,
+    )
+    .await;
     check_auth(&gw, First::Text("{not json".into()), "malformed_auth", 1008).await;
     check_auth(&gw, First::Text("[1,2]".into()), "malformed_auth", 1008).await;
-    check_auth(&gw, First::Text(r#"{"token":"t"}"#.into()), "malformed_auth", 1008).await;
-    check_auth(&gw, First::Text(r#"{"type":"auth"}"#.into()), "malformed_auth", 1008).await;
-    check_auth(&gw, First::Text(r#"{"type":"auth","token":5}"#.into()), "malformed_auth", 1008).await;
+    check_auth(
+        &gw,
+        First::Text(r#"{"token":"t"}"#.into()),
+        "malformed_auth",
+        1008,
+    )
+    .await;
+    check_auth(
+        &gw,
+        First::Text(r#"{"type":"auth"}"#.into()),
+        "malformed_auth",
+        1008,
+    )
+    .await;
+    check_auth(
+        &gw,
+        First::Text(r#"{"type":"auth","token":5}"#.into()),
+        "malformed_auth",
+        1008,
+    )
+    .await;
     check_auth(&gw, First::Binary(vec![1, 2, 3]), "malformed_auth", 1008).await;
     check_auth(&gw, First::Nothing, "auth_timeout", 1008).await;
     check_auth(&gw, auth(&forged), "bad_token", 1008).await;
-    check_auth(&gw, auth(&gw.token("system", None, None)), "bad_token", 1008).await;
+    check_auth(
+        &gw,
+        auth(&gw.token("system", None, None)),
+        "bad_token",
+        1008,
+    )
+    .await;
     check_auth(&gw, auth(&expired_token("mallory")), "token_expired", 1008).await;
-    check_auth(&gw, First::TextBytes(vec![0x7b, 0xff, 0xfe, 0x7d]), "invalid_utf8", 1007).await;
-    check_auth(&gw, First::Unmasked(r#"{"type":"ping"}"#.into()), "protocol_error", 1002).await;
-    check_auth(&gw, First::Text("x".repeat(8 * 1024)), "message_too_big", 1009).await;
+    check_auth(
+        &gw,
+        First::TextBytes(vec![0x7b, 0xff, 0xfe, 0x7d]),
+        "invalid_utf8",
+        1007,
+    )
+    .await;
+    check_auth(
+        &gw,
+        First::Unmasked(r#"{"type":"ping"}"#.into()),
+        "protocol_error",
+        1002,
+    )
+    .await;
+    check_auth(
+        &gw,
+        First::Text("x".repeat(8 * 1024)),
+        "message_too_big",
+        1009,
+    )
+    .await;
 
     // Each is counted under its code; none of them ever opened.
     let metrics = gw.metrics().await;
@@ -228,11 +276,38 @@ async fn a_get_that_is_not_a_valid_upgrade_is_refused_with_bad_upgrade() {
     let (gw, _rx) = setup("").await;
     let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==";
     check_bad_upgrade(&gw, &[], 426, None).await;
-    check_bad_upgrade(&gw, &["Connection: keep-alive", "Upgrade: websocket", "Sec-WebSocket-Version: 13", key], 426, None).await;
-    check_bad_upgrade(&gw, &["Connection: Upgrade", "Upgrade: h2c", "Sec-WebSocket-Version: 13", key], 426, None).await;
     check_bad_upgrade(
         &gw,
-        &["Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 8", key],
+        &[
+            "Connection: keep-alive",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Version: 13",
+            key,
+        ],
+        426,
+        None,
+    )
+    .await;
+    check_bad_upgrade(
+        &gw,
+        &[
+            "Connection: Upgrade",
+            "Upgrade: h2c",
+            "Sec-WebSocket-Version: 13",
+            key,
+        ],
+        426,
+        None,
+    )
+    .await;
+    check_bad_upgrade(
+        &gw,
+        &[
+            "Connection: Upgrade",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Version: 8",
+            key,
+        ],
         426,
         Some(("sec-websocket-version", "13")),
     )
@@ -246,14 +321,21 @@ async fn a_get_that_is_not_a_valid_upgrade_is_refused_with_bad_upgrade() {
     .await;
     check_bad_upgrade(
         &gw,
-        &["Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13"],
+        &[
+            "Connection: Upgrade",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Version: 13",
+        ],
         400,
         None,
     )
     .await;
     assert!(
-        gw.metric_strict("plugboard_handshake_failures_total", "reason=\"bad_upgrade\"")
-            .await
+        gw.metric_strict(
+            "plugboard_handshake_failures_total",
+            "reason=\"bad_upgrade\""
+        )
+        .await
             >= 6.0
     );
 }
@@ -346,7 +428,12 @@ async fn a_full_plugin_store_is_refused_with_quota_exceeded() {
     let mib = vec![b'x'; 1024 * 1024];
     for i in 0..64 {
         let resp = put(format!("k{i}"), mib.clone()).await.unwrap();
-        assert_eq!(resp.status(), 200, "value {i}: {}", resp.text().await.unwrap());
+        assert_eq!(
+            resp.status(),
+            200,
+            "value {i}: {}",
+            resp.text().await.unwrap()
+        );
     }
     let resp = put("one-more".into(), b"x".to_vec()).await.unwrap();
     let status = resp.status().as_u16();
@@ -377,7 +464,11 @@ async fn enabling_an_endpoint_disabled_in_the_config_answers_disabled_in_config(
         .admin(Method::POST, "/admin/webhooks/business/enable", None)
         .await;
     assert_eq!(
-        (status, body["error"]["code"].as_str(), body["error"]["message"].as_str()),
+        (
+            status,
+            body["error"]["code"].as_str(),
+            body["error"]["message"].as_str()
+        ),
         (
             409,
             Some("disabled_in_config"),
@@ -495,7 +586,12 @@ async fn a_slow_consumer_sees_disconnect_and_close_4004() {
             last_text["code"].as_u64(),
             close
         ),
-        (Some("disconnect"), Some("slow_consumer"), Some(4004), Some(4004)),
+        (
+            Some("disconnect"),
+            Some("slow_consumer"),
+            Some(4004),
+            Some(4004)
+        ),
         "{last_text}"
     );
     rx.assert_exactly_once(ev.str("connection_id")).await;
@@ -517,8 +613,11 @@ async fn an_open_that_storage_cannot_record_is_closed_with_1011_storage_unavaila
     );
     assert_eq!(&frame.payload[2..], b"storage unavailable");
     assert!(
-        gw.metric_strict("plugboard_handshake_failures_total", "reason=\"storage_error\"")
-            .await
+        gw.metric_strict(
+            "plugboard_handshake_failures_total",
+            "reason=\"storage_error\""
+        )
+        .await
             >= 1.0
     );
     // Once storage can write again, connections open again.

@@ -19,7 +19,11 @@ fn check_refused(toml: &str, key: &str) {
         .env("PLUGBOARD_DATA_DIR", dir.path().join("data"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "started with a bad config: {toml}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "started with a bad config: {toml}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     // The documented form: one message, `plugboard: error: config key `<path>`: …`.
     assert!(

@@ -98,7 +98,11 @@ async fn a_silent_peer_is_closed_with_4000_after_an_unanswered_ping() {
         let entry = match frame.opcode {
             1 => {
                 let v: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap();
-                match (v["event"].as_str(), v["reason"].as_str(), v["code"].as_u64()) {
+                match (
+                    v["event"].as_str(),
+                    v["reason"].as_str(),
+                    v["code"].as_u64(),
+                ) {
                     (Some("disconnect"), Some(reason), Some(code)) => {
                         format!("disconnect {reason} {code}")
                     }
@@ -266,7 +270,11 @@ async fn device_limit_replaces_the_oldest_or_rejects() {
             .err()
             .expect("refused");
         assert_eq!(
-            (refused.status, refused.code().as_deref(), refused.message().as_deref()),
+            (
+                refused.status,
+                refused.code().as_deref(),
+                refused.message().as_deref()
+            ),
             (Some(409), Some("device_policy"), Some(message)),
             "{refused:?}"
         );

@@ -630,7 +630,10 @@ async fn hot_swap_under_load_fails_no_call_and_drops_no_connection() {
         .iter()
         .filter(|s| s.label("outcome") != Some("ok") && s.value != 0.0)
         .collect();
-    assert!(failed.is_empty(), "failed calls during hot swap: {failed:#?}");
+    assert!(
+        failed.is_empty(),
+        "failed calls during hot swap: {failed:#?}"
+    );
     for outcome in [
         "trap",
         "timeout",

@@ -130,8 +130,16 @@ async fn gone_disables_the_endpoint_until_reenabled_and_nothing_is_lost() {
         .admin(Method::POST, "/admin/webhooks/nope/enable", None)
         .await;
     assert_eq!(
-        (status, body["error"]["code"].as_str(), body["error"]["message"].as_str()),
-        (404, Some("not_found"), Some("no webhook endpoint `nope` in the config")),
+        (
+            status,
+            body["error"]["code"].as_str(),
+            body["error"]["message"].as_str()
+        ),
+        (
+            404,
+            Some("not_found"),
+            Some("no webhook endpoint `nope` in the config")
+        ),
         "{body}"
     );
 }
@@ -144,7 +152,8 @@ async fn rate_limited_deliveries_honour_retry_after() {
     // worker ignored the header, the retry would have gone out at once,
     // long before those (four deliveries in a row) were done. The delay
     // itself is checked by the worker's unit tests.
-    let (gw, rx) = setup("[outbox]\nretry_schedule = [\"1ms\"]\njitter = 0.0\nmax_retry_after = \"1h\"").await;
+    let (gw, rx) =
+        setup("[outbox]\nretry_schedule = [\"1ms\"]\njitter = 0.0\nmax_retry_after = \"1h\"").await;
     rx.reply_next(Reply::RetryAfter(429, 3600));
     let held = WsClient::connect(&gw, "slowpoke").await;
     let first = rx
@@ -168,18 +177,29 @@ async fn rate_limited_deliveries_honour_retry_after() {
         .into_iter()
         .filter(|a| a.webhook_id == first.webhook_id)
         .collect();
-    assert_eq!(for_held.len(), 1, "retried before Retry-After: {for_held:#?}");
-    assert!(rx.for_user("slowpoke").is_empty(), "{:#?}", rx.for_user("slowpoke"));
+    assert_eq!(
+        for_held.len(),
+        1,
+        "retried before Retry-After: {for_held:#?}"
+    );
+    assert!(
+        rx.for_user("slowpoke").is_empty(),
+        "{:#?}",
+        rx.for_user("slowpoke")
+    );
     // Once the bystander's four events are settled, only the held event and
     // the user's next one (`user.online`, queued behind it) are pending.
-    let view = plugboard_tests::wait_until_admin(&gw, |v| v["endpoints"][0]["delivered_total"] == 4)
-        .await;
+    let view =
+        plugboard_tests::wait_until_admin(&gw, |v| v["endpoints"][0]["delivered_total"] == 4).await;
     let ep = &view["endpoints"][0];
     assert_eq!(ep["last_error"], "HTTP 429 Too Many Requests", "{view}");
     assert_eq!(ep["pending"], 2, "{view}");
     assert_eq!(
-        gw.metric_strict("plugboard_webhook_attempts_total", "outcome=\"rate_limited\"")
-            .await,
+        gw.metric_strict(
+            "plugboard_webhook_attempts_total",
+            "outcome=\"rate_limited\""
+        )
+        .await,
         1.0
     );
     drop(held);

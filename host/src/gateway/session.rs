@@ -670,7 +670,10 @@ mod tests {
             ("abnormal", None, "connection lost: connection reset"),
         );
         for gone in [WsError::ConnectionClosed, WsError::AlreadyClosed] {
-            check_error(gone, ("abnormal", None, "connection ended without a close frame"));
+            check_error(
+                gone,
+                ("abnormal", None, "connection ended without a close frame"),
+            );
         }
     }
 
@@ -678,14 +681,39 @@ mod tests {
     fn server_ends_carry_the_code_and_meta_event_of_the_close_code_table() {
         // protocol.md, "Close codes": reason, code, `meta` frame first.
         for (reason, name, code, meta) in [
-            (CloseReason::HeartbeatTimeout, "heartbeat_timeout", 4000, Some("disconnect")),
-            (CloseReason::TokenExpired, "token_expired", 4001, Some("disconnect")),
+            (
+                CloseReason::HeartbeatTimeout,
+                "heartbeat_timeout",
+                4000,
+                Some("disconnect"),
+            ),
+            (
+                CloseReason::TokenExpired,
+                "token_expired",
+                4001,
+                Some("disconnect"),
+            ),
             (CloseReason::Kicked, "kicked", 4002, Some("disconnect")),
             (CloseReason::Replaced, "replaced", 4003, Some("disconnect")),
-            (CloseReason::SlowConsumer, "slow_consumer", 4004, Some("disconnect")),
-            (CloseReason::ServiceDisabled, "service_disabled", 1012, Some("disable")),
+            (
+                CloseReason::SlowConsumer,
+                "slow_consumer",
+                4004,
+                Some("disconnect"),
+            ),
+            (
+                CloseReason::ServiceDisabled,
+                "service_disabled",
+                1012,
+                Some("disable"),
+            ),
             (CloseReason::Shutdown, "shutdown", 1001, Some("shutdown")),
-            (CloseReason::ServerError, "server_error", 1011, Some("disconnect")),
+            (
+                CloseReason::ServerError,
+                "server_error",
+                1011,
+                Some("disconnect"),
+            ),
             (CloseReason::ProtocolError, "protocol_error", 1002, None),
             (CloseReason::InvalidUtf8, "invalid_utf8", 1007, None),
             (CloseReason::MessageTooBig, "message_too_big", 1009, None),

@@ -499,7 +499,11 @@ fn retry_delay(settings: &OutboxConfig, n: usize, retry_after: Option<Duration>)
 
 /// Why an endpoint failing since `failing_since` is disabled at `now`
 /// (unix ms), once it has failed for `disable_after`; `None` before that.
-fn failing_too_long(failing_since: Option<i64>, now: i64, disable_after: Duration) -> Option<String> {
+fn failing_too_long(
+    failing_since: Option<i64>,
+    now: i64,
+    disable_after: Duration,
+) -> Option<String> {
     failing_since
         .filter(|since| now - since >= disable_after.as_millis() as i64)
         .map(|since| {
@@ -550,7 +554,12 @@ mod tests {
     fn check_delay(n: usize, retry_after_s: Option<u64>, expect: Duration) {
         let s = settings(&[100, 2_000, 30_000], 0.0, Duration::from_secs(60));
         let got = retry_delay(&s, n, retry_after_s.map(Duration::from_secs));
-        assert_eq!(got, expect, "retry {} with Retry-After {retry_after_s:?}", n + 1);
+        assert_eq!(
+            got,
+            expect,
+            "retry {} with Retry-After {retry_after_s:?}",
+            n + 1
+        );
     }
 
     #[test]
@@ -578,10 +587,7 @@ mod tests {
             let (low, high) = (base.mul_f64(1.0 - jitter), base.mul_f64(1.0 + jitter));
             let draws: Vec<Duration> = (0..2_000).map(|_| jittered(base, jitter)).collect();
             for d in &draws {
-                assert!(
-                    (low..=high).contains(d),
-                    "{d:?} outside {low:?}..={high:?}"
-                );
+                assert!((low..=high).contains(d), "{d:?} outside {low:?}..={high:?}");
             }
             // The factor is drawn, not fixed: both halves of the range occur.
             assert!(draws.iter().any(|d| *d < base) && draws.iter().any(|d| *d > base));
@@ -593,7 +599,11 @@ mod tests {
         let s = settings(&[1_000], 0.5, Duration::from_secs(3_600));
         for _ in 0..500 {
             let d = retry_delay(&s, 0, Some(Duration::from_secs(2)));
-            assert_eq!(d, Duration::from_secs(2), "jitter never goes below Retry-After");
+            assert_eq!(
+                d,
+                Duration::from_secs(2),
+                "jitter never goes below Retry-After"
+            );
             let d = retry_delay(&s, 0, None);
             assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1_500));
         }
@@ -672,7 +682,10 @@ mod tests {
             let (id, body) = request_body(&events, batches);
             assert_eq!(id, "bat_01A", "named after its first event");
             let batch: serde_json::Value = serde_json::from_str(&body).unwrap();
-            assert_eq!((batch["id"].as_str(), batch["type"].as_str()), (Some("bat_01A"), Some("batch")));
+            assert_eq!(
+                (batch["id"].as_str(), batch["type"].as_str()),
+                (Some("bat_01A"), Some("batch"))
+            );
             let inner = batch["data"]["events"].as_array().unwrap();
             assert_eq!(inner.len(), events.len());
             assert_eq!(inner[0], envelope, "each event keeps its own envelope");
@@ -685,7 +698,10 @@ mod tests {
         e.event_type = "a\\b".into();
         let (_, body) = request_body(&[e], false);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!((v["id"].as_str(), v["type"].as_str()), (Some("evt_\"x\"\n"), Some("a\\b")));
+        assert_eq!(
+            (v["id"].as_str(), v["type"].as_str()),
+            (Some("evt_\"x\"\n"), Some("a\\b"))
+        );
     }
 
     #[test]
@@ -704,9 +720,15 @@ mod tests {
         }
         let e = Layer(
             "error sending request",
-            Some(Box::new(Layer("connect", Some(Box::new(Layer("connection refused", None)))))),
+            Some(Box::new(Layer(
+                "connect",
+                Some(Box::new(Layer("connection refused", None))),
+            ))),
         );
-        assert_eq!(error_chain(&e), "error sending request: connect: connection refused");
+        assert_eq!(
+            error_chain(&e),
+            "error sending request: connect: connection refused"
+        );
         assert_eq!(error_chain(&Layer("alone", None)), "alone");
     }
 }

@@ -333,10 +333,10 @@ async fn a_plugin_whose_init_refuses_its_config_stops_the_start_with_a_clear_rea
         .arg(&cfg)
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("stubborn") && err.contains("refused on purpose"),
+        err.contains("plugboard: error: plugin `stubborn`: ") && err.contains("refused on purpose"),
         "{err}"
     );
 }
@@ -368,8 +368,14 @@ async fn the_cli_checks_and_runs_a_plugin_without_a_gateway() {
         .args(["plugin", "check", plugins::BAD_INIT])
         .output()
         .unwrap();
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused on purpose"));
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("plugboard: error: ")
+            && err.contains("refused: its init refused the config: ")
+            && err.contains("refused on purpose"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("event.json");
@@ -399,10 +405,13 @@ async fn the_cli_checks_and_runs_a_plugin_without_a_gateway() {
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["body"]["version"], "7", "{result}");
     assert_eq!(result["body"]["event"], "connection.opened");
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).is_empty(),
-        "the plugin's log lines are printed"
-    );
+    // The plugin's log line, as `[<time> <level>] <message> <name>=<value>…`.
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.ends_with("] echo formatted an event event=connection.opened id=evt_1 calls=1"))
+        .unwrap_or_else(|| panic!("the plugin's log lines are printed: {err}"));
+    assert!(line.starts_with('[') && line.contains(" info"), "{line}");
 }
 
 #[tokio::test]

@@ -55,6 +55,26 @@ pub struct WsClient {
 pub struct Refused {
     pub status: Option<u16>,
     pub body: String,
+    /// The response headers of an HTTP refusal (empty otherwise).
+    pub headers: http::HeaderMap,
+}
+
+impl Refused {
+    /// `error.code` of a JSON error body, if it is one.
+    pub fn code(&self) -> Option<String> {
+        let v: Value = serde_json::from_str(&self.body).ok()?;
+        v["error"]["code"].as_str().map(str::to_string)
+    }
+
+    /// `error.message` of a JSON error body, if it is one.
+    pub fn message(&self) -> Option<String> {
+        let v: Value = serde_json::from_str(&self.body).ok()?;
+        v["error"]["message"].as_str().map(str::to_string)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 impl WsClient {
@@ -91,6 +111,7 @@ impl WsClient {
             .map_err(|e| Refused {
                 status: None,
                 body: e.to_string(),
+                headers: Default::default(),
             })?;
         let config = WebSocketConfig::default()
             .max_message_size(None)
@@ -108,12 +129,14 @@ impl WsClient {
                     status: Some(resp.status().as_u16()),
                     body: String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
                         .into_owned(),
+                    headers: resp.headers().clone(),
                 })
             }
             Err(e) => {
                 return Err(Refused {
                     status: None,
                     body: e.to_string(),
+                    headers: Default::default(),
                 })
             }
         };

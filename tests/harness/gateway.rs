@@ -43,6 +43,15 @@ pub fn plugin_cache_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("plugboard-test-plugin-cache"))
 }
 
+/// Addresses of the test gateways running in this process, so that a
+/// receiver can ask each whether it still owes it deliveries.
+static RUNNING: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The addresses of the test gateways of this process that are running now.
+pub fn running_addrs() -> Vec<String> {
+    RUNNING.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// What a test changes in the gateway's config.
 #[derive(Clone, Debug, Default)]
 pub struct GatewayOptions {
@@ -175,7 +184,21 @@ impl Gateway {
     }
 
     async fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> Gateway {
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        // SIGXFSZ ignored, so that a test that caps the gateway's file size
+        // (`limit_file_size`) sees failed writes rather than a killed
+        // process. Without a cap the signal never comes.
+        #[allow(unsafe_code)]
+        // SAFETY: `signal` is async-signal-safe, the only kind of call
+        // allowed between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -220,6 +243,10 @@ impl Gateway {
                 );
             }
         };
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(addr.clone());
         Gateway {
             dir,
             config_path,
@@ -326,6 +353,33 @@ impl Gateway {
         }
     }
 
+    /// Caps the size of the files the gateway process may write (its
+    /// RLIMIT_FSIZE; `None` lifts the cap): with `Some(0)` every write to
+    /// storage fails, as on a full disk. Linux only.
+    pub fn limit_file_size(&self, bytes: Option<u64>) {
+        let limit = libc::rlimit {
+            rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: prlimit(2) on our own child's pid, with a valid struct
+        // and no old-limit pointer.
+        let rc = unsafe {
+            libc::prlimit(
+                self.pid() as libc::pid_t,
+                libc::RLIMIT_FSIZE,
+                &limit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "prlimit(RLIMIT_FSIZE): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// SIGKILL: the gateway dies without any cleanup.
     pub async fn kill(mut self) {
         let mut child = self.child.take().unwrap();
@@ -348,6 +402,11 @@ impl Gateway {
     }
 
     /// A metric's value from `/metrics` (sum over series whose labels contain `labels`).
+    ///
+    /// A series that does not exist counts as `0.0` here, so this must not
+    /// be used to show that something did not happen (a misspelt name or
+    /// label would pass): use [`Gateway::metric_strict`] or
+    /// [`Gateway::metrics`] for that.
     pub async fn metric(&self, name: &str, labels: &str) -> f64 {
         let (_, text) = self.get_text("/metrics").await;
         text.lines()
@@ -357,10 +416,169 @@ impl Gateway {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
+
+    /// Like [`Gateway::metric`], but a missing series fails the test: at
+    /// least one series of `name` must have labels containing `labels`.
+    pub async fn metric_strict(&self, name: &str, labels: &str) -> f64 {
+        self.metrics().await.value(name, labels)
+    }
+
+    /// One read of `/metrics`, parsed.
+    pub async fn metrics(&self) -> Metrics {
+        let (status, text) = self.get_text("/metrics").await;
+        assert_eq!(status, 200, "GET /metrics: {text}");
+        Metrics::parse(&text)
+    }
+}
+
+/// One sample line of `/metrics`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    /// The label text between the braces, as served (`a="x",b="y"`).
+    pub label_text: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A parsed `/metrics` body; every look-up is strict: asking for a series
+/// that is not there fails the test.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub samples: Vec<Sample>,
+    pub text: String,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(parse_sample)
+            .collect();
+        Metrics {
+            samples,
+            text: text.to_string(),
+        }
+    }
+
+    /// Every series of `name`; panics if there is none.
+    #[track_caller]
+    pub fn series(&self, name: &str) -> Vec<&Sample> {
+        let found: Vec<&Sample> = self.samples.iter().filter(|s| s.name == name).collect();
+        assert!(
+            !found.is_empty(),
+            "no series of `{name}` in /metrics:\n{}",
+            self.text
+        );
+        found
+    }
+
+    /// The sum over the series of `name` whose label text contains
+    /// `labels`; panics if no series matches.
+    #[track_caller]
+    pub fn value(&self, name: &str, labels: &str) -> f64 {
+        let matching: Vec<&Sample> = self
+            .series(name)
+            .into_iter()
+            .filter(|s| s.label_text.contains(labels))
+            .collect();
+        assert!(
+            !matching.is_empty(),
+            "no series of `{name}` with {labels} in /metrics: {:#?}",
+            self.series(name)
+        );
+        matching.iter().map(|s| s.value).sum()
+    }
+}
+
+/// `name{a="x",b="y"} 1` or `name 1` (an optional timestamp or exemplar
+/// after the value is ignored).
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (name, rest) = match line.find(['{', ' ']) {
+        Some(i) => line.split_at(i),
+        None => return None,
+    };
+    let (label_text, after) = if let Some(rest) = rest.strip_prefix('{') {
+        let end = label_end(rest)?;
+        (rest[..end].to_string(), &rest[end + 1..])
+    } else {
+        (String::new(), rest)
+    };
+    let value = after.split_whitespace().next()?.parse::<f64>().ok()?;
+    Some(Sample {
+        name: name.to_string(),
+        labels: parse_labels(&label_text),
+        label_text,
+        value,
+    })
+}
+
+/// Where the closing `}` of a label set is, skipping quoted values.
+fn label_end(text: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while let Some(eq) = rest.find("=\"") {
+        let key = rest[..eq].trim_start_matches(',').trim().to_string();
+        let mut value = String::new();
+        let mut chars = rest[eq + 2..].char_indices();
+        let mut end = rest.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => {}
+                },
+                '"' => {
+                    end = eq + 2 + i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        labels.push((key, value));
+        rest = &rest[end.min(rest.len())..];
+    }
+    labels
+}
+
+impl Gateway {
+    fn unregister(&self) {
+        let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = running.iter().position(|a| *a == self.addr) {
+            running.swap_remove(i);
+        }
+    }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        self.unregister();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

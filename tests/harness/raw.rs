@@ -163,3 +163,84 @@ fn parse(buf: &[u8]) -> Option<(RawFrame, usize)> {
         pos + len,
     ))
 }
+
+/// An HTTP response read off a raw socket.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Sends `head` (request line and headers, each line ending in `\r\n`,
+/// without the blank line that ends them) to `addr` exactly as written, and
+/// reads the answer: its head, then `Content-Length` bytes of body.
+pub async fn http_request(addr: &str, head: &str) -> RawResponse {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("{head}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed before the answer's head: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let text = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let mut lines = text.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("no status line in {text}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let length = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let n = tcp.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let end = (head_end + length).min(buf.len());
+        RawResponse {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&buf[head_end..end]).into_owned(),
+        }
+    };
+    tokio::time::timeout(crate::WAIT, read)
+        .await
+        .expect("an HTTP answer in time")
+}

@@ -1,16 +1,23 @@
 //! A real HTTP webhook receiver on 127.0.0.1:0.
 //!
-//! It records every request, verifies each signature with the
-//! `standardwebhooks` crate (an implementation independent of the
-//! gateway's), and answers as the test tells it: 2xx, an error status, 410,
-//! or 429 with `Retry-After`.
+//! It records every request (method, path, query, headers and body),
+//! verifies each signature with the `standardwebhooks` crate (an
+//! implementation independent of the gateway's), and answers as the test
+//! tells it: 2xx, an error status, 410, or 429 with `Retry-After`.
+//!
+//! A request whose signature does not verify fails the test that owns the
+//! receiver, whatever that test looks at: every helper that waits for
+//! deliveries panics as soon as one is recorded, and the last clone of a
+//! `Receiver` to be dropped panics if one was recorded at all (unless the
+//! test said it expects them with [`Receiver::allow_bad_signatures`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::Value;
@@ -33,7 +40,43 @@ pub struct Attempt {
     pub signature_ok: bool,
     pub answered: u16,
     pub at: Instant,
+    /// The body as JSON (`Null` when it is not JSON: see `raw_body`).
     pub body: Value,
+    pub method: Method,
+    /// The path, percent-encoding kept as sent (`/hooks/onebot`).
+    pub path: String,
+    /// The raw query string without `?`, if the request had one.
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub raw_body: Bytes,
+}
+
+impl Attempt {
+    /// A header's value as text (`None` if absent or not visible ASCII).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Every value of a header, in the order sent.
+    pub fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+
+    /// The query as decoded (key, value) pairs, in order, repeats kept.
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        let query = self.query.as_deref().unwrap_or_default();
+        reqwest::Url::parse(&format!("http://receiver/?{query}"))
+            .map(|u| {
+                u.query_pairs()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// One event from a request answered with 2xx (batches are expanded).
@@ -63,14 +106,70 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     reply: Mutex<Reply>,
+    /// Answers used, one per request, before `reply` (see `reply_next`).
+    next_replies: Mutex<std::collections::VecDeque<Reply>>,
     notify: Notify,
     verifier: standardwebhooks::Webhook,
+    /// Set by a test that sends badly signed requests on purpose.
+    bad_signatures_allowed: AtomicBool,
+}
+
+impl Shared {
+    /// Panics if a request with a bad signature was recorded (and the test
+    /// did not say it expects them).
+    fn check_signatures(&self) {
+        if self.bad_signatures_allowed.load(Ordering::Relaxed) {
+            return;
+        }
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let bad: Vec<String> = inner
+            .attempts
+            .iter()
+            .filter(|a| !a.signature_ok)
+            .map(|a| {
+                format!(
+                    "{} {}{} webhook-id={:?} webhook-timestamp={:?} webhook-signature={:?}",
+                    a.method,
+                    a.path,
+                    a.query
+                        .as_deref()
+                        .map(|q| format!("?{q}"))
+                        .unwrap_or_default(),
+                    a.webhook_id,
+                    a.header("webhook-timestamp"),
+                    a.header("webhook-signature"),
+                )
+            })
+            .collect();
+        drop(inner);
+        if !bad.is_empty() {
+            panic!(
+                "the receiver got {} request(s) whose signature does not verify: {bad:#?}",
+                bad.len()
+            );
+        }
+    }
+}
+
+/// Checks the signatures once more when the test lets go of its receiver.
+struct SignatureGuard(Arc<Shared>);
+
+impl Drop for SignatureGuard {
+    fn drop(&mut self) {
+        // A test that already failed keeps its own message (and a second
+        // panic while unwinding would abort the process).
+        if !std::thread::panicking() {
+            self.0.check_signatures();
+        }
+    }
 }
 
 /// A running receiver.
 #[derive(Clone)]
 pub struct Receiver {
     shared: Arc<Shared>,
+    /// Dropped with the last clone; the server task holds only `shared`.
+    _guard: Arc<SignatureGuard>,
     pub url: String,
 }
 
@@ -84,8 +183,10 @@ impl Receiver {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
             reply: Mutex::new(Reply::Status(200)),
+            next_replies: Mutex::new(Default::default()),
             notify: Notify::new(),
             verifier: standardwebhooks::Webhook::new(secret).expect("valid test secret"),
+            bad_signatures_allowed: AtomicBool::new(false),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -94,9 +195,16 @@ impl Receiver {
             axum::serve(listener, app).await.unwrap();
         });
         Receiver {
+            _guard: Arc::new(SignatureGuard(shared.clone())),
             shared,
             url: format!("http://{addr}/hooks"),
         }
+    }
+
+    /// `host:port` the receiver listens on.
+    pub fn authority(&self) -> &str {
+        let rest = self.url.trim_start_matches("http://");
+        rest.split('/').next().unwrap_or(rest)
     }
 
     /// Sets how the receiver answers from now on.
@@ -104,8 +212,56 @@ impl Receiver {
         *self.shared.reply.lock().unwrap() = reply;
     }
 
+    /// Answers the next request with `reply`, then goes back to the answer
+    /// set by `reply` (queued answers are used in the order given).
+    pub fn reply_next(&self, reply: Reply) {
+        self.shared.next_replies.lock().unwrap().push_back(reply);
+    }
+
+    /// For a test that sends badly signed requests on purpose: they no
+    /// longer fail the test.
+    pub fn allow_bad_signatures(&self) {
+        self.shared
+            .bad_signatures_allowed
+            .store(true, Ordering::Relaxed);
+    }
+
+    /// Every request so far, in arrival order (the same as `requests`).
     pub fn attempts(&self) -> Vec<Attempt> {
         self.shared.inner.lock().unwrap().attempts.clone()
+    }
+
+    /// Every request so far, in arrival order: method, path, query,
+    /// headers and body, whatever it was answered.
+    pub fn requests(&self) -> Vec<Attempt> {
+        self.attempts()
+    }
+
+    /// Waits until `check` over every request so far returns `Some`.
+    pub async fn wait_for_requests<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&[Attempt]) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.notify.notified();
+            self.shared.check_signatures();
+            if let Some(v) = check(&self.shared.inner.lock().unwrap().attempts) {
+                return v;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let seen: Vec<String> = self
+                    .attempts()
+                    .iter()
+                    .map(|a| format!("{} {} -> {}", a.method, a.path, a.answered))
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; requests so far: {seen:#?}"
+                );
+            }
+        }
     }
 
     /// Events from successful requests, in the order they arrived.
@@ -139,6 +295,7 @@ impl Receiver {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.shared.notify.notified();
+            self.shared.check_signatures();
             if let Some(v) = check(&self.shared.inner.lock().unwrap().delivered) {
                 return v;
             }
@@ -168,8 +325,14 @@ impl Receiver {
 
     /// Asserts the webhook stream holds exactly one opened and one closed
     /// event (distinct event ids) for the connection; returns the closed one.
+    ///
+    /// The count is taken only once the gateways that deliver here have
+    /// nothing left for this receiver (see `wait_settled`), so a duplicate
+    /// recorded after the first close is counted too.
     pub async fn assert_exactly_once(&self, connection_id: &str) -> Delivered {
         let closed = self.closed_event(connection_id).await;
+        self.wait_settled().await;
+        self.shared.check_signatures();
         let events = self.for_connection(connection_id);
         let mut ids: Vec<(&str, &str)> = events
             .iter()
@@ -194,13 +357,87 @@ impl Receiver {
         closed
     }
 
+    /// Waits until every running test gateway that has an enabled endpoint
+    /// pointing here reports nothing pending for it in `GET /admin/webhooks`
+    /// (on two reads in a row, with no delivery in between), so that
+    /// everything those gateways recorded so far has reached this receiver.
+    pub async fn wait_settled(&self) {
+        let me = self.authority().to_string();
+        let http = reqwest::Client::new();
+        for addr in crate::gateway::running_addrs() {
+            let deadline = tokio::time::Instant::now() + crate::WAIT;
+            let mut last: Option<Vec<(String, i64)>> = None;
+            loop {
+                let Some(view) = endpoints_here(&http, &addr, &me).await else {
+                    break; // That gateway is gone or does not answer.
+                };
+                if view.is_empty() {
+                    break;
+                }
+                let settled = view.iter().all(|(_, pending)| *pending == 0);
+                if settled && last.as_ref() == Some(&view) {
+                    break;
+                }
+                last = settled.then_some(view.clone());
+                if tokio::time::Instant::now() >= deadline {
+                    panic!(
+                        "the gateway on {addr} still has deliveries pending for {me} after {:?}: {view:?}",
+                        crate::WAIT
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
     /// Requests whose signature did not verify.
     pub fn bad_signatures(&self) -> usize {
         self.attempts().iter().filter(|a| !a.signature_ok).count()
     }
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+/// `(endpoint name + delivered_total, pending)` of the enabled endpoints of
+/// the gateway on `addr` whose URL points at `authority`; `None` if the
+/// gateway does not answer.
+async fn endpoints_here(
+    http: &reqwest::Client,
+    addr: &str,
+    authority: &str,
+) -> Option<Vec<(String, i64)>> {
+    let resp = http
+        .get(format!("http://{addr}/admin/webhooks"))
+        .bearer_auth(crate::gateway::ADMIN_TOKEN)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let view: Value = resp.json().await.ok()?;
+    let points_here = |url: &str| {
+        url.contains(&format!("//{authority}/")) || url.contains(&format!("@{authority}/"))
+    };
+    Some(
+        view["endpoints"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["disabled"] != true)
+            .filter(|e| e["url"].as_str().is_some_and(points_here))
+            .map(|e| {
+                (
+                    format!("{} {}", e["name"], e["delivered_total"]),
+                    e["pending"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect(),
+    )
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let signature_ok = shared.verifier.verify(&body, &headers).is_ok();
     let webhook_id = headers
         .get("webhook-id")
@@ -208,7 +445,8 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
         .unwrap_or_default()
         .to_string();
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let reply = shared.reply.lock().unwrap().clone();
+    let queued = shared.next_replies.lock().unwrap().pop_front();
+    let reply = queued.unwrap_or_else(|| shared.reply.lock().unwrap().clone());
     let (status, retry_after) = match reply {
         Reply::Status(s) => (s, None),
         Reply::RetryAfter(s, secs) => (s, Some(secs)),
@@ -223,6 +461,11 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             answered: status,
             at: Instant::now(),
             body: json.clone(),
+            method,
+            path: uri.path().to_string(),
+            query: uri.query().map(str::to_string),
+            headers: headers.clone(),
+            raw_body: body.clone(),
         });
         if (200..300).contains(&status) {
             let events: Vec<Value> = if json["type"] == "batch" {

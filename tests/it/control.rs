@@ -517,13 +517,17 @@ async fn signatures_are_required_when_configured_and_replays_are_refused() {
         "{b}"
     );
     // A signature over another body does not cover this one.
-    let (s, _) = send(
+    let (s, b) = send(
         Some(now.to_string()),
         Some(sign(secret, now, "{}")),
         body.clone(),
     )
     .await;
-    assert_eq!(s, 401);
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("bad_signature")),
+        "{b}"
+    );
     let old = now - 3600;
     let (s, b) = send(
         Some(old.to_string()),

@@ -117,6 +117,29 @@ async fn api_send(gw: &Gateway, from: &str, kind: &str, to: &str, text: &str) {
     assert_eq!(status, 201, "{body}");
 }
 
+fn key_of(target: (&str, &str)) -> (String, String) {
+    (target.0.to_string(), target.1.to_string())
+}
+
+/// A change answers `200` with the conversation when the user has it, and
+/// `404 unknown_conversation` when not.
+#[track_caller]
+fn check_change(step: usize, what: &str, has: bool, status: u16, body: &Value) {
+    if has {
+        assert_eq!(status, 200, "step {step}: {what}: {body}");
+        assert!(
+            body["conversations"].is_array(),
+            "step {step}: {what}: {body}"
+        );
+    } else {
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("unknown_conversation")),
+            "step {step}: {what}: {body}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn incremental_syncs_always_rebuild_the_full_list() {
     let (gw, _rx) = setup("").await;
@@ -128,6 +151,9 @@ async fn incremental_syncs_always_rebuild_the_full_list() {
     let mut state = State::new();
     let mut version = 0u64;
     let mut syncs = 0;
+    // Whether u0 has each conversation, and whether it is deleted: what
+    // decides between `200` and `404 unknown_conversation` below.
+    let mut rows: std::collections::HashMap<(String, String), bool> = Default::default();
     for step in 0..160 {
         let peer = peers[rng.below(peers.len() as u64) as usize];
         let group = if rng.below(2) == 0 { "ga" } else { "gb" };
@@ -137,9 +163,16 @@ async fn incremental_syncs_always_rebuild_the_full_list() {
             ("person", peer)
         };
         match rng.below(100) {
-            0..=29 => api_send(&gw, peer, "person", "u0", &format!("s{step}")).await,
-            30..=39 => api_send(&gw, "u0", "person", peer, &format!("s{step}")).await,
+            0..=29 => {
+                api_send(&gw, peer, "person", "u0", &format!("s{step}")).await;
+                rows.insert(("person".into(), peer.into()), false);
+            }
+            30..=39 => {
+                api_send(&gw, "u0", "person", peer, &format!("s{step}")).await;
+                rows.insert(("person".into(), peer.into()), false);
+            }
             40..=59 => {
+                rows.insert(("group".into(), group.into()), false);
                 let sender = if group == "ga" {
                     ["u0", "p1", "p2"][rng.below(3) as usize]
                 } else {
@@ -160,7 +193,9 @@ async fn incremental_syncs_always_rebuild_the_full_list() {
                         body,
                     )
                     .await;
-                assert!(s == 200 || s == 404, "{b}");
+                // Read and hide need a conversation that is not deleted.
+                let live = rows.get(&key_of(target)) == Some(&false);
+                check_change(step, "read", live, s, &b);
             }
             70..=76 => {
                 let (s, b) = gw
@@ -170,7 +205,12 @@ async fn incremental_syncs_always_rebuild_the_full_list() {
                         None,
                     )
                     .await;
-                assert!(s == 200 || s == 404, "{b}");
+                // Delete needs a conversation, deleted already or not.
+                let known = rows.contains_key(&key_of(target));
+                check_change(step, "delete", known, s, &b);
+                if known {
+                    rows.insert(key_of(target), true);
+                }
             }
             77..=83 => {
                 let (s, b) = gw
@@ -180,7 +220,8 @@ async fn incremental_syncs_always_rebuild_the_full_list() {
                         None,
                     )
                     .await;
-                assert!(s == 200 || s == 404, "{b}");
+                let live = rows.get(&key_of(target)) == Some(&false);
+                check_change(step, "hide", live, s, &b);
             }
             _ => {
                 let limit = 1 + rng.below(4) as usize;
@@ -489,10 +530,14 @@ async fn a_version_older_than_pruned_tombstones_must_reset() {
         )
         .await;
     assert_eq!((s, b["error"]["code"].as_str()), (400, Some("bad_request")));
-    let (s, _) = gw
+    let (s, b) = gw
         .api(Method::GET, "/v1/users/u/conversations?colour=blue", None)
         .await;
-    assert_eq!(s, 400);
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{b}"
+    );
 }
 
 /// A `[[plugins]]` entry.
@@ -583,10 +628,14 @@ async fn the_filter_chain_applies_to_client_frames_and_the_server_api() {
         .admin(Method::GET, "/admin/plugins/rules/kv/muted:bob", None)
         .await;
     assert_eq!((s, v), (200, json!(["person:dave"])));
-    let (s, _) = gw
+    let (s, b) = gw
         .admin(Method::PUT, "/admin/plugins/nobody/kv/k", Some(json!(1)))
         .await;
-    assert_eq!(s, 404);
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{b}"
+    );
 
     let after: BTreeMap<String, String> = [
         ("person:alice", "from alice"),

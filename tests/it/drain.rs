@@ -37,7 +37,21 @@ async fn disabling_by_reload_drains_with_1012_and_refuses_upgrades_until_reenabl
         .await
         .err()
         .expect("refused while disabled");
-    assert_eq!(refused.status, Some(503));
+    assert_eq!(
+        (
+            refused.status,
+            refused.code().as_deref(),
+            refused.message().as_deref(),
+            refused.header("retry-after")
+        ),
+        (
+            Some(503),
+            Some("service_unavailable"),
+            Some("the WebSocket service is disabled"),
+            Some("5")
+        ),
+        "{refused:?}"
+    );
     assert_eq!(gw.get_text("/readyz").await.0, 503);
 
     // SIGHUP re-reads the file: re-enabled without a restart.

@@ -84,14 +84,50 @@ async fn oversize_message_is_1009() {
 }
 
 #[tokio::test]
-async fn silent_peer_is_closed_within_the_heartbeat_bound() {
-    // ping every 1s, 1s to answer: a peer that never answers is found within ~2s.
+async fn a_silent_peer_is_closed_with_4000_after_an_unanswered_ping() {
+    // ping every 1s, 1s to answer. The raw client reads but never writes,
+    // so pings go unanswered (reading sends nothing back).
     let (gw, rx) = setup("").await;
     let token = gw.token("frank", None, None);
-    let (raw, status) = RawClient::upgrade(&gw.addr, &format!("/v1/ws?token={token}")).await;
-    assert!(status.contains("101"));
-    let started = std::time::Instant::now();
-    // Never read or write again: pings go unanswered.
+    let (mut raw, status) = RawClient::upgrade(&gw.addr, &format!("/v1/ws?token={token}")).await;
+    assert!(status.contains("101"), "{status}");
+    // What the client sees, in order: `connect`, a ping, then (no frame
+    // from the client in between) `disconnect` and the close frame.
+    let mut seen = Vec::new();
+    while let Some(frame) = raw.read_frame(WAIT).await {
+        let entry = match frame.opcode {
+            1 => {
+                let v: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap();
+                match (
+                    v["event"].as_str(),
+                    v["reason"].as_str(),
+                    v["code"].as_u64(),
+                ) {
+                    (Some("disconnect"), Some(reason), Some(code)) => {
+                        format!("disconnect {reason} {code}")
+                    }
+                    (Some(event), _, _) => event.to_string(),
+                    _ => v.to_string(),
+                }
+            }
+            8 => format!("close {:?}", frame.close_code()),
+            9 => "ping".to_string(),
+            op => format!("opcode {op}"),
+        };
+        seen.push(entry);
+        if frame.opcode == 8 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "connect",
+            "ping",
+            "disconnect heartbeat_timeout 4000",
+            "close Some(4000)"
+        ]
+    );
     let ev = rx
         .wait_for("heartbeat close", WAIT, |ds| {
             ds.iter()
@@ -99,12 +135,8 @@ async fn silent_peer_is_closed_within_the_heartbeat_bound() {
                 .cloned()
         })
         .await;
-    let took = started.elapsed();
     assert_eq!((ev.str("reason"), ev.code()), ("heartbeat_timeout", 4000));
-    // Bound: ping_interval + pong_timeout, plus slack for a loaded machine.
-    assert!(took < Duration::from_secs(8), "closed only after {took:?}");
     rx.assert_exactly_once(ev.str("connection_id")).await;
-    drop(raw);
 }
 
 #[tokio::test]
@@ -222,14 +254,30 @@ async fn device_limit_replaces_the_oldest_or_rejects() {
     )
     .await;
     let _a = WsClient::connect_device(&gw, "ken", "a").await;
-    for device in ["b", "a"] {
+    for (device, message) in [
+        (
+            "b",
+            "user already has 1 devices connected (gateway.devices.max_devices = 1)",
+        ),
+        (
+            "a",
+            "device `a` already has a connection and gateway.devices.same_device = \"reject\"",
+        ),
+    ] {
         let token = gw.token("ken", Some(device), None);
         let refused = WsClient::try_connect(&gw, &format!("{}?token={token}", gw.ws_url()), None)
             .await
             .err()
             .expect("refused");
-        assert_eq!(refused.status, Some(409), "{refused:?}");
-        assert!(refused.body.contains("device_policy"), "{refused:?}");
+        assert_eq!(
+            (
+                refused.status,
+                refused.code().as_deref(),
+                refused.message().as_deref()
+            ),
+            (Some(409), Some("device_policy"), Some(message)),
+            "{refused:?}"
+        );
     }
 }
 
@@ -269,7 +317,11 @@ async fn attempts_that_never_opened_produce_no_events() {
         .await
         .err()
         .unwrap();
-    assert_eq!(r.status, Some(401));
+    assert_eq!(
+        (r.status, r.code().as_deref(), r.header("www-authenticate")),
+        (Some(401), Some("bad_token"), Some("Bearer")),
+        "{r:?}"
+    );
     // Expired.
     let expired = {
         let now = std::time::SystemTime::now()
@@ -290,14 +342,29 @@ async fn attempts_that_never_opened_produce_no_events() {
         .await
         .err()
         .unwrap();
-    assert_eq!(r.status, Some(401));
-    assert!(r.body.contains("token_expired"), "{r:?}");
+    assert_eq!(
+        (r.status, r.code().as_deref(), r.header("www-authenticate")),
+        (Some(401), Some("token_expired"), Some("Bearer")),
+        "{r:?}"
+    );
     // Not an upgrade at all.
-    let (status, _) = gw.get_text("/v1/ws").await;
-    assert_eq!(status, 426);
+    let (status, body) = gw.get_text("/v1/ws").await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (426, Some("bad_upgrade")),
+        "{body}"
+    );
     // Upgraded, but never authenticates (auth_timeout = 1s).
     let (mut raw, status) = RawClient::upgrade(&gw.addr, "/v1/ws").await;
     assert!(status.contains("101"));
+    let error = raw.read_frame(WAIT).await.expect("an error frame");
+    let error: serde_json::Value = serde_json::from_slice(&error.payload).unwrap();
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_str()),
+        (Some("error"), Some("auth_timeout")),
+        "{error}"
+    );
     assert_eq!(raw.read_close_code(WAIT).await, Some(1008));
     // Upgraded, authenticates with a bad token in the frame.
     let (req_ws, _) = tokio_tungstenite::connect_async(gw.ws_url()).await.unwrap();

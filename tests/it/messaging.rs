@@ -546,7 +546,11 @@ async fn bad_messages_get_clear_errors_and_change_nothing() {
         "{b}"
     );
     let (s, b) = api(json!({"from": "alice", "channel_type": "person", "channel_id": "bob", "payload": {}, "to": "x"})).await;
-    assert_eq!(s, 422, "{b}");
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (422, Some("bad_request")),
+        "{b}"
+    );
     let resp = reqwest::Client::new()
         .post(gw.url("/v1/messages"))
         .json(&json!({"channel_type": "person", "channel_id": "bob", "payload": {}}))
@@ -554,6 +558,8 @@ async fn bad_messages_get_clear_errors_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
+    let b: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "unauthorized", "{b}");
 
     // Nothing was stored: bob's channel with alice and the club are empty,
     // and the next good message is the first of its channel.
@@ -683,7 +689,12 @@ async fn groups_are_managed_through_the_api_and_the_system_can_send() {
         None,
     )
     .await;
-    assert_eq!(refused.err().and_then(|r| r.status), Some(401));
+    let refused = refused.err().expect("refused");
+    assert_eq!(
+        (refused.status, refused.code().as_deref()),
+        (Some(401), Some("bad_token")),
+        "{refused:?}"
+    );
     // A user sends as a member through the API.
     let (s, _) = gw
         .api(Method::POST, "/v1/messages", Some(json!({"from": "carol", "channel_type": "group", "channel_id": "g1", "payload": {"text": "ok"}})))
@@ -749,14 +760,18 @@ async fn groups_are_managed_through_the_api_and_the_system_can_send() {
         (s, b["error"]["code"].as_str()),
         (404, Some("unknown_channel"))
     );
-    let (s, _) = gw
+    let (s, b) = gw
         .api(
             Method::POST,
             "/v1/messages",
             Some(json!({"channel_type": "group", "channel_id": "g1", "payload": {}})),
         )
         .await;
-    assert_eq!(s, 404);
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (404, Some("unknown_channel")),
+        "{b}"
+    );
 }
 
 #[tokio::test]

@@ -76,16 +76,14 @@ async fn apis_require_their_credentials() {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), 401, "{path} without credentials");
-        let body: serde_json::Value = resp.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "unauthorized");
+        check_unauthorized(resp, &format!("{path} without credentials")).await;
         let resp = http
             .request(method, gw.url(path))
             .bearer_auth("wrong-key-0123456789")
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), 401, "{path} with a wrong key");
+        check_unauthorized(resp, &format!("{path} with a wrong key")).await;
     }
     // The API key is not an admin token.
     let resp = http
@@ -94,8 +92,28 @@ async fn apis_require_their_credentials() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 401);
+    check_unauthorized(resp, "the admin API with the API key").await;
     let (status, body) = gw.get_text("/no/such/route").await;
-    assert_eq!(status, 404);
-    assert!(body.contains("not_found"));
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{body}"
+    );
+}
+
+/// `401` with `WWW-Authenticate: Bearer` and the `unauthorized` code.
+async fn check_unauthorized(resp: reqwest::Response, what: &str) {
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (status, challenge.as_deref(), body["error"]["code"].as_str()),
+        (401, Some("Bearer"), Some("unauthorized")),
+        "{what}: {body}"
+    );
 }

@@ -599,3 +599,181 @@ async fn refuse(
     let _ = send(ws, close_message(code, &message), g.write_timeout).await;
     drain(ws, g.close_timeout).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+
+    /// How an `End` closes: (recorded reason, close code the server sends
+    /// or `None` when it sends none, message).
+    fn closing(end: End) -> (&'static str, Option<u16>, String) {
+        match end {
+            End::Client { code, reason } => ("client_close", Some(code), reason),
+            End::Server { reason, message } | End::Violation { reason, message } => {
+                (reason.as_str(), Some(reason.code()), message)
+            }
+            End::Abnormal { message } => ("abnormal", None, message),
+        }
+    }
+
+    #[track_caller]
+    fn check_error(error: WsError, expect: (&str, Option<u16>, &str)) {
+        let (reason, code, message) = closing(map_error(error));
+        assert_eq!((reason, code, message.as_str()), expect);
+    }
+
+    #[test]
+    fn read_errors_map_to_the_documented_close_causes() {
+        check_error(
+            WsError::Capacity(CapacityError::MessageTooLong {
+                size: 70_000,
+                max_size: 65_536,
+            }),
+            (
+                "message_too_big",
+                Some(1009),
+                "Message too long: 70000 > 65536",
+            ),
+        );
+        check_error(
+            WsError::Utf8,
+            (
+                "invalid_utf8",
+                Some(1007),
+                "text message is not valid UTF-8",
+            ),
+        );
+        check_error(
+            WsError::Protocol(ProtocolError::UnmaskedFrameFromClient),
+            (
+                "protocol_error",
+                Some(1002),
+                &ProtocolError::UnmaskedFrameFromClient.to_string(),
+            ),
+        );
+        check_error(
+            WsError::AttackAttempt,
+            (
+                "protocol_error",
+                Some(1002),
+                &WsError::AttackAttempt.to_string(),
+            ),
+        );
+        // The socket is gone: nothing is sent, the close is recorded as 1006.
+        check_error(
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+            ("abnormal", None, "connection reset without a close frame"),
+        );
+        check_error(
+            WsError::Io(std::io::ErrorKind::ConnectionReset.into()),
+            ("abnormal", None, "connection lost: connection reset"),
+        );
+        for gone in [WsError::ConnectionClosed, WsError::AlreadyClosed] {
+            check_error(
+                gone,
+                ("abnormal", None, "connection ended without a close frame"),
+            );
+        }
+    }
+
+    #[test]
+    fn server_ends_carry_the_code_and_meta_event_of_the_close_code_table() {
+        // protocol.md, "Close codes": reason, code, `meta` frame first.
+        for (reason, name, code, meta) in [
+            (
+                CloseReason::HeartbeatTimeout,
+                "heartbeat_timeout",
+                4000,
+                Some("disconnect"),
+            ),
+            (
+                CloseReason::TokenExpired,
+                "token_expired",
+                4001,
+                Some("disconnect"),
+            ),
+            (CloseReason::Kicked, "kicked", 4002, Some("disconnect")),
+            (CloseReason::Replaced, "replaced", 4003, Some("disconnect")),
+            (
+                CloseReason::SlowConsumer,
+                "slow_consumer",
+                4004,
+                Some("disconnect"),
+            ),
+            (
+                CloseReason::ServiceDisabled,
+                "service_disabled",
+                1012,
+                Some("disable"),
+            ),
+            (CloseReason::Shutdown, "shutdown", 1001, Some("shutdown")),
+            (
+                CloseReason::ServerError,
+                "server_error",
+                1011,
+                Some("disconnect"),
+            ),
+            (CloseReason::ProtocolError, "protocol_error", 1002, None),
+            (CloseReason::InvalidUtf8, "invalid_utf8", 1007, None),
+            (CloseReason::MessageTooBig, "message_too_big", 1009, None),
+        ] {
+            let end = End::Server {
+                reason,
+                message: String::new(),
+            };
+            assert_eq!(closing(end), (name, Some(code), String::new()));
+            assert_eq!(reason.meta_event(), meta, "{name}");
+        }
+    }
+
+    #[track_caller]
+    fn check_close(code: u16, reason: &str, expect_reason: &str) {
+        match close_message(code, reason) {
+            Message::Close(Some(frame)) => {
+                assert_eq!(u16::from(frame.code), code);
+                assert_eq!(frame.reason.as_str(), expect_reason);
+                assert!(frame.reason.len() <= 123);
+            }
+            other => panic!("not a close frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn close_reasons_are_cut_to_123_bytes_on_a_character_boundary() {
+        check_close(4003, "replaced", "replaced");
+        check_close(1000, "", "");
+        let long = "x".repeat(200);
+        check_close(1011, &long, &long[..123]);
+        check_close(4002, &"x".repeat(123), &"x".repeat(123));
+        // Two-byte characters: 123 falls inside the 62nd, so 61 remain.
+        check_close(4002, &"é".repeat(100), &"é".repeat(61));
+        // A four-byte character straddling the limit is dropped whole.
+        let straddling = format!("{}😀tail", "x".repeat(121));
+        check_close(4002, &straddling, &"x".repeat(121));
+    }
+
+    #[tokio::test]
+    async fn token_expiry_becomes_a_deadline_from_now() {
+        let now_s = (crate::now_ms() / 1000) as u64;
+        let start = Instant::now();
+        // Already past: due at once.
+        for past in [now_s - 3_600, now_s - 1, 0] {
+            let due = instant_of_unix(past);
+            assert!(due >= start && due <= Instant::now(), "{past}");
+        }
+        // In the future: that far from now (`exp` has whole seconds, and
+        // the clocks move on a little between the reads).
+        let due = instant_of_unix(now_s + 60) - start;
+        assert!(
+            due > Duration::from_secs(58) && due <= Duration::from_secs(61),
+            "{due:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_far_expiry_is_a_far_deadline_not_a_panic() {
+        let start = Instant::now();
+        assert!(instant_of_unix(u64::MAX) > start + Duration::from_secs(365 * 24 * 3600));
+    }
+}

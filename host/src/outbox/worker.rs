@@ -421,10 +421,7 @@ async fn settle(
             if !retry.is_empty() {
                 // Retry n waits retry_schedule[n - 1]; a batch waits for its oldest event's next delay.
                 let n = retry.iter().map(|e| e.attempts as usize).max().unwrap_or(0);
-                let mut delay = jittered(settings.retry_schedule[n], settings.jitter);
-                if let Some(ra) = retry_after {
-                    delay = delay.max((*ra).min(settings.max_retry_after));
-                }
+                let delay = retry_delay(settings, n, *retry_after);
                 tracing::debug!(endpoint = %cfg.name, webhook_id = %id, error = %error, retry_in = ?delay, "webhook delivery failed; will retry");
                 settlements.push((
                     Settlement::Retry {
@@ -457,17 +454,8 @@ async fn settle(
                     lag.observe(((now - e.created_at).max(0) as f64) / 1000.0);
                 }
             }
-            let reason = disable_reason.or_else(|| {
-                failing_since
-                    .filter(|since| now - since >= settings.disable_after.as_millis() as i64)
-                    .map(|since| {
-                        format!(
-                            "failing continuously since {} (outbox.disable_after = {})",
-                            crate::rfc3339_ms(since),
-                            humantime::format_duration(settings.disable_after)
-                        )
-                    })
-            });
+            let reason = disable_reason
+                .or_else(|| failing_too_long(failing_since, now, settings.disable_after));
             if let Some(reason) = reason {
                 if !disabled.load(Ordering::Acquire) {
                     // Recorded before the flag flips, so whoever sees the
@@ -497,6 +485,36 @@ async fn settle(
     }
 }
 
+/// The wait before retry `n + 1` of a delivery that failed after `n`
+/// retries: the schedule's entry, jittered, raised to the receiver's
+/// `Retry-After` (at most `max_retry_after`). `n` is below the schedule's
+/// length: a delivery past it is kept as failed instead.
+fn retry_delay(settings: &OutboxConfig, n: usize, retry_after: Option<Duration>) -> Duration {
+    let delay = jittered(settings.retry_schedule[n], settings.jitter);
+    match retry_after {
+        Some(ra) => delay.max(ra.min(settings.max_retry_after)),
+        None => delay,
+    }
+}
+
+/// Why an endpoint failing since `failing_since` is disabled at `now`
+/// (unix ms), once it has failed for `disable_after`; `None` before that.
+fn failing_too_long(
+    failing_since: Option<i64>,
+    now: i64,
+    disable_after: Duration,
+) -> Option<String> {
+    failing_since
+        .filter(|since| now - since >= disable_after.as_millis() as i64)
+        .map(|since| {
+            format!(
+                "failing continuously since {} (outbox.disable_after = {})",
+                crate::rfc3339_ms(since),
+                humantime::format_duration(disable_after)
+            )
+        })
+}
+
 fn jittered(base: Duration, jitter: f64) -> Duration {
     if base.is_zero() || jitter == 0.0 {
         return base;
@@ -514,4 +532,203 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(schedule_ms: &[u64], jitter: f64, max_retry_after: Duration) -> OutboxConfig {
+        OutboxConfig {
+            retry_schedule: schedule_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            jitter,
+            max_retry_after,
+            ..OutboxConfig::default()
+        }
+    }
+
+    #[track_caller]
+    fn check_delay(n: usize, retry_after_s: Option<u64>, expect: Duration) {
+        let s = settings(&[100, 2_000, 30_000], 0.0, Duration::from_secs(60));
+        let got = retry_delay(&s, n, retry_after_s.map(Duration::from_secs));
+        assert_eq!(
+            got,
+            expect,
+            "retry {} with Retry-After {retry_after_s:?}",
+            n + 1
+        );
+    }
+
+    #[test]
+    fn retry_n_waits_its_schedule_entry_raised_to_retry_after_up_to_the_cap() {
+        let ms = Duration::from_millis;
+        check_delay(0, None, ms(100));
+        check_delay(1, None, ms(2_000));
+        check_delay(2, None, ms(30_000));
+        // Retry-After only lengthens the wait.
+        check_delay(1, Some(1), ms(2_000));
+        check_delay(0, Some(0), ms(100));
+        check_delay(0, Some(7), ms(7_000));
+        check_delay(2, Some(45), ms(45_000));
+        // Cut to outbox.max_retry_after (60s here).
+        check_delay(0, Some(3_600), ms(60_000));
+        check_delay(2, Some(u64::MAX / 1_000_000), ms(60_000));
+    }
+
+    #[test]
+    fn jitter_stays_within_its_bounds_and_zero_means_none() {
+        let base = Duration::from_millis(1_000);
+        assert_eq!(jittered(base, 0.0), base);
+        assert_eq!(jittered(Duration::ZERO, 0.5), Duration::ZERO);
+        for jitter in [0.1, 0.5, 1.0] {
+            let (low, high) = (base.mul_f64(1.0 - jitter), base.mul_f64(1.0 + jitter));
+            let draws: Vec<Duration> = (0..2_000).map(|_| jittered(base, jitter)).collect();
+            for d in &draws {
+                assert!((low..=high).contains(d), "{d:?} outside {low:?}..={high:?}");
+            }
+            // The factor is drawn, not fixed: both halves of the range occur.
+            assert!(draws.iter().any(|d| *d < base) && draws.iter().any(|d| *d > base));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_under_jitter() {
+        let s = settings(&[1_000], 0.5, Duration::from_secs(3_600));
+        for _ in 0..500 {
+            let d = retry_delay(&s, 0, Some(Duration::from_secs(2)));
+            assert_eq!(
+                d,
+                Duration::from_secs(2),
+                "jitter never goes below Retry-After"
+            );
+            let d = retry_delay(&s, 0, None);
+            assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1_500));
+        }
+    }
+
+    #[track_caller]
+    fn check_retry_after(header: &[u8], expect: Option<Duration>) {
+        let value = reqwest::header::HeaderValue::from_bytes(header).unwrap();
+        assert_eq!(
+            parse_retry_after(&value),
+            expect,
+            "{:?}",
+            String::from_utf8_lossy(header)
+        );
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        check_retry_after(b"120", Some(Duration::from_secs(120)));
+        check_retry_after(b" 7 ", Some(Duration::from_secs(7)));
+        check_retry_after(b"0", Some(Duration::ZERO));
+        // A date in the past: retry now.
+        check_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", Some(Duration::ZERO));
+        for refused in [&b"-5"[..], b"soon", b"", b"1.5", b"12 s", b"\xff\xfe"] {
+            check_retry_after(refused, None);
+        }
+        // A date an hour ahead: about an hour (the date has whole seconds).
+        let at = std::time::SystemTime::now() + Duration::from_secs(3_600);
+        let value = reqwest::header::HeaderValue::from_str(&httpdate::fmt_http_date(at)).unwrap();
+        let wait = parse_retry_after(&value).unwrap();
+        assert!(
+            wait > Duration::from_secs(3_590) && wait <= Duration::from_secs(3_600),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_is_disabled_once_it_has_failed_for_disable_after() {
+        let minute = Duration::from_secs(60);
+        let now = 1_767_225_600_000; // 2026-01-01T00:00:00.000Z
+        assert_eq!(failing_too_long(None, now, minute), None);
+        assert_eq!(failing_too_long(Some(now), now, minute), None);
+        assert_eq!(failing_too_long(Some(now - 59_999), now, minute), None);
+        assert_eq!(
+            failing_too_long(Some(now - 60_000), now, minute).as_deref(),
+            Some("failing continuously since 2025-12-31T23:59:00.000Z (outbox.disable_after = 1m)")
+        );
+        assert!(failing_too_long(Some(0), now, minute).is_some());
+    }
+
+    fn event(seq: i64, id: &str, data: &str) -> ClaimedEvent {
+        ClaimedEvent {
+            seq,
+            id: id.into(),
+            event_type: "connection.opened".into(),
+            order_key: format!("user{seq}"),
+            created_at: 1_767_225_600_000,
+            data: data.into(),
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn one_event_is_sent_as_its_envelope_and_a_batching_endpoint_always_gets_a_batch() {
+        let e = event(1, "evt_01A", r#"{"user_id":"alice"}"#);
+        let (id, body) = request_body(std::slice::from_ref(&e), false);
+        assert_eq!(id, "evt_01A");
+        assert_eq!(
+            body,
+            r#"{"id":"evt_01A","type":"connection.opened","timestamp":"2026-01-01T00:00:00.000Z","data":{"user_id":"alice"}}"#
+        );
+        let envelope: serde_json::Value = serde_json::from_str(&body).unwrap();
+
+        let second = event(2, "evt_01B", r#"{"user_id":"bob"}"#);
+        for (events, batches) in [(vec![e.clone()], true), (vec![e.clone(), second], true)] {
+            let (id, body) = request_body(&events, batches);
+            assert_eq!(id, "bat_01A", "named after its first event");
+            let batch: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                (batch["id"].as_str(), batch["type"].as_str()),
+                (Some("bat_01A"), Some("batch"))
+            );
+            let inner = batch["data"]["events"].as_array().unwrap();
+            assert_eq!(inner.len(), events.len());
+            assert_eq!(inner[0], envelope, "each event keeps its own envelope");
+        }
+    }
+
+    #[test]
+    fn envelope_fields_are_json_escaped() {
+        let mut e = event(1, "evt_\"x\"\n", "{}");
+        e.event_type = "a\\b".into();
+        let (_, body) = request_body(&[e], false);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["id"].as_str(), v["type"].as_str()),
+            (Some("evt_\"x\"\n"), Some("a\\b"))
+        );
+    }
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let e = Layer(
+            "error sending request",
+            Some(Box::new(Layer(
+                "connect",
+                Some(Box::new(Layer("connection refused", None))),
+            ))),
+        );
+        assert_eq!(
+            error_chain(&e),
+            "error sending request: connect: connection refused"
+        );
+        assert_eq!(error_chain(&Layer("alone", None)), "alone");
+    }
 }

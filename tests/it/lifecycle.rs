@@ -517,3 +517,26 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     assert_eq!((ev.str("reason"), ev.code()), ("slow_consumer", 4004));
     rx.assert_exactly_once(ev.str("connection_id")).await;
 }
+
+#[tokio::test]
+async fn a_token_that_never_expires_keeps_its_connection_open() {
+    // `exp` at the largest value a JWT can carry: adding the leeway must not
+    // wrap around into the past (which closed the connection with 4001).
+    let (gw, _rx) = setup("").await;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": "forever", "exp": u64::MAX }),
+        &jsonwebtoken::EncodingKey::from_secret(plugboard_tests::gateway::JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut c = WsClient::connect_token(&gw, &token).await;
+    let beat = c.request(json!({"type": "ping"})).await;
+    assert_eq!(
+        (&beat["type"], &beat["event"]),
+        (&json!("meta"), &json!("heartbeat")),
+        "{beat}"
+    );
+    c.close(1000, "done");
+    let (_, closed) = c.closed().await;
+    assert_eq!(closed.code, Some(1000), "{closed:?}");
+}

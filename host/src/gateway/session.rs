@@ -128,7 +128,9 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     // Tokens are accepted up to `token_leeway` past `exp`, so they expire then too.
     let expiry = token_exp
-        .map(|exp| instant_of_unix(exp + crate::auth::leeway_secs(cfg.auth.token_leeway)))
+        .map(|exp| {
+            instant_of_unix(exp.saturating_add(crate::auth::leeway_secs(cfg.auth.token_leeway)))
+        })
         .unwrap_or(far);
     let mut next_ping = Instant::now() + cfg.gateway.ping_interval;
     let mut pong_deadline: Option<Instant> = None;

@@ -192,8 +192,10 @@ async fn a_frame_too_large_for_a_connection_is_answered_with_an_error_not_a_clos
     // bob opens after the reload and sends alice a 1.2 MB message.
     let mut bob = WsClient::connect(&gw, "bob").await;
     let ack = bob
-        .request(json!({"type": "send", "channel_type": "person", "channel_id": "alice",
-            "payload": large_payload(1, 1_200_000)}))
+        .request(
+            json!({"type": "send", "channel_type": "person", "channel_id": "alice",
+            "payload": large_payload(1, 1_200_000)}),
+        )
         .await;
     assert_eq!(ack["type"], "sendack", "{ack}");
     // alice cannot be written the message frame: she is told instead.
@@ -299,7 +301,11 @@ async fn nested_payloads_are_refused_at_the_door_and_kept_exactly_when_accepted(
     bob.send(Message::text(frame)).await.unwrap();
     let e = raw_next(&mut bob, |v| v["id"] == "deep").await;
     let e: Value = serde_json::from_str(&e).unwrap();
-    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("too_deep")), "{e}");
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("too_deep")),
+        "{e}"
+    );
 
     // The deepest payload a body or frame can carry (the body's own object
     // is one more level), written with spacing, key order and number forms
@@ -338,7 +344,9 @@ async fn nested_payloads_are_refused_at_the_door_and_kept_exactly_when_accepted(
     assert_eq!(api["messages"][0]["payload"], as_value);
     let created = rx
         .wait_for("message.created", WAIT, |d| {
-            d.iter().find(|e| e.event_type == "message.created").cloned()
+            d.iter()
+                .find(|e| e.event_type == "message.created")
+                .cloned()
         })
         .await;
     assert_eq!(created.data["payload"], as_value);
@@ -377,21 +385,28 @@ async fn a_control_handlers_payloads_meet_the_api_limits() {
     let (s, b) = control(&gw, request("sentinel")).await;
     assert_eq!(s, 200, "{b}");
     let f = h.next_of("control").await;
-    assert_eq!(f["kind"], "sentinel", "nothing goes before the sentinel: {f}");
+    assert_eq!(
+        f["kind"], "sentinel",
+        "nothing goes before the sentinel: {f}"
+    );
     // Nothing was stored for the offline target either.
     let mut off = WsClient::connect(&gw, "off").await;
     let f = off.next_of("control").await;
     assert_eq!(f["kind"], "sentinel", "{f}");
 
     // fail-open: the request goes on without the handler's plan.
-    let opts = GatewayOptions::with_receiver(&rx.url).extra(&control_plugin("on_error = \"fail-open\""));
+    let opts =
+        GatewayOptions::with_receiver(&rx.url).extra(&control_plugin("on_error = \"fail-open\""));
     let (s, b) = gw.reload_with(&opts).await;
     assert_eq!(s, 200, "{b}");
     for kind in ["big", "deep"] {
         let (s, b) = control(&gw, request(kind)).await;
         assert_eq!(s, 200, "{kind}: {b}");
         let f = h.next_of("control").await;
-        assert_eq!((f["kind"].as_str(), &f["payload"]), (Some(kind), &json!({"small": true})));
+        assert_eq!(
+            (f["kind"].as_str(), &f["payload"]),
+            (Some(kind), &json!({"small": true}))
+        );
     }
 }
 
@@ -446,8 +461,15 @@ async fn a_filters_rewritten_preview_is_cut_to_preview_chars() {
         .api(Method::GET, "/v1/users/bob/conversations", None)
         .await;
     assert_eq!(s, 200, "{page}");
-    assert_eq!(page["conversations"][0]["last_message"]["preview"], cut.as_str());
+    assert_eq!(
+        page["conversations"][0]["last_message"]["preview"],
+        cut.as_str()
+    );
     let mut bob = WsClient::connect(&gw, "bob").await;
     let page = bob.request(json!({"type": "sync_conversations"})).await;
-    assert_eq!(page["conversations"][0]["last_message"]["preview"], cut.as_str(), "{page}");
+    assert_eq!(
+        page["conversations"][0]["last_message"]["preview"],
+        cut.as_str(),
+        "{page}"
+    );
 }

@@ -478,7 +478,10 @@ mod tests {
         assert_eq!(frame_limit(&cfg), MIN_FRAME_LIMIT);
         cfg.messaging.max_payload_size = 4 << 20;
         let limit = frame_limit(&cfg);
-        assert_eq!(limit, (4 << 20) + cfg.gateway.max_message_size + 2 * ENVELOPE);
+        assert_eq!(
+            limit,
+            (4 << 20) + cfg.gateway.max_message_size + 2 * ENVELOPE
+        );
         assert_eq!(frame_limit_of_buffer(write_buffer_size(&cfg)), limit);
         // One item of the largest payload fits a page that echoes the largest id.
         let id = json!("x".repeat(cfg.gateway.max_message_size - 16));

@@ -251,15 +251,13 @@ async fn handle_message(
                 Ok(frame) => {
                     let limit = frame_limit(ws);
                     let id = frame.id().cloned();
-                    handle_frame(app, live, frame, limit)
-                        .await
-                        .map(|reply| {
-                            if reply.len() <= limit {
-                                return reply;
-                            }
-                            app.metrics.frame_error("frame_too_large");
-                            protocol::frame_too_large(reply.len(), limit, id.as_ref())
-                        })
+                    handle_frame(app, live, frame, limit).await.map(|reply| {
+                        if reply.len() <= limit {
+                            return reply;
+                        }
+                        app.metrics.frame_error("frame_too_large");
+                        protocol::frame_too_large(reply.len(), limit, id.as_ref())
+                    })
                 }
                 Err(e) => {
                     app.metrics.frame_error(e.code);

@@ -214,7 +214,12 @@ pub async fn list_page(
     let views: Vec<Option<Vec<Box<RawValue>>>> = kept
         .iter()
         .map(|(_, messages)| {
-            (last_n > 0).then(|| messages.iter().map(|m| render::message_raw(m, user)).collect())
+            (last_n > 0).then(|| {
+                messages
+                    .iter()
+                    .map(|m| render::message_raw(m, user))
+                    .collect()
+            })
         })
         .collect();
     for (i, (row, _)) in kept.iter().enumerate() {

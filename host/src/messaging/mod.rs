@@ -466,7 +466,10 @@ pub async fn sync_page(
         .await?
         .map_err(|e| refused(e, user, channel.as_ref(), q.after_version.unwrap_or(0)))?;
     let mut stored = page.messages;
-    let mut items: Vec<Box<RawValue>> = stored.iter().map(|m| render::message_raw(m, user)).collect();
+    let mut items: Vec<Box<RawValue>> = stored
+        .iter()
+        .map(|m| render::message_raw(m, user))
+        .collect();
     // History pages keep the messages nearest the cursor: the newest, at the end.
     let backwards = matches!(range, MessageRange::Before { .. });
     let sizes = items.iter().map(|m| m.get().len());

@@ -141,7 +141,10 @@ fn conversation_view<'a>(
 
 /// One conversation of a list as raw JSON; `messages` (raw message views)
 /// only when the caller asked for them.
-pub fn conversation_raw(row: &ConversationRow, messages: Option<&[Box<RawValue>]>) -> Box<RawValue> {
+pub fn conversation_raw(
+    row: &ConversationRow,
+    messages: Option<&[Box<RawValue>]>,
+) -> Box<RawValue> {
     raw_of(&conversation_view(row, messages))
 }
 

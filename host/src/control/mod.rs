@@ -204,16 +204,15 @@ fn check_plan(decision: &ch::Decision, limit: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Moves the system user out of `targets` into `rejected` (true when it
-/// was there): it never has a connection, and a control to it would be
-/// stored for nobody.
+/// Moves the system user out of `targets` into `rejected`: it never has a
+/// connection, and a control to it would be stored for nobody.
 fn refuse_system_user(
     targets: &mut Vec<String>,
     rejected: &mut Vec<TargetResult>,
     system_user: &str,
-) -> bool {
+) {
     let Some(at) = targets.iter().position(|u| u == system_user) else {
-        return false;
+        return;
     };
     targets.remove(at);
     rejected.push(TargetResult {
@@ -224,7 +223,6 @@ fn refuse_system_user(
             "`{system_user}` is the system user (messaging.system_user); it cannot be a target"
         )),
     });
-    true
 }
 
 /// Handles one control request; the answer is JSON for the API.
@@ -346,7 +344,7 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
         });
     }
     let system_user = cfg.messaging.system_user.as_str();
-    let _ = refuse_system_user(&mut targets, &mut rejected, system_user);
+    refuse_system_user(&mut targets, &mut rejected, system_user);
 
     // The control-handler chain.
     let id = crate::new_id("ctl");
@@ -399,9 +397,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
                     });
                 }
                 targets = planned;
-                if refuse_system_user(&mut targets, &mut rejected, system_user) {
-                    per_target.remove(system_user);
-                }
+                refuse_system_user(&mut targets, &mut rejected, system_user);
+                per_target.remove(system_user);
             }
             Ok(ch::Decision::Reject(reason)) => {
                 tracing::info!(control_id = %id, kind = %body.kind, plugin = %name, reason = %reason,
@@ -484,7 +481,9 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
     let expires_at = control.expires_at;
     if let Err(existing) = app.controls.control_create(control).await? {
         return match existing {
-            Existing::Answered(answer) => repeat(&id, &answer),
+            Existing::Answered(answer) => {
+                repeat(body.idempotency_key.as_deref().unwrap_or(&id), &answer)
+            }
             Existing::InProgress => Err(ControlError::InProgress),
         };
     }

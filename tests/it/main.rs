@@ -11,6 +11,7 @@ mod conversations;
 mod drain;
 mod frames;
 mod lifecycle;
+mod limits;
 mod messaging;
 mod ops;
 mod plugins;

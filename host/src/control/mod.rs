@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::config::OnError;
 use crate::gateway::LiveSession;
 use crate::http::ApiError;
+use crate::json::{self, TooDeep, MAX_DEPTH};
 use crate::plugins::bindings::exports::plugboard::plugin::control_handler as ch;
 use crate::server::App;
 use crate::storage::controls::{
@@ -47,6 +48,11 @@ pub enum ControlError {
     BadRequest(String),
     #[error("the payload is {size} bytes; control.max_payload_size is {limit}")]
     PayloadTooLarge { size: usize, limit: usize },
+    #[error("the payload is {0}")]
+    TooDeep(#[from] TooDeep),
+    /// A stored answer of an earlier request that no longer reads as JSON.
+    #[error("the stored answer for `{0}` cannot be read back: {1}")]
+    Unreadable(String, String),
     #[error("{count} targets; control.max_targets is {limit}")]
     TooManyTargets { count: usize, limit: usize },
     #[error("no group `{0}`")]
@@ -72,6 +78,8 @@ impl From<ControlError> for ApiError {
             ControlError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
+            ControlError::TooDeep(_) => (StatusCode::UNPROCESSABLE_ENTITY, "too_deep"),
+            ControlError::Unreadable(..) => return ApiError::internal(e),
             ControlError::TooManyTargets { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_targets")
             }
@@ -166,6 +174,57 @@ fn check_user(field: &str, id: &str) -> Result<(), ControlError> {
     crate::auth::check_id(field, id).map_err(ControlError::BadRequest)
 }
 
+/// The limits every control payload meets, from the API or from a plugin:
+/// at most `control.max_payload_size` bytes and [`MAX_DEPTH`] levels.
+fn check_payload(payload: &str, limit: usize) -> Result<(), ControlError> {
+    if payload.len() > limit {
+        return Err(ControlError::PayloadTooLarge {
+            size: payload.len(),
+            limit,
+        });
+    }
+    json::check_depth(payload, MAX_DEPTH)?;
+    Ok(())
+}
+
+/// Checks every payload of a handler's plan against the API's limits. A
+/// plan that breaks them is a failed call of that handler (its `on_error`
+/// policy decides), as any other output outside the contract.
+fn check_plan(decision: &ch::Decision, limit: usize) -> Result<(), String> {
+    let ch::Decision::Deliver(plan) = decision else {
+        return Ok(());
+    };
+    check_payload(&plan.payload, limit).map_err(|e| format!("the plan's payload: {e}"))?;
+    for t in &plan.targets {
+        if let Some(p) = &t.payload {
+            check_payload(p, limit)
+                .map_err(|e| format!("the plan's payload for `{}`: {e}", t.user_id))?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves the system user out of `targets` into `rejected`: it never has a
+/// connection, and a control to it would be stored for nobody.
+fn refuse_system_user(
+    targets: &mut Vec<String>,
+    rejected: &mut Vec<TargetResult>,
+    system_user: &str,
+) {
+    let Some(at) = targets.iter().position(|u| u == system_user) else {
+        return;
+    };
+    targets.remove(at);
+    rejected.push(TargetResult {
+        user_id: system_user.to_string(),
+        status: "rejected",
+        devices: None,
+        reason: Some(format!(
+            "`{system_user}` is the system user (messaging.system_user); it cannot be a target"
+        )),
+    });
+}
+
 /// Handles one control request; the answer is JSON for the API.
 pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value), ControlError> {
     let cfg = app.config();
@@ -177,12 +236,7 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
         )));
     }
     let payload = body.payload.get().to_string();
-    if payload.len() > c.max_payload_size {
-        return Err(ControlError::PayloadTooLarge {
-            size: payload.len(),
-            limit: c.max_payload_size,
-        });
-    }
+    check_payload(&payload, c.max_payload_size)?;
     let persist = body.reliability == Reliability::Persisted;
     let ttl = match (persist, body.ttl_ms) {
         (false, Some(_)) => {
@@ -215,7 +269,7 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
             ));
         }
         match app.controls.control_by_key(key).await? {
-            Some(Existing::Answered(answer)) => return Ok(repeat(&answer)),
+            Some(Existing::Answered(answer)) => return repeat(key, &answer),
             Some(Existing::InProgress) => return Err(ControlError::InProgress),
             None => {}
         }
@@ -289,6 +343,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
             limit: c.max_targets,
         });
     }
+    let system_user = cfg.messaging.system_user.as_str();
+    refuse_system_user(&mut targets, &mut rejected, system_user);
 
     // The control-handler chain.
     let id = crate::new_id("ctl");
@@ -307,7 +363,12 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
             ttl_ms: ttl.map(|d| d.as_millis() as u64),
             receipt: body.receipt,
         };
-        match app.plugins.control(&name, &request).await {
+        let decision = app.plugins.control(&name, &request).await.and_then(|d| {
+            check_plan(&d, c.max_payload_size)
+                .map(|()| d)
+                .map_err(crate::plugins::CallFailure::Malformed)
+        });
+        match decision {
             Ok(ch::Decision::Deliver(plan)) => {
                 payload = plan.payload;
                 priority = from_wit(plan.priority);
@@ -336,6 +397,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
                     });
                 }
                 targets = planned;
+                refuse_system_user(&mut targets, &mut rejected, system_user);
+                per_target.remove(system_user);
             }
             Ok(ch::Decision::Reject(reason)) => {
                 tracing::info!(control_id = %id, kind = %body.kind, plugin = %name, reason = %reason,
@@ -418,7 +481,9 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
     let expires_at = control.expires_at;
     if let Err(existing) = app.controls.control_create(control).await? {
         return match existing {
-            Existing::Answered(answer) => Ok(repeat(&answer)),
+            Existing::Answered(answer) => {
+                repeat(body.idempotency_key.as_deref().unwrap_or(&id), &answer)
+            }
             Existing::InProgress => Err(ControlError::InProgress),
         };
     }
@@ -439,7 +504,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
         expires_at,
         redelivery: false,
     };
-    let shared_frame = control_frame(&shared);
+    let unreadable = |e: serde_json::Error| ControlError::Unreadable(id.clone(), e.to_string());
+    let shared_frame = control_frame(&shared).map_err(unreadable)?;
     for u in &targets {
         let sessions = online.get(u).map(Vec::as_slice).unwrap_or_default();
         let frame = match per_target.get(u) {
@@ -447,7 +513,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
                 user_id: u.clone(),
                 payload: p.clone(),
                 ..shared.clone()
-            }),
+            })
+            .map_err(unreadable)?,
             None => shared_frame.clone(),
         };
         let devices = push(sessions, &frame, priority);
@@ -506,13 +573,15 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
     Ok((StatusCode::OK, answer))
 }
 
-/// The stored answer of an earlier request with the same idempotency key.
-fn repeat(answer: &str) -> (StatusCode, Value) {
-    let mut v: Value = serde_json::from_str(answer).unwrap_or(Value::Null);
+/// The stored answer of an earlier request with the same idempotency key
+/// (`which` names it in an error).
+fn repeat(which: &str, answer: &str) -> Result<(StatusCode, Value), ControlError> {
+    let mut v: Value = serde_json::from_str(answer)
+        .map_err(|e| ControlError::Unreadable(which.to_string(), e.to_string()))?;
     if let Some(obj) = v.as_object_mut() {
         obj.insert("duplicate".into(), Value::Bool(true));
     }
-    (StatusCode::OK, v)
+    Ok((StatusCode::OK, v))
 }
 
 fn dedupe(ids: impl Iterator<Item = String>) -> Vec<String> {
@@ -551,14 +620,15 @@ struct ControlFrame<'a> {
     redelivery: bool,
 }
 
-/// The `control` frame of one deliverable.
-pub fn control_frame(d: &Deliverable) -> Message {
-    let null = serde_json::from_str::<&RawValue>("null").expect("`null` is JSON");
+/// The `control` frame of one deliverable, its payload embedded as stored.
+/// Stored payloads were JSON when accepted; one that no longer reads is an
+/// error, never a frame with a `null` payload.
+pub fn control_frame(d: &Deliverable) -> Result<Message, serde_json::Error> {
     let frame = ControlFrame {
         frame_type: "control",
         control_id: &d.control_id,
         kind: &d.kind,
-        payload: serde_json::from_str::<&RawValue>(&d.payload).unwrap_or(null),
+        payload: serde_json::from_str::<&RawValue>(&d.payload)?,
         priority: d.priority,
         receipt: d.receipt,
         persisted: d.persist,
@@ -566,7 +636,7 @@ pub fn control_frame(d: &Deliverable) -> Message {
         expires_at: d.expires_at.map(crate::rfc3339_ms),
         redelivery: d.redelivery,
     };
-    Message::text(serde_json::to_string(&frame).unwrap_or_else(|_| "{}".into()))
+    Ok(Message::text(crate::messaging::render::text_of(&frame)))
 }
 
 /// Builds one event per target of `event_type`; `extra` fields are added.
@@ -611,12 +681,15 @@ pub async fn deliver_pending(app: Arc<App>, session: Arc<LiveSession>) {
     }
     let mut sent = Vec::new();
     for d in &pending {
-        if push(
-            std::slice::from_ref(&session),
-            &control_frame(d),
-            d.priority,
-        ) == 1
-        {
+        let frame = match control_frame(d) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(control_id = %d.control_id, user_id = %user, error = %e,
+                    "a persisted control's stored payload does not read as JSON; it stays undelivered");
+                continue;
+            }
+        };
+        if push(std::slice::from_ref(&session), &frame, d.priority) == 1 {
             sent.push(d.control_id.clone());
         }
     }

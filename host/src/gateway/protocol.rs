@@ -3,14 +3,70 @@
 //! Every frame is a JSON object in a text message with a `type` field.
 //! This module parses client frames and builds server frames; it holds no
 //! state and touches no socket.
+//!
+//! It also holds the one size relation of server frames ([`frame_limit`]):
+//! the socket's write buffer is sized from it at the upgrade, pages
+//! (`messages`, `conversations`) are cut to fit it, and a payload is never
+//! larger than its payload limit, so every frame the server builds can be
+//! written.
 
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::config::Config;
+use crate::json::{self, MAX_DEPTH};
 use crate::messaging::conversations::ListQuery;
 use crate::messaging::SyncQuery;
+
+/// The smallest limit on a server frame: 1 MiB, the largest message that
+/// common WebSocket clients accept by default (Python `websockets`, for one).
+pub const MIN_FRAME_LIMIT: usize = 1 << 20;
+
+/// Room kept in a frame for what it holds beside its payload or page items:
+/// field names, ids (at most 128 bytes each, escaped), times, cursors.
+pub const ENVELOPE: usize = 8 * 1024;
+
+/// What the socket's write buffer holds beside one frame: the frame header
+/// and the pong and close replies tungstenite may have queued.
+pub const WRITE_SLACK: usize = 4 * 1024;
+
+/// The largest text frame the server writes under `cfg` (documented in
+/// `docs/protocol.md`, "Limits"): room for the largest payload (message or
+/// control), the echo of a client frame's `id` (at most one client message)
+/// and two envelopes, and never less than [`MIN_FRAME_LIMIT`]. Pages are cut
+/// to fit it; one item always fits.
+pub fn frame_limit(cfg: &Config) -> usize {
+    let payload = cfg
+        .messaging
+        .max_payload_size
+        .max(cfg.control.max_payload_size);
+    MIN_FRAME_LIMIT.max(
+        payload
+            .saturating_add(cfg.gateway.max_message_size)
+            .saturating_add(2 * ENVELOPE),
+    )
+}
+
+/// The write buffer a connection gets at the upgrade: one frame of
+/// [`frame_limit`] and the slack.
+pub fn write_buffer_size(cfg: &Config) -> usize {
+    frame_limit(cfg).saturating_add(WRITE_SLACK)
+}
+
+/// The largest frame a connection whose write buffer is `buffer` bytes can
+/// take (the inverse of [`write_buffer_size`]).
+pub fn frame_limit_of_buffer(buffer: usize) -> usize {
+    buffer.saturating_sub(WRITE_SLACK)
+}
+
+/// The bytes a page's items may take in a frame of at most `frame_limit`
+/// bytes that echoes `id`.
+pub fn page_budget(frame_limit: usize, id: Option<&Value>) -> usize {
+    let id_len = id.map_or(0, |v| v.to_string().len());
+    frame_limit.saturating_sub(ENVELOPE).saturating_sub(id_len)
+}
 
 /// A frame from the client, as far as this module understands it.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +149,47 @@ pub struct ChannelFrame {
     pub channel_id: String,
 }
 
+impl ClientFrame {
+    /// The frame's `id`, echoed by its answer.
+    pub fn id(&self) -> Option<&Value> {
+        match self {
+            ClientFrame::Ping { id }
+            | ClientFrame::Auth { id, .. }
+            | ClientFrame::Send { id, .. }
+            | ClientFrame::Ack { id, .. }
+            | ClientFrame::Sync { id, .. }
+            | ClientFrame::SyncConversations { id, .. }
+            | ClientFrame::Read { id, .. }
+            | ClientFrame::RemoveConversation { id, .. }
+            | ClientFrame::Unknown { id, .. } => id.as_ref(),
+        }
+    }
+}
+
+/// A `send` frame as it arrives, read straight from the text so that the
+/// payload is kept byte for byte as the client wrote it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendWire {
+    #[serde(rename = "type")]
+    _kind: IgnoredAny,
+    #[serde(default, rename = "id")]
+    _id: IgnoredAny,
+    channel_type: String,
+    channel_id: String,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+/// Only the `id` of a frame; every other field is skipped without being
+/// parsed (serde_json skips iteratively, at any depth).
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: Option<Value>,
+}
+
 /// Why a text message is not a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameError {
@@ -119,13 +216,23 @@ fn fields<T: DeserializeOwned>(
     })
 }
 
-/// Parses one client text message.
+/// Parses one client text message. A frame nested deeper than
+/// [`MAX_DEPTH`] (its own object counting as 1) is refused with `too_deep`
+/// before it is parsed.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     let err = |message: String, id: Option<Value>| FrameError {
         code: "malformed_frame",
         message,
         id,
     };
+    if let Err(e) = json::check_depth(text, MAX_DEPTH) {
+        let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id);
+        return Err(FrameError {
+            code: "too_deep",
+            message: format!("frame: {e}"),
+            id,
+        });
+    }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| err(format!("frame is not valid JSON: {e}"), None))?;
     let Some(obj) = value.as_object() else {
@@ -147,15 +254,15 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
             _ => return Err(err("`auth` frame needs a string `token`".into(), id)),
         },
         "send" => {
-            // Serialised again without `type` and `id`, so the payload can be kept as raw JSON text.
-            let mut frame: Value = value;
-            if let Some(o) = frame.as_object_mut() {
-                o.remove("type");
-                o.remove("id");
-            }
-            let text = frame.to_string();
-            let frame: SendFrame = serde_json::from_str(&text)
+            // Read again from the text itself, so the payload is stored as the client wrote it.
+            let wire: SendWire = serde_json::from_str(text)
                 .map_err(|e| err(format!("`send` frame: {e}"), id.clone()))?;
+            let frame = SendFrame {
+                channel_type: wire.channel_type,
+                channel_id: wire.channel_id,
+                payload: wire.payload,
+                client_msg_id: wire.client_msg_id,
+            };
             ClientFrame::Send { frame, id }
         }
         "ack" => ClientFrame::Ack {
@@ -194,6 +301,19 @@ fn with_id(mut frame: Value, id: Option<&Value>) -> String {
 pub fn error_frame(code: &str, message: &str, id: Option<&Value>) -> String {
     with_id(
         json!({ "type": "error", "code": code, "message": message }),
+        id,
+    )
+}
+
+/// `error` frame sent instead of a frame of `size` bytes that this
+/// connection cannot write (`limit`).
+pub fn frame_too_large(size: usize, limit: usize, id: Option<&Value>) -> String {
+    error_frame(
+        "frame_too_large",
+        &format!(
+            "the answer is {size} bytes, more than this connection's frame limit of {limit}; \
+             reconnect to get the limits in force now"
+        ),
         id,
     )
 }
@@ -322,5 +442,49 @@ mod tests {
         // An error on a frame with an id echoes it.
         let e = parse_client_frame(r#"{"type":"sync","id":9,"limit":"x"}"#).unwrap_err();
         assert_eq!(e.id, Some(json!(9)));
+    }
+
+    #[test]
+    fn send_payloads_are_kept_as_written() {
+        let text = r#"{"type":"send","id":2,"channel_type":"person","channel_id":"bob","payload":{"z": 1.50, "a":[1,"\u00e9"]}}"#;
+        let ClientFrame::Send { frame, .. } = parse_client_frame(text).unwrap() else {
+            panic!("not a send")
+        };
+        assert_eq!(frame.payload.get(), r#"{"z": 1.50, "a":[1,"\u00e9"]}"#);
+    }
+
+    #[test]
+    fn frames_deeper_than_the_limit_are_refused_before_parsing() {
+        let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        // The frame's own object is one level; 129 levels would also break serde_json.
+        for depth in [MAX_DEPTH, 128, 500] {
+            let text = format!(
+                r#"{{"type":"send","id":"d1","channel_type":"person","channel_id":"bob","payload":{}}}"#,
+                nest(depth)
+            );
+            let e = parse_client_frame(&text).unwrap_err();
+            assert_eq!((e.code, e.id), ("too_deep", Some(json!("d1"))), "{depth}");
+        }
+        let text = format!(
+            r#"{{"type":"send","channel_type":"person","channel_id":"bob","payload":{}}}"#,
+            nest(MAX_DEPTH - 1)
+        );
+        assert!(parse_client_frame(&text).is_ok());
+    }
+
+    #[test]
+    fn the_frame_limit_holds_the_largest_payload_and_an_echoed_id() {
+        let mut cfg = Config::default();
+        assert_eq!(frame_limit(&cfg), MIN_FRAME_LIMIT);
+        cfg.messaging.max_payload_size = 4 << 20;
+        let limit = frame_limit(&cfg);
+        assert_eq!(
+            limit,
+            (4 << 20) + cfg.gateway.max_message_size + 2 * ENVELOPE
+        );
+        assert_eq!(frame_limit_of_buffer(write_buffer_size(&cfg)), limit);
+        // One item of the largest payload fits a page that echoes the largest id.
+        let id = json!("x".repeat(cfg.gateway.max_message_size - 16));
+        assert!(page_budget(limit, Some(&id)) >= (4 << 20) + ENVELOPE - 16);
     }
 }

@@ -250,7 +250,17 @@ async fn handle_message(
     match msg {
         Message::Text(text) => {
             let reply = match protocol::parse_client_frame(text.as_str()) {
-                Ok(frame) => handle_frame(app, live, frame).await,
+                Ok(frame) => {
+                    let limit = frame_limit(ws);
+                    let id = frame.id().cloned();
+                    handle_frame(app, live, frame, limit).await.map(|reply| {
+                        if reply.len() <= limit {
+                            return reply;
+                        }
+                        app.metrics.frame_error("frame_too_large");
+                        protocol::frame_too_large(reply.len(), limit, id.as_ref())
+                    })
+                }
                 Err(e) => {
                     app.metrics.frame_error(e.code);
                     Some(protocol::error_frame(e.code, &e.message, e.id.as_ref()))
@@ -278,8 +288,14 @@ async fn handle_message(
     }
 }
 
-/// Answers one parsed client frame (`None`: no answer).
-async fn handle_frame(app: &App, live: &LiveSession, frame: ClientFrame) -> Option<String> {
+/// Answers one parsed client frame (`None`: no answer). Pages are cut to
+/// fit `limit`, the largest frame this connection can write.
+async fn handle_frame(
+    app: &App,
+    live: &LiveSession,
+    frame: ClientFrame,
+    limit: usize,
+) -> Option<String> {
     let count = |k: &str| app.metrics.frames_received.get_or_create(&kind(k)).inc();
     let failed = |e: MessagingError, id: Option<&serde_json::Value>| error_reply(app, e, id);
     let user = live.user_id.as_str();
@@ -333,15 +349,17 @@ async fn handle_frame(app: &App, live: &LiveSession, frame: ClientFrame) -> Opti
         }
         ClientFrame::Sync { query, id } => {
             count("sync");
-            match messaging::sync(app, user, &query).await {
-                Ok(body) => protocol::reply_frame("messages", body, id.as_ref()),
+            let budget = protocol::page_budget(limit, id.as_ref());
+            match messaging::sync_page(app, user, &query, budget).await {
+                Ok(page) => page.frame(id.as_ref()),
                 Err(e) => failed(e, id.as_ref()),
             }
         }
         ClientFrame::SyncConversations { query, id } => {
             count("sync_conversations");
-            match conversations::list(app, user, device, &query).await {
-                Ok(body) => protocol::reply_frame("conversations", body, id.as_ref()),
+            let budget = protocol::page_budget(limit, id.as_ref());
+            match conversations::list_page(app, user, device, &query, budget).await {
+                Ok(page) => page.frame(id.as_ref()),
                 Err(e) => failed(e, id.as_ref()),
             }
         }
@@ -432,8 +450,30 @@ fn map_error(e: WsError) -> End {
     }
 }
 
-/// Writes one message within the write timeout. A failed or slow write ends the session.
+/// The largest text frame this connection can write, from the write buffer
+/// it got at the upgrade.
+fn frame_limit(ws: &WsStream) -> usize {
+    protocol::frame_limit_of_buffer(ws.get_config().max_write_buffer_size)
+}
+
+/// Writes one message within the write timeout. A failed or slow write ends
+/// the session. A text frame larger than the connection can write (a pushed
+/// frame built after a reload raised a payload limit past what this
+/// connection was opened with) is replaced by an `error` frame: a frame the
+/// server built never ends the connection.
 async fn send(ws: &mut WsStream, msg: Message, limit: Duration) -> Result<(), End> {
+    let room = frame_limit(ws);
+    let msg = match msg {
+        Message::Text(t) if t.len() > room => {
+            tracing::warn!(
+                bytes = t.len(),
+                limit = room,
+                "a server frame is larger than this connection can write; an error frame goes instead"
+            );
+            Message::text(protocol::frame_too_large(t.len(), room, None))
+        }
+        other => other,
+    };
     match timeout(limit, ws.send(msg)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(End::Abnormal {

@@ -136,7 +136,9 @@ pub async fn handler(
         // read and stays resident: idle connections would cost ~130 KiB each.
         .read_buffer_size(4096)
         .write_buffer_size(0)
-        .max_write_buffer_size(cfg.gateway.max_message_size.saturating_mul(4).max(1 << 20));
+        // Room for the largest frame the server builds (pages are cut to
+        // fit it), so a write never fails for want of buffer.
+        .max_write_buffer_size(super::protocol::write_buffer_size(&cfg));
 
     let admitted = match token {
         None => None,

@@ -13,11 +13,13 @@
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{channel_type, check_id, render, MessagingError};
 use crate::config::OnError;
+use crate::gateway::protocol;
 use crate::plugins::bindings::exports::plugboard::plugin::conversation_filter as cf;
 use crate::server::App;
 use crate::storage::messages::{
@@ -66,14 +68,89 @@ fn decode_cursor(text: &str) -> Result<Cursor, MessagingError> {
         })
 }
 
-/// Answers one page of `user`'s conversation sync (JSON: the
-/// `conversations` frame without `type` and `id`).
+/// One page of a conversation sync, cut to a byte budget. It is written as
+/// the `conversations` frame ([`ListPage::frame`]) or as the server API's
+/// answer ([`ListPage::json`]).
+#[derive(Debug, Serialize)]
+pub struct ListPage {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    frame_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<Value>,
+    version: u64,
+    /// Live conversations, each a raw view (with its messages as stored).
+    conversations: Vec<Box<RawValue>>,
+    removed: Vec<Value>,
+    more: bool,
+    cursor: Option<String>,
+}
+
+impl ListPage {
+    /// The `conversations` frame answering frame `id`.
+    pub fn frame(mut self, id: Option<&Value>) -> String {
+        self.frame_type = Some("conversations");
+        self.id = id.cloned();
+        render::text_of(&self)
+    }
+
+    /// The answer of `GET /v1/users/{uid}/conversations`. The API answers a
+    /// JSON value, so the last messages' payloads are read again here; one
+    /// that does not read is an error, never `null`.
+    pub fn json(&self) -> Result<Value, MessagingError> {
+        serde_json::to_value(self).map_err(|e| MessagingError::Unreadable {
+            what: "a stored message of a conversation page".into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Answers one page of `user`'s conversation sync as the server API's JSON
+/// (the `conversations` frame without `type` and `id`), in pages of the
+/// same size a client connection gets.
 pub async fn list(
     app: &App,
     user: &str,
     device: Option<&str>,
     q: &ListQuery,
 ) -> Result<Value, MessagingError> {
+    let budget = protocol::page_budget(protocol::frame_limit(&app.config()), None);
+    list_page(app, user, device, q, budget).await?.json()
+}
+
+/// One entry of a page, in channel-key order.
+struct Entry {
+    key: String,
+    item: Item,
+}
+
+enum Item {
+    /// A live conversation (its index among the kept rows) and its view.
+    Live(usize, Box<RawValue>),
+    /// An entry of `removed`.
+    Removed(Value),
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        match &self.item {
+            Item::Live(_, raw) => raw.get().len(),
+            Item::Removed(removed) => removed.to_string().len(),
+        }
+    }
+}
+
+/// Answers one page of `user`'s conversation sync: at most `limit` rows
+/// and, beside that, at most `budget` bytes of entries. The entries are
+/// taken in key order while they fit; the page then ends with `more` and a
+/// cursor after the last one taken. The first entry is always taken, its
+/// last messages cut (oldest first) until it fits, so a page always moves on.
+pub async fn list_page(
+    app: &App,
+    user: &str,
+    device: Option<&str>,
+    q: &ListQuery,
+    budget: usize,
+) -> Result<ListPage, MessagingError> {
     let started = std::time::Instant::now();
     let cfg = app.config();
     let c = &cfg.conversations;
@@ -110,43 +187,113 @@ pub async fn list(
             }
             _ => MessagingError::BadRequest("conversation sync refused".into()),
         })?;
+    let mut entries = Vec::with_capacity(page.rows.len());
     let mut live = Vec::new();
-    let mut removed = Vec::new();
     for (row, messages) in page.rows.into_iter().zip(page.messages) {
-        match row.state {
-            RowState::Live => live.push((row, messages)),
-            RowState::Hidden => removed.push(render::removed_json(&row, "hidden")),
-            RowState::Deleted => removed.push(render::removed_json(&row, "deleted")),
-        }
+        let reason = match row.state {
+            RowState::Live => {
+                live.push((row, messages));
+                continue;
+            }
+            RowState::Hidden => "hidden",
+            RowState::Deleted => "deleted",
+        };
+        entries.push(Entry {
+            key: row.channel.key.clone(),
+            item: Item::Removed(render::removed_json(&row, reason)),
+        });
     }
     let (kept, dropped) = apply_filters(app, user, device, live).await?;
     // A full sync starts from nothing, so what the filter hid needs no mention.
     if since > 0 {
-        removed.extend(dropped.iter().map(|r| render::removed_json(r, "filtered")));
+        entries.extend(dropped.iter().map(|r| Entry {
+            key: r.channel.key.clone(),
+            item: Item::Removed(render::removed_json(r, "filtered")),
+        }));
     }
-    let conversations: Vec<Value> = kept
+    let views: Vec<Option<Vec<Box<RawValue>>>> = kept
         .iter()
-        .map(|(row, messages)| {
-            render::conversation_json(row, (last_n > 0).then_some(messages.as_slice()))
+        .map(|(_, messages)| {
+            (last_n > 0).then(|| {
+                messages
+                    .iter()
+                    .map(|m| render::message_raw(m, user))
+                    .collect()
+            })
         })
         .collect();
-    let next = page.next_key.map(|k| {
+    for (i, (row, _)) in kept.iter().enumerate() {
+        entries.push(Entry {
+            key: row.channel.key.clone(),
+            item: Item::Live(i, render::conversation_raw(row, views[i].as_deref())),
+        });
+    }
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    // The entry opening the page is always taken: cut to fit when it is too large.
+    if let Some(Entry {
+        item: Item::Live(i, raw),
+        ..
+    }) = entries.first_mut()
+    {
+        if let Some(messages) = views[*i].as_deref().filter(|_| raw.get().len() > budget) {
+            *raw = conversation_fitting(&kept[*i].0, messages, budget);
+        }
+    }
+    let keep = render::fitting(entries.iter().map(Entry::size), budget);
+    let next_key = if keep < entries.len() {
+        entries.truncate(keep);
+        entries.last().map(|e| e.key.clone())
+    } else {
+        page.next_key
+    };
+    let next = next_key.map(|k| {
         encode_cursor(&Cursor {
             h: page.version,
             s: since,
             k,
         })
     });
+    let (mut conversations, mut removed) = (Vec::new(), Vec::new());
+    for e in entries {
+        match e.item {
+            Item::Live(_, raw) => conversations.push(raw),
+            Item::Removed(r) => removed.push(r),
+        }
+    }
     app.metrics
         .conversation_sync_seconds
         .observe(started.elapsed().as_secs_f64());
-    Ok(json!({
-        "version": page.version,
-        "conversations": conversations,
-        "removed": removed,
-        "more": next.is_some(),
-        "cursor": next,
-    }))
+    Ok(ListPage {
+        frame_type: None,
+        id: None,
+        version: page.version,
+        conversations,
+        removed,
+        more: next.is_some(),
+        cursor: next,
+    })
+}
+
+/// A live conversation's view with as many of its newest `messages` (raw
+/// views, oldest first) as fit `budget`; the client reads the others with
+/// a `before_seq` sync.
+fn conversation_fitting(
+    row: &ConversationRow,
+    messages: &[Box<RawValue>],
+    budget: usize,
+) -> Box<RawValue> {
+    let bare = render::conversation_raw(row, Some(&[][..])).get().len();
+    let mut room = budget.saturating_sub(bare);
+    let mut keep = 0;
+    for m in messages.iter().rev() {
+        let size = m.get().len() + 1;
+        if size > room {
+            break;
+        }
+        room -= size;
+        keep += 1;
+    }
+    render::conversation_raw(row, Some(&messages[messages.len() - keep..]))
 }
 
 fn to_wit(row: &ConversationRow) -> cf::Conversation {
@@ -168,8 +315,28 @@ fn to_wit(row: &ConversationRow) -> cf::Conversation {
     }
 }
 
-/// Applies what a plugin may rewrite: unread count, last message, time.
-fn apply_rewrite(row: &mut ConversationRow, c: cf::Conversation) {
+/// Checks what a filter's rewrites would show: the last message's id and
+/// sender must be ids (1 to 128 bytes, no control characters), as every
+/// stored one is. A rewrite that breaks this fails the filter's call.
+fn check_rewrites(verdicts: &[cf::Verdict]) -> Result<(), String> {
+    for (i, v) in verdicts.iter().enumerate() {
+        let cf::Verdict::Rewrite(c) = v else { continue };
+        if let Some(m) = &c.last_message {
+            if !crate::auth::valid_id(&m.message_id) || !crate::auth::valid_id(&m.sender) {
+                return Err(format!(
+                    "verdict {i} rewrites the last message with an id or sender that is not \
+                     1 to 128 bytes without control characters"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies what a plugin may rewrite: unread count, last message, time. A
+/// rewritten preview is cut to `preview_chars` characters, like every
+/// stored one.
+fn apply_rewrite(row: &mut ConversationRow, c: cf::Conversation, preview_chars: usize) {
     row.unread = c.unread as u64;
     row.updated_at = c.updated_at_ms;
     let created_at = row
@@ -181,9 +348,17 @@ fn apply_rewrite(row: &mut ConversationRow, c: cf::Conversation) {
         id: m.message_id,
         seq: m.seq,
         sender: m.sender,
-        preview: m.preview,
+        preview: cut_chars(m.preview, preview_chars),
         created_at,
     });
+}
+
+/// `text` cut to its first `chars` characters.
+fn cut_chars(mut text: String, chars: usize) -> String {
+    if let Some((at, _)) = text.char_indices().nth(chars) {
+        text.truncate(at);
+    }
+    text
 }
 
 type Kept = Vec<(ConversationRow, Vec<StoredMessage>)>;
@@ -208,12 +383,17 @@ async fn apply_filters(
         user_id: user.to_string(),
         device_id: device.map(str::to_string),
     };
+    let preview_chars = app.config().messaging.preview_chars;
     for name in chain {
         if rows.is_empty() {
             break;
         }
         let input: Vec<cf::Conversation> = rows.iter().map(|(r, _)| to_wit(r)).collect();
-        match app.plugins.filter(&name, &viewer, &input).await {
+        let answer = match app.plugins.filter(&name, &viewer, &input).await {
+            Ok(verdicts) => check_rewrites(&verdicts).map(|()| verdicts),
+            Err(failure) => Err(failure.to_string()),
+        };
+        match answer {
             Ok(verdicts) => {
                 let mut next = Vec::with_capacity(rows.len());
                 for ((mut row, messages), verdict) in rows.into_iter().zip(verdicts) {
@@ -221,7 +401,7 @@ async fn apply_filters(
                         cf::Verdict::Keep => next.push((row, messages)),
                         cf::Verdict::Drop => dropped.push(row),
                         cf::Verdict::Rewrite(c) => {
-                            apply_rewrite(&mut row, c);
+                            apply_rewrite(&mut row, c, preview_chars);
                             next.push((row, messages));
                         }
                     }
@@ -238,7 +418,7 @@ async fn apply_filters(
                         "conversation filter failed; fail-closed: the list is refused");
                     return Err(MessagingError::FilterFailed {
                         plugin: name,
-                        reason: failure.to_string(),
+                        reason: failure,
                     });
                 }
             },
@@ -309,7 +489,7 @@ async fn change_body(
             let (kept, dropped) = apply_filters(app, user, device, vec![(row, Vec::new())]).await?;
             (
                 kept.iter()
-                    .map(|(r, _)| render::conversation_json(r, None))
+                    .map(|(r, _)| render::conversation_json(r))
                     .collect::<Vec<_>>(),
                 dropped
                     .iter()

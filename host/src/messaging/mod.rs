@@ -20,11 +20,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::gateway::protocol;
 use crate::http::ApiError;
+use crate::json::{self, TooDeep, MAX_DEPTH};
 use crate::server::App;
 use crate::storage::messages::{
     Channel, ChannelType, MessagePage, MessageRange, NewMessage, SendRejected, StoredMessage,
@@ -42,6 +44,12 @@ pub enum MessagingError {
     BadRequest(String),
     #[error("the payload is {size} bytes; messaging.max_payload_size is {limit}")]
     PayloadTooLarge { size: usize, limit: usize },
+    #[error("the payload is {0}")]
+    TooDeep(#[from] TooDeep),
+    /// A stored message cannot be shown as a JSON value (the server API
+    /// re-reads payloads; frames embed them as stored and never hit this).
+    #[error("{what} cannot be read back as a JSON value: {reason}")]
+    Unreadable { what: String, reason: String },
     #[error("no group `{0}`")]
     UnknownGroup(String),
     #[error("`{user}` is not a member of group `{group}`")]
@@ -65,12 +73,13 @@ impl MessagingError {
         match self {
             MessagingError::BadRequest(_) => "bad_request",
             MessagingError::PayloadTooLarge { .. } => "payload_too_large",
+            MessagingError::TooDeep(_) => "too_deep",
             MessagingError::UnknownGroup(_) => "unknown_channel",
             MessagingError::NotMember { .. } => "not_member",
             MessagingError::UnknownConversation { .. } => "unknown_conversation",
             MessagingError::ResetRequired { .. } => "reset_required",
             MessagingError::FilterFailed { .. } => "filter_failed",
-            MessagingError::Storage(_) => "internal",
+            MessagingError::Unreadable { .. } | MessagingError::Storage(_) => "internal",
         }
     }
 
@@ -78,13 +87,16 @@ impl MessagingError {
         match self {
             MessagingError::BadRequest(_) => StatusCode::BAD_REQUEST,
             MessagingError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            MessagingError::TooDeep(_) => StatusCode::UNPROCESSABLE_ENTITY,
             MessagingError::UnknownGroup(_) | MessagingError::UnknownConversation { .. } => {
                 StatusCode::NOT_FOUND
             }
             MessagingError::NotMember { .. } => StatusCode::FORBIDDEN,
             MessagingError::ResetRequired { .. } => StatusCode::GONE,
             MessagingError::FilterFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            MessagingError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            MessagingError::Unreadable { .. } | MessagingError::Storage(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -93,6 +105,10 @@ impl MessagingError {
         match self {
             MessagingError::Storage(e) => {
                 tracing::error!(error = %e, "storage failed while handling a messaging request");
+                "internal error; see the gateway log".into()
+            }
+            MessagingError::Unreadable { .. } => {
+                tracing::error!(error = %self, "a stored message cannot be answered as JSON");
                 "internal error; see the gateway log".into()
             }
             other => other.to_string(),
@@ -217,6 +233,14 @@ pub async fn send(app: &App, req: SendRequest<'_>) -> Result<SendAck, MessagingE
             limit: m.max_payload_size,
         });
     }
+    // The one nesting check of every path that sends (frames, the API):
+    // whatever is accepted must read back inside every envelope.
+    json::check_depth(payload, MAX_DEPTH)?;
+    // The `message.created` event holds the payload as a value; it is read
+    // here, before anything is written, so a payload that would not read
+    // back is refused instead of becoming `null` in the event.
+    let payload_value: Value = serde_json::from_str(payload)
+        .map_err(|e| MessagingError::BadRequest(format!("`payload` does not read back: {e}")))?;
     if kind == ChannelType::Person && req.channel_id == m.system_user && !req.system {
         return Err(MessagingError::BadRequest(format!(
             "`{}` is the system user (messaging.system_user); it cannot be messaged",
@@ -230,7 +254,7 @@ pub async fn send(app: &App, req: SendRequest<'_>) -> Result<SendAck, MessagingE
         sender: req.sender.clone(),
         system: req.system,
         client_msg_id: req.client_msg_id.map(str::to_string),
-        payload: payload.to_string(),
+        payload: req.payload.to_owned(),
         preview: preview_of(payload, m.preview_chars),
         created_at: crate::now_ms(),
         max_members: m.max_group_members,
@@ -241,7 +265,7 @@ pub async fn send(app: &App, req: SendRequest<'_>) -> Result<SendAck, MessagingE
         event_type: "message.created".into(),
         order_key: msg.channel.key.clone(),
         created_at: msg.created_at,
-        data: message_event_data(msg, &recipient),
+        data: message_event_data(msg, &recipient, payload_value),
     });
     let queue = app.fanout.queue_for(&channel.key);
     let origin = req.origin.clone();
@@ -277,8 +301,9 @@ pub async fn send(app: &App, req: SendRequest<'_>) -> Result<SendAck, MessagingE
     }
 }
 
-/// The `data` of a `message.created` event.
-fn message_event_data(m: &StoredMessage, channel_id: &str) -> Value {
+/// The `data` of a `message.created` event; `payload` is the message's
+/// payload read as a value.
+fn message_event_data(m: &StoredMessage, channel_id: &str, payload: Value) -> Value {
     json!({
         "message_id": m.id,
         "channel_type": m.channel.kind,
@@ -288,7 +313,7 @@ fn message_event_data(m: &StoredMessage, channel_id: &str) -> Value {
         "seq": m.seq,
         "version": m.version,
         "client_msg_id": m.client_msg_id,
-        "payload": serde_json::from_str::<Value>(&m.payload).unwrap_or(Value::Null),
+        "payload": payload,
         "created_at": crate::rfc3339_ms(m.created_at),
     })
 }
@@ -308,8 +333,81 @@ pub struct SyncQuery {
     pub limit: Option<usize>,
 }
 
-/// Answers a message sync for `user` (JSON: the `messages` frame without `type` and `id`).
+/// One page of a message sync, cut to a byte budget. It is written as the
+/// `messages` frame ([`SyncPage::frame`]) or as the server API's answer
+/// ([`SyncPage::json`]).
+#[derive(Debug, Serialize)]
+pub struct SyncPage {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    frame_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel_type: Option<ChannelType>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel_id: Option<String>,
+    /// The messages, each a raw view with its payload as stored.
+    messages: Vec<Box<RawValue>>,
+    more: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_before_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after_version: Option<u64>,
+}
+
+impl SyncPage {
+    /// The `messages` frame answering frame `id`.
+    pub fn frame(mut self, id: Option<&Value>) -> String {
+        self.frame_type = Some("messages");
+        self.id = id.cloned();
+        render::text_of(&self)
+    }
+
+    /// The answer of `GET /v1/users/{uid}/messages`. The API answers a JSON
+    /// value, so each payload is read again here; one that does not read
+    /// (stored before the nesting limit existed) is an error, never `null`.
+    pub fn json(&self) -> Result<Value, MessagingError> {
+        serde_json::to_value(self).map_err(|e| MessagingError::Unreadable {
+            what: format!("stored message `{}`", unreadable_id(&self.messages)),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The id of the first message of `items` whose view does not read as a value.
+fn unreadable_id(items: &[Box<RawValue>]) -> String {
+    #[derive(Deserialize)]
+    struct Id {
+        message_id: String,
+    }
+    items
+        .iter()
+        .find(|m| serde_json::from_str::<Value>(m.get()).is_err())
+        .and_then(|m| serde_json::from_str::<Id>(m.get()).ok())
+        .map(|m| m.message_id)
+        .unwrap_or_default()
+}
+
+/// Answers a message sync for `user` as the server API's JSON (the
+/// `messages` frame without `type` and `id`), in pages of the same size a
+/// client connection gets.
 pub async fn sync(app: &App, user: &str, q: &SyncQuery) -> Result<Value, MessagingError> {
+    let budget = protocol::page_budget(protocol::frame_limit(&app.config()), None);
+    sync_page(app, user, q, budget).await?.json()
+}
+
+/// Answers a message sync for `user`: at most `limit` messages and, beside
+/// that, at most `budget` bytes of message views (at least one message, so a
+/// page always moves on). A page cut short says `more` with the cursor to
+/// go on from.
+pub async fn sync_page(
+    app: &App,
+    user: &str,
+    q: &SyncQuery,
+    budget: usize,
+) -> Result<SyncPage, MessagingError> {
     let cfg = app.config();
     let limit = q
         .limit
@@ -367,28 +465,49 @@ pub async fn sync(app: &App, user: &str, q: &SyncQuery) -> Result<Value, Messagi
         .messages(user, range.clone(), limit)
         .await?
         .map_err(|e| refused(e, user, channel.as_ref(), q.after_version.unwrap_or(0)))?;
-    let mut out = json!({
-        "messages": render::messages_json(&page.messages, user),
-        "more": page.more,
-    });
-    let obj = out.as_object_mut().expect("an object");
-    if let Some(c) = &channel {
-        obj.insert("channel_type".into(), json!(c.kind));
-        obj.insert("channel_id".into(), json!(c.id_for(user)));
+    let mut stored = page.messages;
+    let mut items: Vec<Box<RawValue>> = stored
+        .iter()
+        .map(|m| render::message_raw(m, user))
+        .collect();
+    // History pages keep the messages nearest the cursor: the newest, at the end.
+    let backwards = matches!(range, MessageRange::Before { .. });
+    let sizes = items.iter().map(|m| m.get().len());
+    let keep = if backwards {
+        render::fitting(sizes.rev(), budget)
+    } else {
+        render::fitting(sizes, budget)
+    };
+    let cut = keep < items.len();
+    if backwards {
+        let from = items.len() - keep;
+        items.drain(..from);
+        stored.drain(..from);
+    } else {
+        items.truncate(keep);
+        stored.truncate(keep);
     }
+    let mut out = SyncPage {
+        frame_type: None,
+        id: None,
+        channel_type: channel.as_ref().map(|c| c.kind),
+        channel_id: channel.as_ref().map(|c| c.id_for(user)),
+        messages: items,
+        more: page.more || cut,
+        next_after_seq: None,
+        next_before_seq: None,
+        next_after_version: None,
+    };
     // Where the next page starts, in the same direction.
     match range {
         MessageRange::After { seq, .. } => {
-            let next = page.messages.last().map(|m| m.seq).unwrap_or(seq);
-            obj.insert("next_after_seq".into(), json!(next));
+            out.next_after_seq = Some(stored.last().map(|m| m.seq).unwrap_or(seq));
         }
         MessageRange::Before { seq, .. } => {
-            let next = page.messages.first().map(|m| m.seq).unwrap_or(seq);
-            obj.insert("next_before_seq".into(), json!(next));
+            out.next_before_seq = Some(stored.first().map(|m| m.seq).unwrap_or(seq));
         }
         MessageRange::UserAfter { version } => {
-            let next = page.messages.last().map(|m| m.version).unwrap_or(version);
-            obj.insert("next_after_version".into(), json!(next));
+            out.next_after_version = Some(stored.last().map(|m| m.version).unwrap_or(version));
         }
     }
     Ok(out)

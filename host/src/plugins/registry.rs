@@ -807,23 +807,26 @@ fn same_file(a: &Path, b: &Path) -> bool {
         }
 }
 
-/// Checks a formatter's request against the contract.
-/// Checks a control handler's decision against the contract.
+/// Checks a control handler's decision against the contract: every payload
+/// is JSON text nested at most `json::MAX_DEPTH` levels, as the API's must
+/// be (the size limit is the control module's, which knows the config).
 pub fn check_decision(decision: &ch::Decision) -> Result<(), String> {
     let ch::Decision::Deliver(plan) = decision else {
         return Ok(());
     };
-    if serde_json::from_str::<serde::de::IgnoredAny>(&plan.payload).is_err() {
-        return Err("the plan's payload is not JSON text".into());
-    }
+    let json_text = |p: &str| {
+        crate::json::check_depth(p, crate::json::MAX_DEPTH).map_err(|e| e.to_string())?;
+        serde_json::from_str::<serde::de::IgnoredAny>(p)
+            .map(|_| ())
+            .map_err(|_| "not JSON text".to_string())
+    };
+    json_text(&plan.payload).map_err(|e| format!("the plan's payload is {e}"))?;
     for t in &plan.targets {
         if !crate::auth::valid_id(&t.user_id) {
             return Err(format!("target user id {:?} is not a valid id", t.user_id));
         }
         if let Some(p) = &t.payload {
-            if serde_json::from_str::<serde::de::IgnoredAny>(p).is_err() {
-                return Err(format!("the payload for `{}` is not JSON text", t.user_id));
-            }
+            json_text(p).map_err(|e| format!("the payload for `{}` is {e}", t.user_id))?;
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::Result;
 
@@ -140,8 +141,8 @@ pub struct NewMessage {
     pub system: bool,
     /// The sender's id for deduplicating retries.
     pub client_msg_id: Option<String>,
-    /// The payload as JSON text.
-    pub payload: String,
+    /// The payload, JSON text kept byte for byte as it was sent.
+    pub payload: Box<RawValue>,
     /// Shown in conversation lists.
     pub preview: String,
     /// Unix ms.
@@ -161,8 +162,9 @@ pub struct StoredMessage {
     pub seq: u64,
     pub version: u64,
     pub client_msg_id: Option<String>,
-    /// JSON text.
-    pub payload: String,
+    /// The payload as stored, embedded in every view without being parsed
+    /// again (so no nesting limit of a parser can turn it into anything else).
+    pub payload: Box<RawValue>,
     /// Unix ms.
     pub created_at: i64,
 }

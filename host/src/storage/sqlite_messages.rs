@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::value::RawValue;
 
 use super::messages::{
     Appended, Channel, ChannelType, ConversationPage, ConversationRow, EventBuilder, Group,
@@ -113,8 +114,17 @@ fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
         seq: r.get::<_, i64>(5)? as u64,
         version: r.get::<_, i64>(6)? as u64,
         client_msg_id: r.get(7)?,
-        payload: r.get(8)?,
+        payload: raw_json(r, 8)?,
         created_at: r.get(9)?,
+    })
+}
+
+/// A stored JSON text column as a raw value. Text that is not JSON (a
+/// damaged row) is a read error naming the column, never a silent `null`.
+fn raw_json(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Box<RawValue>> {
+    let text: String = r.get(column)?;
+    RawValue::from_string(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
     })
 }
 
@@ -227,11 +237,16 @@ fn group_of(conn: &Connection, group_id: &str) -> rusqlite::Result<Option<Group>
     let Some((group_id, name, data, created_at, updated_at)) = row else {
         return Ok(None);
     };
+    // Group data was JSON when it was stored; text that no longer reads is
+    // an error, not a group whose data became `null`.
+    let data = serde_json::from_str(&data).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+    })?;
     let member_count = member_count(conn, &group_id)?;
     Ok(Some(Group {
         group_id,
         name,
-        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+        data,
         member_count,
         created_at,
         updated_at,
@@ -346,7 +361,7 @@ fn append(
         seq,
         version as i64,
         m.client_msg_id,
-        m.payload,
+        m.payload.get(),
         m.created_at
     ])?;
     // A member's own message leaves their row read; a deleted row comes back

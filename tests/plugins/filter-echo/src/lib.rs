@@ -1,6 +1,9 @@
 //! Test plugin `filter-echo` (world `filter`): keeps every conversation;
 //! with config `redact = "true"` it rewrites each one that has a last
-//! message so that the preview reads `***`.
+//! message so that the preview reads `***`, and with config
+//! `preview = "<text>"` so that it reads `<text>` repeated `preview_repeat`
+//! times (default 1), to test what the gateway does with a preview longer
+//! than its own limit.
 //!
 //! Built by `tests/build.rs` (constant `FILTER_ECHO`).
 
@@ -17,12 +20,20 @@ impl ConversationFilter for FilterEcho {
         _viewer: Viewer,
         conversations: Vec<Conversation>,
     ) -> Result<Vec<Verdict>, HookError> {
-        let redact = host::config().get("redact") == Some("true");
+        let config = host::config();
+        let preview = match (config.get("redact"), config.get("preview")) {
+            (Some("true"), _) => Some("***".to_owned()),
+            (_, Some(text)) => {
+                let times = config.get_parsed::<usize>("preview_repeat")?.unwrap_or(1);
+                Some(text.repeat(times))
+            }
+            _ => None,
+        };
         Ok(conversations
             .into_iter()
-            .map(|mut c| match c.last_message.as_mut() {
-                Some(m) if redact => {
-                    m.preview = "***".to_owned();
+            .map(|mut c| match (c.last_message.as_mut(), &preview) {
+                (Some(m), Some(p)) => {
+                    m.preview = p.clone();
                     Verdict::Rewrite(c)
                 }
                 _ => Verdict::Keep,

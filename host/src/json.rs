@@ -85,7 +85,10 @@ mod tests {
     #[test]
     fn refuses_past_the_limit() {
         let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
-        assert_eq!(check_depth(&deep, MAX_DEPTH), Err(TooDeep { max: MAX_DEPTH }));
+        assert_eq!(
+            check_depth(&deep, MAX_DEPTH),
+            Err(TooDeep { max: MAX_DEPTH })
+        );
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert_eq!(check_depth(&ok, MAX_DEPTH), Ok(()));
         // Whatever passes the door re-parses inside every envelope.

@@ -832,7 +832,10 @@ async fn a_nonce_lets_a_signed_request_be_sent_twice_in_one_second() {
     for (nonce, sig) in [
         (Some("req-3"), sign_with_nonce(secret, ts, "req-1", &body)),
         (None, sign_with_nonce(secret, ts, "req-4", &body)),
-        (Some("bad nonce"), sign_with_nonce(secret, ts, "bad nonce", &body)),
+        (
+            Some("bad nonce"),
+            sign_with_nonce(secret, ts, "bad nonce", &body),
+        ),
     ] {
         let (s, b) = send(nonce, sig).await;
         assert_eq!(

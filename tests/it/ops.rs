@@ -117,10 +117,7 @@ fn parse_exposition(text: &str) -> Exposition {
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
-            assert!(
-                e.helped.contains(name),
-                "# HELP comes before # TYPE {name}"
-            );
+            assert!(e.helped.contains(name), "# HELP comes before # TYPE {name}");
             let before = e.types.insert(name.to_string(), kind.to_string());
             assert!(before.is_none(), "one # TYPE per family: {name}");
         } else if let Some(rest) = line.strip_prefix("# HELP ") {
@@ -168,9 +165,15 @@ impl Exposition {
         );
         let kind = &self.types[sample];
         if openmetrics {
-            assert_ne!(kind, "counter", "{sample}: OpenMetrics counter samples end in _total");
+            assert_ne!(
+                kind, "counter",
+                "{sample}: OpenMetrics counter samples end in _total"
+            );
         } else if kind == "counter" {
-            assert!(sample.ends_with("_total"), "{sample}: counters end in _total");
+            assert!(
+                sample.ends_with("_total"),
+                "{sample}: counters end in _total"
+            );
         }
         sample.to_string()
     }
@@ -246,7 +249,10 @@ async fn metrics_serve_the_negotiated_format_and_every_family_is_documented() {
         .filter_map(|l| {
             let cells: Vec<&str> = l.split('|').map(str::trim).collect();
             let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
-            Some((name.to_string(), (cells.get(2)?.to_string(), cells.get(3)?.to_string())))
+            Some((
+                name.to_string(),
+                (cells.get(2)?.to_string(), cells.get(3)?.to_string()),
+            ))
         })
         .collect();
     assert!(e.types.len() >= 30, "{} families", e.types.len());
@@ -269,6 +275,9 @@ async fn metrics_serve_the_negotiated_format_and_every_family_is_documented() {
     }
     // And nothing is documented that is not served.
     for name in rows.keys() {
-        assert!(e.types.contains_key(name), "{name} is documented but not served");
+        assert!(
+            e.types.contains_key(name),
+            "{name} is documented but not served"
+        );
     }
 }

@@ -176,19 +176,21 @@ async fn every_route_answers_refusals_in_the_documented_shape() {
         let what = format!("{method} {path}");
         let access = eps[0].access;
         if access == Access::WebSocket {
-            let resp = http
-                .post(gw.url(path))
-                .header("connection", "upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            let body: Value = resp.json().await.unwrap();
-            assert_eq!(status, 426, "{what}: {body}");
-            assert_eq!(body["error"]["code"], "bad_upgrade", "{what}");
+            for method in [Method::POST, Method::PUT] {
+                let resp = http
+                    .request(method.clone(), gw.url(path))
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .header("sec-websocket-version", "13")
+                    .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let body: Value = resp.json().await.unwrap();
+                assert_eq!(status, 426, "{method} {path}: {body}");
+                assert_eq!(body["error"]["code"], "bad_upgrade", "{method} {path}");
+            }
             continue;
         }
         let a = send(&http, &gw, method, &concrete(path, None), access, None, "").await;
@@ -244,9 +246,11 @@ async fn every_route_answers_refusals_in_the_documented_shape() {
                 go(json, "{,}".into())
                     .await
                     .error(400, "bad_request", &what("malformed JSON"));
-                go(json, "{\"zz_unknown_field\": 1}".into())
-                    .await
-                    .error(422, "bad_request", &what("unknown field"));
+                go(json, "{\"zz_unknown_field\": 1}".into()).await.error(
+                    422,
+                    "bad_request",
+                    &what("unknown field"),
+                );
                 go(json, deep.clone())
                     .await
                     .error(422, "too_deep", &what("nested too deep"));
@@ -299,7 +303,11 @@ async fn every_route_answers_refusals_in_the_documented_shape() {
 
     // Mistyped and missing fields are 422, as the conventions say.
     for (path, body, case) in [
-        ("/v1/control", json!({"kind": "k", "payload": {}}), "no targets"),
+        (
+            "/v1/control",
+            json!({"kind": "k", "payload": {}}),
+            "no targets",
+        ),
         (
             "/v1/control",
             json!({"kind": "k", "payload": {}, "targets": {"users": ["a"]}, "zz": 1}),
@@ -310,7 +318,11 @@ async fn every_route_answers_refusals_in_the_documented_shape() {
             json!({"seq": "forty"}),
             "mistyped seq",
         ),
-        ("/v1/messages", json!({"channel_type": "person"}), "missing fields"),
+        (
+            "/v1/messages",
+            json!({"channel_type": "person"}),
+            "missing fields",
+        ),
     ] {
         send(
             &http,
@@ -349,9 +361,12 @@ async fn kick_bodies_are_optional_but_never_ignored() {
         "unsupported_media_type",
         "kick body without content type",
     );
-    kick(Some("application/json"), r#"{"device_id": "phone", "zz": 1}"#)
-        .await
-        .error(422, "bad_request", "kick with an unknown field");
+    kick(
+        Some("application/json"),
+        r#"{"device_id": "phone", "zz": 1}"#,
+    )
+    .await
+    .error(422, "bad_request", "kick with an unknown field");
     let a = kick(Some("application/json"), r#"{"device_id": "tablet"}"#).await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body["kicked"], json!([]), "no tablet connected");
@@ -454,9 +469,17 @@ async fn read_head(tcp: &mut tokio::net::TcpStream) -> String {
 
 #[tokio::test]
 async fn a_request_body_that_never_arrives_is_answered_408() {
-    let gw = Gateway::start(GatewayOptions::default().extra("[server]\nbody_timeout = \"1s\"")).await;
-    for (path, key) in [("/v1/messages", API_KEY), ("/admin/plugins/p/kv/k", ADMIN_TOKEN)] {
-        let method = if path.starts_with("/admin") { "PUT" } else { "POST" };
+    let gw =
+        Gateway::start(GatewayOptions::default().extra("[server]\nbody_timeout = \"1s\"")).await;
+    for (path, key) in [
+        ("/v1/messages", API_KEY),
+        ("/admin/plugins/p/kv/k", ADMIN_TOKEN),
+    ] {
+        let method = if path.starts_with("/admin") {
+            "PUT"
+        } else {
+            "POST"
+        };
         let mut tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n\

@@ -61,7 +61,9 @@ pub enum ControlError {
     HandlerFailed { plugin: String, reason: String },
     #[error("a request with this idempotency key is still being handled")]
     InProgress,
-    #[error("this idempotency key was used for a different request; use a new key for a new request")]
+    #[error(
+        "this idempotency key was used for a different request; use a new key for a new request"
+    )]
     IdempotencyKeyReused,
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -220,9 +222,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
                 "`idempotency_key` must be 1 to 128 bytes".into(),
             ));
         }
-        match app.controls.control_by_key(key, &request_hash).await? {
-            Some(existing) => return existing_answer(existing),
-            None => {}
+        if let Some(existing) = app.controls.control_by_key(key, &request_hash).await? {
+            return existing_answer(existing);
         }
     }
 

@@ -355,19 +355,18 @@ pub fn endpoints() -> Vec<Endpoint> {
     surfaces()
         .into_iter()
         .flat_map(|(access, routes)| {
-            routes
-                .into_iter()
-                .map(move |r| Endpoint { access, ..r.endpoint })
+            routes.into_iter().map(move |r| Endpoint {
+                access,
+                ..r.endpoint
+            })
         })
         .collect()
 }
 
 fn mount(routes: Vec<Route>) -> Router<Arc<App>> {
-    routes
-        .into_iter()
-        .fold(Router::new(), |r, route| {
-            r.route(route.endpoint.path, route.handler)
-        })
+    routes.into_iter().fold(Router::new(), |r, route| {
+        r.route(route.endpoint.path, route.handler)
+    })
 }
 
 fn bearer(req: &Request) -> Option<&str> {
@@ -504,9 +503,9 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(server.max_body_size))
-        .layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-            body_deadline(limit, req, next)
-        }))
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| body_deadline(limit, req, next),
+        ))
         .with_state(app)
 }
 
@@ -539,14 +538,31 @@ mod tests {
     fn json_bodies_are_refused_by_kind_of_fault() {
         let json = headers("application/json; charset=utf-8");
         assert!(parse_json::<Body>(&json, br#"{"seq": 1}"#).is_ok());
-        assert!(parse_json::<Body>(&headers("application/merge-patch+json"), br#"{"seq": 1}"#).is_ok());
-        assert_eq!(code(parse_json(&HeaderMap::new(), b"{}")), (415, "unsupported_media_type"));
-        assert_eq!(code(parse_json(&headers("text/plain"), b"{}")), (415, "unsupported_media_type"));
-        assert_eq!(code(parse_json(&json, br#"{"seq": "#)), (400, "bad_request"));
+        assert!(
+            parse_json::<Body>(&headers("application/merge-patch+json"), br#"{"seq": 1}"#).is_ok()
+        );
+        assert_eq!(
+            code(parse_json(&HeaderMap::new(), b"{}")),
+            (415, "unsupported_media_type")
+        );
+        assert_eq!(
+            code(parse_json(&headers("text/plain"), b"{}")),
+            (415, "unsupported_media_type")
+        );
+        assert_eq!(
+            code(parse_json(&json, br#"{"seq": "#)),
+            (400, "bad_request")
+        );
         assert_eq!(code(parse_json(&json, b"")), (400, "bad_request"));
-        assert_eq!(code(parse_json(&json, br#"{"seq": "x"}"#)), (422, "bad_request"));
+        assert_eq!(
+            code(parse_json(&json, br#"{"seq": "x"}"#)),
+            (422, "bad_request")
+        );
         assert_eq!(code(parse_json(&json, br#"{}"#)), (422, "bad_request"));
-        assert_eq!(code(parse_json(&json, br#"{"seq": 1, "zz": 2}"#)), (422, "bad_request"));
+        assert_eq!(
+            code(parse_json(&json, br#"{"seq": 1, "zz": 2}"#)),
+            (422, "bad_request")
+        );
         let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
         assert_eq!(code(parse_json(&json, deep.as_bytes())), (422, "too_deep"));
     }
@@ -556,9 +572,18 @@ mod tests {
         let eps = endpoints();
         let mut seen = std::collections::HashSet::new();
         for e in &eps {
-            assert!(seen.insert((e.method.clone(), e.path)), "{} {} twice", e.method, e.path);
+            assert!(
+                seen.insert((e.method.clone(), e.path)),
+                "{} {} twice",
+                e.method,
+                e.path
+            );
         }
-        assert!(eps.iter().any(|e| e.path == "/v1/ws" && e.access == Access::WebSocket));
-        assert!(eps.iter().any(|e| e.path == "/metrics" && e.access == Access::Public));
+        assert!(eps
+            .iter()
+            .any(|e| e.path == "/v1/ws" && e.access == Access::WebSocket));
+        assert!(eps
+            .iter()
+            .any(|e| e.path == "/metrics" && e.access == Access::Public));
     }
 }

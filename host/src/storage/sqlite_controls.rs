@@ -138,7 +138,10 @@ impl ControlStore for SqliteStorage {
                 control.receipt,
                 control.expires_at,
                 control.idempotency_key,
-                control.idempotency_key.as_ref().map(|_| &control.request_hash),
+                control
+                    .idempotency_key
+                    .as_ref()
+                    .map(|_| &control.request_hash),
                 control.created_at
             ])?;
             let mut insert = conn.prepare_cached(

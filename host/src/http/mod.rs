@@ -525,11 +525,11 @@ mod tests {
     #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     #[allow(dead_code)]
-    struct Body {
+    struct ReadLike {
         seq: u64,
     }
 
-    fn code(r: Result<Body, ApiError>) -> (u16, &'static str) {
+    fn code(r: Result<ReadLike, ApiError>) -> (u16, &'static str) {
         let e = r.unwrap_err();
         (e.status.as_u16(), e.code)
     }
@@ -537,9 +537,10 @@ mod tests {
     #[test]
     fn json_bodies_are_refused_by_kind_of_fault() {
         let json = headers("application/json; charset=utf-8");
-        assert!(parse_json::<Body>(&json, br#"{"seq": 1}"#).is_ok());
+        assert!(parse_json::<ReadLike>(&json, br#"{"seq": 1}"#).is_ok());
         assert!(
-            parse_json::<Body>(&headers("application/merge-patch+json"), br#"{"seq": 1}"#).is_ok()
+            parse_json::<ReadLike>(&headers("application/merge-patch+json"), br#"{"seq": 1}"#)
+                .is_ok()
         );
         assert_eq!(
             code(parse_json(&HeaderMap::new(), b"{}")),

@@ -97,6 +97,10 @@ pub struct ServerConfig {
     /// Deadline for a client to send complete HTTP request headers (covers the upgrade request).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Deadline for a client to send a whole request body, counted from the
+    /// end of its headers; a body still arriving then is answered `408`.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
     /// Largest accepted HTTP request body on the server and admin API.
     #[serde(deserialize_with = "de_size", serialize_with = "ser_size")]
     pub max_body_size: usize,
@@ -107,6 +111,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:7600".parse().expect("valid literal"),
             header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
             max_body_size: 1024 * 1024,
         }
     }
@@ -720,6 +725,7 @@ impl Config {
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
             ),
+            ("server.body_timeout", self.server.body_timeout),
             ("outbox.request_timeout", self.outbox.request_timeout),
             ("outbox.disable_after", self.outbox.disable_after),
             (

@@ -3,7 +3,15 @@
 //! Each [`Metrics`] owns its own registry (no global recorder), so several
 //! gateways in one process, as in tests, never mix their figures. Subsystems
 //! hold an `Arc<Metrics>` and update the fields directly; `GET /metrics`
-//! renders the registry as Prometheus text.
+//! renders the registry in the [`Format`] the scraper asked for.
+//!
+//! prometheus-client encodes only OpenMetrics text. The Prometheus text
+//! format 0.0.4, which is what a scraper gets unless it asks for
+//! OpenMetrics, is made from that output by [`to_text_004`]: the two differ,
+//! for the metric types used here (counters, gauges, histograms; no units,
+//! exemplars or info metrics), only in a counter's family name (`x` in
+//! OpenMetrics, `x_total` like its samples in 0.0.4) and in the `# EOF`
+//! line that 0.0.4 does not have.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -336,12 +344,15 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// Every metric, in `format`.
+    pub fn render(&self, format: Format) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text004 => to_text_004(&out),
+        }
     }
 
     pub fn handshake_failed(&self, reason: &str) {
@@ -376,5 +387,157 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+}
+
+/// The exposition formats of `GET /metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0 text.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Text004,
+}
+
+impl Format {
+    /// The format an `Accept` header prefers, as Prometheus negotiates:
+    /// OpenMetrics when it is accepted (version 1.0.0 or none named) with a
+    /// quality at least that of the text format, else text 0.0.4 (also
+    /// without an `Accept` header).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else {
+            return Format::Text004;
+        };
+        let mut openmetrics = 0.0f32;
+        let mut text = 0.0f32;
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let mut q = 1.0f32;
+            let mut version = None;
+            for param in parts {
+                match param.split_once('=') {
+                    Some((k, v)) if k.trim().eq_ignore_ascii_case("q") => {
+                        q = v.trim().parse().unwrap_or(0.0);
+                    }
+                    Some((k, v)) if k.trim().eq_ignore_ascii_case("version") => {
+                        version = Some(v.trim().to_string());
+                    }
+                    _ => {}
+                }
+            }
+            match media.as_str() {
+                "application/openmetrics-text"
+                    if version.as_deref().is_none_or(|v| v == "1.0.0") =>
+                {
+                    openmetrics = openmetrics.max(q);
+                }
+                "text/plain" if version.as_deref().is_none_or(|v| v == "0.0.4") => {
+                    text = text.max(q);
+                }
+                "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Text004
+        }
+    }
+
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text004 => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4:
+/// a counter family takes the name of its `_total` samples in `# HELP` and
+/// `# TYPE`, and `# EOF` is dropped. Sample lines are the same in both.
+pub fn to_text_004(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // `# HELP` comes before its `# TYPE`, which says whether to rename.
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let family = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map(|(_, t)| t).unwrap_or_default();
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_headers_choose_the_format() {
+        use Format::*;
+        let cases = [
+            (None, Text004),
+            (Some("*/*"), Text004),
+            (Some("text/plain"), Text004),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            (
+                Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                OpenMetrics,
+            ),
+            // What Prometheus sends.
+            (
+                Some("application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"),
+                OpenMetrics,
+            ),
+            (Some("text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5"), Text004),
+            (Some("application/openmetrics-text;version=2.0.0"), Text004),
+            (Some("application/openmetrics-text;q=0"), Text004),
+        ];
+        for (accept, want) in cases {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn text_004_names_counter_families_as_their_samples() {
+        let m = Metrics::new();
+        m.controls.inc();
+        m.message("api", "sent");
+        m.storage_batch_size.observe(3.0);
+        let text = m.render(Format::Text004);
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(text.contains("# TYPE plugboard_controls_total counter\n"));
+        assert!(text.contains("# HELP plugboard_controls_total Control requests accepted.\n"));
+        assert!(text.contains("plugboard_controls_total 1\n"));
+        assert!(text.contains("plugboard_messages_total{via=\"api\",outcome=\"sent\"} 1\n"));
+        assert!(text.contains("# TYPE plugboard_connections_open gauge\n"));
+        assert!(text.contains("# TYPE plugboard_storage_batch_size histogram\n"));
+        let om = m.render(Format::OpenMetrics);
+        assert!(om.ends_with("# EOF\n"));
+        assert!(om.contains("# TYPE plugboard_controls counter\n"));
+        // The conversion relies on the registry using no exemplars or units.
+        assert!(!om.contains(" # {") && !om.contains("# UNIT"));
     }
 }

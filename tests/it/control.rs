@@ -444,13 +444,13 @@ async fn bad_requests_get_clear_errors_and_deliver_nothing() {
     .await;
     check(
         json!({"kind": "k", "payload": {}, "targets": {"users": ["h"]}, "priority": "urgent"}),
-        400,
+        422,
         "bad_request",
     )
     .await;
     check(
         json!({"kind": "k", "targets": {"users": ["h"]}}),
-        400,
+        422,
         "bad_request",
     )
     .await;
@@ -740,4 +740,118 @@ async fn the_example_handlers_check_kinds_limit_users_and_target_roles() {
     sentinel(&gw, &mut p2, "p2").await;
     let (s, b) = control(&gw, json!({"kind": "profile.audit", "payload": {"roles": ["admin"]}, "targets": {"users": ["p1"]}})).await;
     assert_eq!(s, 422, "{b}");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_reused_for_another_request_is_refused() {
+    let (gw, _rx) = setup("").await;
+    let mut r = WsClient::connect(&gw, "r").await;
+    let first = json!({"kind": "once", "payload": {"n": 1}, "targets": {"users": ["r"]},
+                       "idempotency_key": "job-7"});
+    let (s, answer) = control(&gw, first.clone()).await;
+    assert_eq!(s, 200, "{answer}");
+    assert_eq!(r.next_of("control").await["payload"], json!({"n": 1}));
+    // The same request again (its payload spaced and ordered differently
+    // still counts as the same) is a repeat.
+    let (s, again) = control(
+        &gw,
+        json!({"idempotency_key": "job-7", "targets": {"users": ["r"]}, "payload": {"n": 1}, "kind": "once"}),
+    )
+    .await;
+    assert_eq!((s, &again["duplicate"]), (200, &json!(true)), "{again}");
+    // Any other field changed under the same key: refused, nothing sent.
+    for other in [
+        json!({"kind": "once", "payload": {"n": 2}, "targets": {"users": ["r"]}, "idempotency_key": "job-7"}),
+        json!({"kind": "twice", "payload": {"n": 1}, "targets": {"users": ["r"]}, "idempotency_key": "job-7"}),
+        json!({"kind": "once", "payload": {"n": 1}, "targets": {"users": ["s"]}, "idempotency_key": "job-7"}),
+        json!({"kind": "once", "payload": {"n": 1}, "targets": {"users": ["r"]}, "priority": "high", "idempotency_key": "job-7"}),
+    ] {
+        let (s, b) = control(&gw, other.clone()).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (422, Some("idempotency_key_reused")),
+            "{other}: {b}"
+        );
+    }
+    sentinel(&gw, &mut r, "r").await;
+}
+
+fn sign_with_nonce(secret: &str, ts: i64, nonce: &str, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{nonce}.{body}").as_bytes());
+    let bytes = mac.finalize().into_bytes();
+    format!(
+        "v1={}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+#[tokio::test]
+async fn a_nonce_lets_a_signed_request_be_sent_twice_in_one_second() {
+    let secret = "control-signing-secret-0123";
+    let (gw, _rx) = setup(&format!(
+        "[control]\nrequire_signature = true\nsigning_secret = \"{secret}\"\n"
+    ))
+    .await;
+    let mut n = WsClient::connect(&gw, "n").await;
+    let body = json!({"kind": "tick", "payload": {}, "targets": {"users": ["n"]}}).to_string();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let send_body = |nonce: Option<&'static str>, sig: String, body: String| {
+        let gw = &gw;
+        async move {
+            let mut req = reqwest::Client::new()
+                .post(gw.url("/v1/control"))
+                .bearer_auth(plugboard_tests::gateway::API_KEY)
+                .header("content-type", "application/json")
+                .header("plugboard-timestamp", ts.to_string())
+                .header("plugboard-signature", sig)
+                .body(body);
+            if let Some(nonce) = nonce {
+                req = req.header("plugboard-nonce", nonce);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let send = |nonce, sig| send_body(nonce, sig, body.clone());
+    // The same body, the same second, two nonces: two requests, two controls.
+    for nonce in ["req-1", "req-2"] {
+        let (s, b) = send(Some(nonce), sign_with_nonce(secret, ts, nonce, &body)).await;
+        assert_eq!(s, 200, "{nonce}: {b}");
+        assert_eq!(n.next_of("control").await["kind"], "tick");
+    }
+    // A nonce used again with the same signature is still a replay.
+    let (s, b) = send(Some("req-1"), sign_with_nonce(secret, ts, "req-1", &body)).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("replayed_request")),
+        "{b}"
+    );
+    // The nonce is signed: another nonce under the first one's signature
+    // fails, and so does a signature without the nonce it was made with.
+    for (nonce, sig) in [
+        (Some("req-3"), sign_with_nonce(secret, ts, "req-1", &body)),
+        (None, sign_with_nonce(secret, ts, "req-4", &body)),
+        (
+            Some("bad nonce"),
+            sign_with_nonce(secret, ts, "bad nonce", &body),
+        ),
+    ] {
+        let (s, b) = send(nonce, sig).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (401, Some("bad_signature")),
+            "{nonce:?}: {b}"
+        );
+    }
+    // Nothing was delivered by the refused requests.
+    let last = json!({"kind": "sentinel", "payload": {}, "targets": {"users": ["n"]}}).to_string();
+    let sig = sign_with_nonce(secret, ts, "req-5", &last);
+    let (s, b) = send_body(Some("req-5"), sig, last.clone()).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(n.next_of("control").await["kind"], "sentinel");
 }

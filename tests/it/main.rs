@@ -15,6 +15,7 @@ mod limits;
 mod messaging;
 mod ops;
 mod plugins;
+mod routes;
 mod webhooks;
 
 use plugboard_tests::{Gateway, GatewayOptions, Receiver};

@@ -67,6 +67,10 @@ pub enum ControlError {
     HandlerFailed { plugin: String, reason: String },
     #[error("a request with this idempotency key is still being handled")]
     InProgress,
+    #[error(
+        "this idempotency key was used for a different request; use a new key for a new request"
+    )]
+    IdempotencyKeyReused,
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -89,6 +93,9 @@ impl From<ControlError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "control_handler_failed")
             }
             ControlError::InProgress => (StatusCode::CONFLICT, "in_progress"),
+            ControlError::IdempotencyKeyReused => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
             ControlError::Storage(s) => return ApiError::internal(s),
         };
         ApiError::new(status, code, e.to_string())
@@ -262,16 +269,15 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
             Some(ttl)
         }
     };
+    let request_hash = fingerprint(&body);
     if let Some(key) = &body.idempotency_key {
         if key.is_empty() || key.len() > 128 {
             return Err(ControlError::BadRequest(
                 "`idempotency_key` must be 1 to 128 bytes".into(),
             ));
         }
-        match app.controls.control_by_key(key).await? {
-            Some(Existing::Answered(answer)) => return repeat(key, &answer),
-            Some(Existing::InProgress) => return Err(ControlError::InProgress),
-            None => {}
+        if let Some(existing) = app.controls.control_by_key(key, &request_hash).await? {
+            return existing_answer(key, existing);
         }
     }
 
@@ -475,17 +481,13 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
         expires_at: ttl.map(|d| now + d.as_millis() as i64),
         receipt: body.receipt,
         idempotency_key: body.idempotency_key.clone(),
+        request_hash,
         created_at: now,
         targets: rows,
     };
     let expires_at = control.expires_at;
     if let Err(existing) = app.controls.control_create(control).await? {
-        return match existing {
-            Existing::Answered(answer) => {
-                repeat(body.idempotency_key.as_deref().unwrap_or(&id), &answer)
-            }
-            Existing::InProgress => Err(ControlError::InProgress),
-        };
+        return existing_answer(body.idempotency_key.as_deref().unwrap_or(&id), existing);
     }
 
     let mut results: Vec<TargetResult> = Vec::with_capacity(targets.len() + rejected.len());
@@ -573,8 +575,42 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
     Ok((StatusCode::OK, answer))
 }
 
-/// The stored answer of an earlier request with the same idempotency key
-/// (`which` names it in an error).
+/// What makes two requests with one idempotency key the same request:
+/// every field but the key, with the payload as a JSON value (its spacing
+/// and key order do not count), hashed.
+fn fingerprint(body: &ControlBody) -> String {
+    use sha2::{Digest, Sha256};
+    let raw = body.payload.get();
+    let payload = serde_json::from_str::<Value>(raw)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| raw.to_string());
+    let t = &body.targets;
+    let canonical = json!({
+        "kind": body.kind,
+        "payload": payload,
+        "targets": {"users": t.users, "group": t.group, "members": t.members, "online": t.online},
+        "priority": body.priority,
+        "reliability": body.reliability,
+        "ttl_ms": body.ttl_ms,
+        "receipt": body.receipt,
+    });
+    Sha256::digest(canonical.to_string().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The answer to a request whose idempotency key is already taken (`which`
+/// names it in an error).
+fn existing_answer(which: &str, existing: Existing) -> Result<(StatusCode, Value), ControlError> {
+    match existing {
+        Existing::Answered(answer) => repeat(which, &answer),
+        Existing::InProgress => Err(ControlError::InProgress),
+        Existing::OtherRequest => Err(ControlError::IdempotencyKeyReused),
+    }
+}
+
+/// The stored answer of an earlier request with the same idempotency key.
 fn repeat(which: &str, answer: &str) -> Result<(StatusCode, Value), ControlError> {
     let mut v: Value = serde_json::from_str(answer)
         .map_err(|e| ControlError::Unreadable(which.to_string(), e.to_string()))?;

@@ -4,37 +4,56 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::extract::State;
+use axum::Json;
+use http::Method;
 use serde_json::{json, Value};
 
-use super::ApiError;
+use super::{ApiBytes, ApiError, ApiPath, ApiQuery, BodyKind, Route};
 use crate::config::ConfigError;
 use crate::gateway::Registry;
 use crate::outbox::Enable;
 use crate::plugins::PluginError;
 use crate::server::App;
 
-pub fn router() -> Router<Arc<App>> {
-    Router::new()
-        .route("/admin/reload", post(reload))
-        .route("/admin/connections", get(connections))
-        .route("/admin/webhooks", get(webhooks))
-        .route("/admin/webhooks/{name}/enable", post(enable))
-        .route("/admin/webhooks/{name}/retry-failed", post(retry_failed))
-        .route("/admin/plugins", get(plugins))
-        .route(
-            "/admin/plugins/{name}",
-            axum::routing::put(upload_plugin)
-                .delete(unload_plugin)
-                .layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_UPLOAD)),
-        )
-        .route("/admin/plugins/{name}/reload", post(reload_plugin))
-        .route(
-            "/admin/plugins/{name}/kv/{key}",
-            get(kv_get).put(kv_put).delete(kv_delete),
-        )
+pub fn routes() -> Vec<Route> {
+    let plugin = "/admin/plugins/{name}";
+    let kv = "/admin/plugins/{name}/kv/{key}";
+    vec![
+        Route::new(Method::POST, "/admin/reload", BodyKind::None, reload),
+        Route::new(
+            Method::GET,
+            "/admin/connections",
+            BodyKind::None,
+            connections,
+        ),
+        Route::new(Method::GET, "/admin/webhooks", BodyKind::None, webhooks),
+        Route::new(
+            Method::POST,
+            "/admin/webhooks/{name}/enable",
+            BodyKind::None,
+            enable,
+        ),
+        Route::new(
+            Method::POST,
+            "/admin/webhooks/{name}/retry-failed",
+            BodyKind::None,
+            retry_failed,
+        ),
+        Route::new(Method::GET, "/admin/plugins", BodyKind::None, plugins),
+        Route::new(Method::PUT, plugin, BodyKind::Bytes, upload_plugin)
+            .map(|h| h.layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_UPLOAD))),
+        Route::new(Method::DELETE, plugin, BodyKind::None, unload_plugin),
+        Route::new(
+            Method::POST,
+            "/admin/plugins/{name}/reload",
+            BodyKind::None,
+            reload_plugin,
+        ),
+        Route::new(Method::GET, kv, BodyKind::None, kv_get),
+        Route::new(Method::PUT, kv, BodyKind::Bytes, kv_put),
+        Route::new(Method::DELETE, kv, BodyKind::None, kv_delete),
+    ]
 }
 
 /// Checks that `name` is a configured plugin and `key` a valid store key.
@@ -54,7 +73,7 @@ fn kv_target(app: &App, name: &str, key: &str) -> Result<(), ApiError> {
 /// `GET /admin/plugins/{name}/kv/{key}`: the value's bytes.
 async fn kv_get(
     State(app): State<Arc<App>>,
-    Path((name, key)): Path<(String, String)>,
+    ApiPath((name, key)): ApiPath<(String, String)>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     kv_target(&app, &name, &key)?;
@@ -78,8 +97,8 @@ async fn kv_get(
 /// `PUT /admin/plugins/{name}/kv/{key}`: the body is the value.
 async fn kv_put(
     State(app): State<Arc<App>>,
-    Path((name, key)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    ApiPath((name, key)): ApiPath<(String, String)>,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     kv_target(&app, &name, &key)?;
     if body.len() > crate::plugins::bindings::KV_MAX_VALUE {
@@ -108,7 +127,7 @@ async fn kv_put(
 /// `DELETE /admin/plugins/{name}/kv/{key}` (no error when absent).
 async fn kv_delete(
     State(app): State<Arc<App>>,
-    Path((name, key)): Path<(String, String)>,
+    ApiPath((name, key)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     kv_target(&app, &name, &key)?;
     app.storage
@@ -134,7 +153,7 @@ async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
 
 async fn connections(
     State(app): State<Arc<App>>,
-    Query(q): Query<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> Json<Value> {
     let mut sessions: Vec<_> = match q.get("user_id") {
         Some(u) => app.registry.user_sessions(u),
@@ -153,7 +172,7 @@ async fn webhooks(State(app): State<Arc<App>>) -> Json<Value> {
 
 async fn enable(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     match app.outbox.enable(&name).await.map_err(ApiError::internal)? {
         Enable::Enabled => Ok(Json(json!({ "name": name, "enabled": true }))),
@@ -170,7 +189,7 @@ async fn enable(
 
 async fn retry_failed(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let n = app
         .outbox
@@ -208,8 +227,8 @@ async fn plugins(State(app): State<Arc<App>>) -> Json<Value> {
 
 async fn upload_plugin(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
-    body: axum::body::Bytes,
+    ApiPath(name): ApiPath<String>,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request(
@@ -228,7 +247,7 @@ async fn upload_plugin(
 
 async fn reload_plugin(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let report = app.plugins.reload(&name).await.map_err(plugin_error)?;
     Ok(Json(
@@ -238,7 +257,7 @@ async fn reload_plugin(
 
 async fn unload_plugin(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     app.plugins.unload(&name).map_err(plugin_error)?;
     Ok(Json(json!({ "name": name, "loaded": false })))

@@ -2,20 +2,31 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::extract::State;
+use axum::Json;
+use http::Method;
 use serde::{Deserialize, Serialize};
 
-use super::ApiError;
+use super::{ApiError, ApiPath, BodyKind, OptionalJson, Route};
 use crate::gateway::CloseReason;
 use crate::server::App;
 use crate::storage::SessionRecord;
 
-pub fn router() -> Router<Arc<App>> {
-    Router::new()
-        .route("/v1/users/{uid}/kick", post(kick))
-        .route("/v1/users/{uid}/presence", get(presence))
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::new(
+            Method::POST,
+            "/v1/users/{uid}/kick",
+            BodyKind::OptionalJson,
+            kick,
+        ),
+        Route::new(
+            Method::GET,
+            "/v1/users/{uid}/presence",
+            BodyKind::None,
+            presence,
+        ),
+    ]
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,10 +49,12 @@ pub struct KickResponse {
 
 async fn kick(
     State(app): State<Arc<App>>,
-    Path(uid): Path<String>,
-    body: Option<Json<KickRequest>>,
+    ApiPath(uid): ApiPath<String>,
+    OptionalJson(body): OptionalJson<KickRequest>,
 ) -> Result<Json<KickResponse>, ApiError> {
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+    crate::messaging::check_id("uid", &uid)?;
+    // No body kicks every device of the user.
+    let req = body.unwrap_or_default();
     let message = req.reason.unwrap_or_else(|| "kicked by the server".into());
     let mut kicked = Vec::new();
     for s in app.registry.user_sessions(&uid) {
@@ -89,8 +102,9 @@ impl From<SessionRecord> for PresenceSession {
 
 async fn presence(
     State(app): State<Arc<App>>,
-    Path(uid): Path<String>,
+    ApiPath(uid): ApiPath<String>,
 ) -> Result<Json<PresenceResponse>, ApiError> {
+    crate::messaging::check_id("uid", &uid)?;
     let (p, sessions) = app
         .storage
         .presence(&uid)

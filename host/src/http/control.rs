@@ -7,32 +7,40 @@
 //! Signature: `plugboard-timestamp: <unix seconds>` and
 //! `plugboard-signature: v1=<hex of HMAC-SHA256(secret, "<timestamp>.<body>")>`
 //! (several space-separated `v1=` values are accepted, for secret rotation
-//! on the sender's side). A timestamp further than
-//! `control.signature_tolerance` from the gateway's clock is refused, and a
-//! signature already seen within that window is a replay.
+//! on the sender's side). A sender may add `plugboard-nonce: <id>`; the
+//! signed text is then `"<timestamp>.<nonce>.<body>"`, so two requests with
+//! the same body in the same second still have different signatures. A
+//! timestamp further than `control.signature_tolerance` from the gateway's
+//! clock is refused, and a signature already seen within that window is a
+//! replay.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use super::ApiError;
+use super::{ApiBytes, ApiError, BodyKind, Route};
 use crate::control::ControlBody;
 use crate::server::App;
 
 /// Remembered signatures before expired ones are swept.
 const SEEN_SWEEP_AT: usize = 10_000;
+/// Most bytes of a `plugboard-nonce`.
+const MAX_NONCE: usize = 128;
 
-pub fn router() -> Router<Arc<App>> {
-    Router::new().route("/v1/control", post(control))
+pub fn routes() -> Vec<Route> {
+    vec![Route::new(
+        Method::POST,
+        "/v1/control",
+        BodyKind::Json,
+        control,
+    )]
 }
 
 /// Request budgets per API key and the signatures seen recently. In memory,
@@ -126,10 +134,22 @@ fn verify(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
         .get("plugboard-signature")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| bad("missing `plugboard-signature`".into()))?;
+    let nonce = match headers.get("plugboard-nonce") {
+        None => None,
+        Some(v) => Some(parse_nonce(v).ok_or_else(|| {
+            bad(format!(
+                "`plugboard-nonce` must be 1 to {MAX_NONCE} characters of A-Z, a-z, 0-9, `-` or `_`"
+            ))
+        })?),
+    };
     let mut mac = Hmac::<Sha256>::new_from_slice(c.signing_secret.as_bytes())
         .expect("HMAC accepts any key length");
     mac.update(ts_text.trim().as_bytes());
     mac.update(b".");
+    if let Some(nonce) = nonce {
+        mac.update(nonce.as_bytes());
+        mac.update(b".");
+    }
     mac.update(body);
     let matched = header.split_whitespace().find(|part| {
         part.strip_prefix("v1=")
@@ -138,7 +158,7 @@ fn verify(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     });
     let Some(signature) = matched else {
         return Err(bad(
-            "`plugboard-signature` does not match: expected v1=<hex HMAC-SHA256 of \"<timestamp>.<body>\">".into(),
+            "`plugboard-signature` does not match: expected v1=<hex HMAC-SHA256 of \"<timestamp>.<body>\"> (of \"<timestamp>.<nonce>.<body>\" with `plugboard-nonce`)".into(),
         ));
     };
     let until = (ts + c.signature_tolerance.as_secs() as i64 + 1) * 1000;
@@ -147,10 +167,22 @@ fn verify(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
             app,
             StatusCode::UNAUTHORIZED,
             "replayed_request",
-            "this signature was already used; sign every request anew".into(),
+            "this signature was already used; sign every request anew, with a fresh `plugboard-nonce` to send the same body twice within a second".into(),
         ));
     }
     Ok(())
+}
+
+/// A nonce header's text, if it is one: a short token, so the signed text
+/// `"<timestamp>.<nonce>.<body>"` splits one way only.
+fn parse_nonce(value: &HeaderValue) -> Option<&str> {
+    let text = value.to_str().ok()?;
+    let ok = !text.is_empty()
+        && text.len() <= MAX_NONCE
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    ok.then_some(text)
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
@@ -163,7 +195,11 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-async fn control(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn control(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
+) -> Response {
     match handle(&app, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -195,8 +231,9 @@ async fn handle(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Response,
     if cfg.control.require_signature {
         verify(app, headers, body)?;
     }
-    let parsed: ControlBody = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    // Parsed only after the signature is checked: the signature covers the
+    // raw bytes, and an unsigned body is not worth parsing.
+    let parsed: ControlBody = super::parse_json(headers, body)?;
     match crate::control::submit(app, parsed).await {
         Ok((status, answer)) => Ok((status, Json(answer)).into_response()),
         Err(e) => {

@@ -4,15 +4,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::State;
+use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, ApiJson, ApiQuery};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, BodyKind, Route};
 use crate::messaging::check_id;
 use crate::server::App;
 use crate::storage::messages::{Group, GroupResult, Member};
@@ -22,18 +21,54 @@ const MEMBERS_PAGE: usize = 1000;
 /// Most members listed per page.
 const MEMBERS_PAGE_MAX: usize = 10_000;
 
-pub fn router() -> Router<Arc<App>> {
-    Router::new()
-        .route("/v1/groups", post(create))
-        .route(
-            "/v1/groups/{gid}",
-            get(get_group).patch(update).delete(delete_group),
-        )
-        .route(
-            "/v1/groups/{gid}/members",
-            get(members).post(add_members).delete(remove_members),
-        )
-        .route("/v1/groups/{gid}/members/{uid}", delete(remove_member))
+/// Most bytes of a group's `name`.
+pub const MAX_NAME: usize = 256;
+/// Most bytes of a member's `role`.
+pub const MAX_ROLE: usize = 64;
+
+pub fn routes() -> Vec<Route> {
+    let group = "/v1/groups/{gid}";
+    let members_path = "/v1/groups/{gid}/members";
+    vec![
+        Route::new(Method::POST, "/v1/groups", BodyKind::Json, create),
+        Route::new(Method::GET, group, BodyKind::None, get_group),
+        Route::new(Method::PATCH, group, BodyKind::Json, update),
+        Route::new(Method::DELETE, group, BodyKind::None, delete_group),
+        Route::new(Method::GET, members_path, BodyKind::None, members),
+        Route::new(Method::POST, members_path, BodyKind::Json, add_members),
+        Route::new(Method::DELETE, members_path, BodyKind::Json, remove_members),
+        Route::new(
+            Method::DELETE,
+            "/v1/groups/{gid}/members/{uid}",
+            BodyKind::None,
+            remove_member,
+        ),
+    ]
+}
+
+/// A group's `name`: at most [`MAX_NAME`] bytes (empty is allowed: no
+/// name), no control characters, since it is shown to users and logged.
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.len() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_name",
+            format!("a group's `name` must be at most {MAX_NAME} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A member's `role`: 1 to [`MAX_ROLE`] bytes, no control characters.
+fn check_role(role: &str) -> Result<(), ApiError> {
+    if role.is_empty() || role.len() > MAX_ROLE || role.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_role",
+            format!("a member's `role` must be 1 to {MAX_ROLE} bytes without control characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// A member in a request: a user id, or an object with a role.
@@ -59,11 +94,7 @@ fn members_from(inputs: Vec<MemberInput>, default_role: &str) -> Result<Vec<Memb
         };
         check_id("members[].user_id", &user_id)?;
         let role = role.unwrap_or_else(|| default_role.to_string());
-        if role.is_empty() || role.len() > 64 {
-            return Err(ApiError::bad_request(
-                "a member's `role` must be 1 to 64 bytes",
-            ));
-        }
+        check_role(&role)?;
         if seen.insert(user_id.clone()) {
             out.push(Member {
                 user_id,
@@ -128,6 +159,9 @@ async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let gid = body.group_id.unwrap_or_else(|| crate::new_id("grp"));
     check_id("group_id", &gid)?;
+    if let Some(name) = &body.name {
+        check_name(name)?;
+    }
     let members = members_from(body.members, "member")?;
     let now = crate::now_ms();
     let group = Group {
@@ -162,7 +196,7 @@ fn group_json(g: &Group) -> Value {
 
 async fn get_group(
     State(app): State<Arc<App>>,
-    Path(gid): Path<String>,
+    ApiPath(gid): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     match app.messages.group_get(&gid).await.map_err(storage)? {
         Some(g) => Ok(Json(group_json(&g))),
@@ -181,9 +215,12 @@ pub struct UpdateBody {
 
 async fn update(
     State(app): State<Arc<App>>,
-    Path(gid): Path<String>,
+    ApiPath(gid): ApiPath<String>,
     ApiJson(body): ApiJson<UpdateBody>,
 ) -> Result<Json<Value>, ApiError> {
+    if let Some(name) = &body.name {
+        check_name(name)?;
+    }
     let updated = app
         .messages
         .group_update(&gid, body.name, body.data)
@@ -194,7 +231,7 @@ async fn update(
 
 async fn delete_group(
     State(app): State<Arc<App>>,
-    Path(gid): Path<String>,
+    ApiPath(gid): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     if app.messages.group_delete(&gid).await.map_err(storage)? {
         tracing::info!(group_id = %gid, "group deleted");
@@ -216,7 +253,7 @@ pub struct MembersQuery {
 
 async fn members(
     State(app): State<Arc<App>>,
-    Path(gid): Path<String>,
+    ApiPath(gid): ApiPath<String>,
     ApiQuery(q): ApiQuery<MembersQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(MEMBERS_PAGE).clamp(1, MEMBERS_PAGE_MAX);
@@ -262,9 +299,12 @@ pub struct AddBody {
 
 async fn add_members(
     State(app): State<Arc<App>>,
-    Path(gid): Path<String>,
+    ApiPath(gid): ApiPath<String>,
     ApiJson(body): ApiJson<AddBody>,
 ) -> Result<Json<Value>, ApiError> {
+    if let Some(role) = &body.role {
+        check_role(role)?;
+    }
     let members = members_from(body.members, body.role.as_deref().unwrap_or("member"))?;
     let max = app.config().messaging.max_group_members;
     let added = app
@@ -284,7 +324,7 @@ pub struct RemoveBody {
 
 async fn remove_members(
     State(app): State<Arc<App>>,
-    Path(gid): Path<String>,
+    ApiPath(gid): ApiPath<String>,
     ApiJson(body): ApiJson<RemoveBody>,
 ) -> Result<Json<Value>, ApiError> {
     for u in &body.members {
@@ -301,7 +341,7 @@ async fn remove_members(
 
 async fn remove_member(
     State(app): State<Arc<App>>,
-    Path((gid, uid)): Path<(String, String)>,
+    ApiPath((gid, uid)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let removed = app
         .messages

@@ -5,38 +5,50 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::State;
+use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::{ApiError, ApiJson, ApiQuery};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, BodyKind, OptionalJson, Route};
 use crate::messaging::conversations::{self, ListQuery};
 use crate::messaging::{self, check_id, SendRequest, SyncQuery};
 use crate::server::App;
 use crate::storage::messages::RowChange;
 
-pub fn router() -> Router<Arc<App>> {
-    Router::new()
-        .route("/v1/messages", post(send))
-        .route("/v1/users/{uid}/messages", get(messages))
-        .route("/v1/users/{uid}/conversations", get(list))
-        .route(
-            "/v1/users/{uid}/conversations/{channel_type}/{channel_id}",
-            axum::routing::delete(delete),
-        )
-        .route(
+pub fn routes() -> Vec<Route> {
+    const ROW: &str = "/v1/users/{uid}/conversations/{channel_type}/{channel_id}";
+    vec![
+        Route::new(Method::POST, "/v1/messages", BodyKind::Json, send),
+        Route::new(
+            Method::GET,
+            "/v1/users/{uid}/messages",
+            BodyKind::None,
+            messages,
+        ),
+        Route::new(
+            Method::GET,
+            "/v1/users/{uid}/conversations",
+            BodyKind::None,
+            list,
+        ),
+        Route::new(Method::DELETE, ROW, BodyKind::None, delete),
+        Route::new(
+            Method::POST,
             "/v1/users/{uid}/conversations/{channel_type}/{channel_id}/read",
-            post(read),
-        )
-        .route(
+            BodyKind::OptionalJson,
+            read,
+        ),
+        Route::new(
+            Method::POST,
             "/v1/users/{uid}/conversations/{channel_type}/{channel_id}/hide",
-            post(hide),
-        )
+            BodyKind::None,
+            hide,
+        ),
+    ]
 }
 
 /// `POST /v1/messages`.
@@ -99,7 +111,7 @@ async fn send(
 
 async fn messages(
     State(app): State<Arc<App>>,
-    Path(uid): Path<String>,
+    ApiPath(uid): ApiPath<String>,
     ApiQuery(q): ApiQuery<SyncQuery>,
 ) -> Result<Json<Value>, ApiError> {
     check_id("uid", &uid)?;
@@ -108,7 +120,7 @@ async fn messages(
 
 async fn list(
     State(app): State<Arc<App>>,
-    Path(uid): Path<String>,
+    ApiPath(uid): ApiPath<String>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     check_id("uid", &uid)?;
@@ -138,30 +150,24 @@ async fn change(
 
 async fn read(
     State(app): State<Arc<App>>,
-    Path((uid, channel_type, channel_id)): Path<(String, String, String)>,
-    body: axum::body::Bytes,
+    ApiPath((uid, channel_type, channel_id)): ApiPath<(String, String, String)>,
+    OptionalJson(body): OptionalJson<ReadBody>,
 ) -> Result<Json<Value>, ApiError> {
-    // The body is optional: empty means "up to the last message".
-    let seq = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        serde_json::from_slice::<ReadBody>(&body)
-            .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?
-            .seq
-    };
+    // The body is optional: none means "up to the last message".
+    let seq = body.and_then(|b| b.seq);
     change(&app, &uid, &channel_type, &channel_id, RowChange::Read(seq)).await
 }
 
 async fn hide(
     State(app): State<Arc<App>>,
-    Path((uid, channel_type, channel_id)): Path<(String, String, String)>,
+    ApiPath((uid, channel_type, channel_id)): ApiPath<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     change(&app, &uid, &channel_type, &channel_id, RowChange::Hide).await
 }
 
 async fn delete(
     State(app): State<Arc<App>>,
-    Path((uid, channel_type, channel_id)): Path<(String, String, String)>,
+    ApiPath((uid, channel_type, channel_id)): ApiPath<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     change(&app, &uid, &channel_type, &channel_id, RowChange::Delete).await
 }

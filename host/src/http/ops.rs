@@ -4,18 +4,19 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use http::StatusCode;
+use axum::Json;
+use http::{Method, StatusCode};
 use serde_json::json;
 
+use super::{BodyKind, Route};
 use crate::server::App;
 
-pub fn router() -> Router<Arc<App>> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Method::GET, "/healthz", BodyKind::None, healthz),
+        Route::new(Method::GET, "/readyz", BodyKind::None, readyz),
+        Route::new(Method::GET, "/metrics", BodyKind::None, metrics),
+    ]
 }
 
 /// The process is up and serving HTTP.
@@ -42,15 +43,21 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+/// Every metric, in the format the `Accept` header prefers (OpenMetrics or
+/// Prometheus text 0.0.4, see [`crate::metrics::Format::negotiate`]).
+async fn metrics(State(app): State<Arc<App>>, headers: http::HeaderMap) -> Response {
     // Refreshes the outbox gauges from storage.
     app.outbox.views().await;
+    let accept = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::negotiate(accept);
     (
-        [(
-            http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        app.metrics.render(),
+        [
+            (http::header::CONTENT_TYPE, format.content_type()),
+            (http::header::VARY, "accept"),
+        ],
+        app.metrics.render(format),
     )
         .into_response()
 }

@@ -101,6 +101,9 @@ pub struct NewControl {
     pub expires_at: Option<i64>,
     pub receipt: bool,
     pub idempotency_key: Option<String>,
+    /// A hash of the request, to tell a repeat from another request that
+    /// reuses its idempotency key.
+    pub request_hash: String,
     /// Unix ms.
     pub created_at: i64,
     pub targets: Vec<NewTarget>,
@@ -130,6 +133,8 @@ pub enum Existing {
     Answered(String),
     /// The first request is still being handled.
     InProgress,
+    /// The key names a request with another hash.
+    OtherRequest,
 }
 
 /// Builds the events of targets reaching a state.
@@ -138,8 +143,9 @@ pub type TargetEvents = Box<dyn Fn(&Deliverable) -> NewEvent + Send>;
 /// The durable control contract.
 #[async_trait]
 pub trait ControlStore: Send + Sync + 'static {
-    /// What the idempotency key already names, if anything.
-    async fn control_by_key(&self, key: &str) -> Result<Option<Existing>>;
+    /// What the idempotency key already names, if anything, for a request
+    /// with `request_hash`.
+    async fn control_by_key(&self, key: &str, request_hash: &str) -> Result<Option<Existing>>;
 
     /// Records a control and its targets in one transaction. `Err(existing)`
     /// when its idempotency key was taken meanwhile.

@@ -282,6 +282,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             "ALTER TABLE endpoints ADD COLUMN skipped_total INTEGER NOT NULL DEFAULT 0",
         )?;
     }
+    super::sqlite_controls::migrate(conn)?;
     Ok(())
 }
 

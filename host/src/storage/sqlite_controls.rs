@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS controls (
     receipt         INTEGER NOT NULL,
     expires_at      INTEGER,
     idempotency_key TEXT UNIQUE,
+    request_hash    TEXT,
     answer          TEXT,
     created_at      INTEGER NOT NULL
 );
@@ -66,14 +67,29 @@ fn deliverable(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deliverable> {
     })
 }
 
-fn existing(conn: &Connection, key: &str) -> rusqlite::Result<Option<Existing>> {
-    let row: Option<Option<String>> = conn
-        .prepare_cached("SELECT answer FROM controls WHERE idempotency_key = ?1")?
-        .query_row(params![key], |r| r.get(0))
+/// Adds what an earlier version's `controls` table lacks.
+pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_hash: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('controls') WHERE name = 'request_hash')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_hash {
+        conn.execute_batch("ALTER TABLE controls ADD COLUMN request_hash TEXT")?;
+    }
+    Ok(())
+}
+
+fn existing(conn: &Connection, key: &str, hash: &str) -> rusqlite::Result<Option<Existing>> {
+    let row: Option<(Option<String>, Option<String>)> = conn
+        .prepare_cached("SELECT answer, request_hash FROM controls WHERE idempotency_key = ?1")?
+        .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    Ok(row.map(|answer| match answer {
-        Some(a) => Existing::Answered(a),
-        None => Existing::InProgress,
+    Ok(row.map(|(answer, stored)| match (answer, stored) {
+        // A row from before hashes were kept counts as the same request.
+        (_, Some(stored)) if stored != hash => Existing::OtherRequest,
+        (Some(a), _) => Existing::Answered(a),
+        (None, _) => Existing::InProgress,
     }))
 }
 
@@ -92,9 +108,10 @@ fn target(
 
 #[async_trait]
 impl ControlStore for SqliteStorage {
-    async fn control_by_key(&self, key: &str) -> Result<Option<Existing>> {
+    async fn control_by_key(&self, key: &str, request_hash: &str) -> Result<Option<Existing>> {
         let key = key.to_string();
-        self.read(move |conn| existing(conn, &key)).await
+        let hash = request_hash.to_string();
+        self.read(move |conn| existing(conn, &key, &hash)).await
     }
 
     async fn control_create(
@@ -103,14 +120,14 @@ impl ControlStore for SqliteStorage {
     ) -> Result<std::result::Result<(), Existing>> {
         self.write(move |conn| {
             if let Some(key) = &control.idempotency_key {
-                if let Some(e) = existing(conn, key)? {
+                if let Some(e) = existing(conn, key, &control.request_hash)? {
                     return Ok(Err(e));
                 }
             }
             conn.prepare_cached(
                 "INSERT INTO controls (id, kind, payload, priority, persist, receipt, expires_at,
-                     idempotency_key, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     idempotency_key, request_hash, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 control.id,
@@ -121,6 +138,10 @@ impl ControlStore for SqliteStorage {
                 control.receipt,
                 control.expires_at,
                 control.idempotency_key,
+                control
+                    .idempotency_key
+                    .as_ref()
+                    .map(|_| &control.request_hash),
                 control.created_at
             ])?;
             let mut insert = conn.prepare_cached(

@@ -11,6 +11,7 @@ mod lifecycle;
 mod messaging;
 mod ops;
 mod plugins;
+mod security;
 mod webhooks;
 
 use plugboard_tests::{Gateway, GatewayOptions, Receiver};

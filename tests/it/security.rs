@@ -111,6 +111,9 @@ async fn a_formatter_cannot_leave_the_endpoint_path_or_override_its_headers_and_
     let url = format!("http://{}/hooks?token=t0ken", rx.addr);
     let gw = Gateway::start(GatewayOptions::default().extra(
         &[
+            // Every hostile case is a failure in a row: the breaker must not
+            // open and hide the later ones.
+            "[plugin_runtime]\nbreaker_failures = 1000\n".to_string(),
             plugin("shaped", plugins::SHAPED_REQUEST, "on_error = \"fail-open\""),
             endpoint("rx", &url, "shaped", "[\"message.created\"]"),
         ]
@@ -208,11 +211,20 @@ async fn a_formatter_cannot_leave_the_endpoint_path_or_override_its_headers_and_
     assert_eq!(
         gw.metric(
             "plugboard_plugin_calls_total",
-            "outcome=\"malformed\",plugin=\"shaped\""
+            "plugin=\"shaped\",hook=\"webhook-formatter\",outcome=\"malformed\""
         )
         .await,
         hostile.len() as f64,
         "every hostile request counts as malformed"
+    );
+    assert_eq!(
+        gw.metric(
+            "plugboard_plugin_calls_total",
+            "plugin=\"shaped\",hook=\"webhook-formatter\",outcome=\"ok\""
+        )
+        .await,
+        1.0,
+        "only the benign request is a successful call"
     );
 }
 
@@ -248,7 +260,7 @@ async fn plugin_logs_are_bounded_per_line_per_call_and_in_the_admin_view() {
         assert_eq!(
             gw.metric(
                 "plugboard_plugin_log_dropped_total",
-                &format!("part=\"{part}\",plugin=\"flood\"")
+                &format!("plugin=\"flood\",part=\"{part}\"")
             )
             .await,
             n,

@@ -371,9 +371,12 @@ mod tests {
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
-        assert!(text.contains(
-            "message x\\n2026-01-01T00:00:00.000000Z ERROR forged: line user_id=x\\n2026"
-        ), "{text}");
+        assert!(
+            text.contains(
+                "message x\\n2026-01-01T00:00:00.000000Z ERROR forged: line user_id=x\\n2026"
+            ),
+            "{text}"
+        );
         assert!(text.contains(" quoted=\"x\\n2026"), "{text}");
         assert!(text.trim_end().ends_with(" n=3"), "{text}");
     }

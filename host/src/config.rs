@@ -1046,7 +1046,13 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
         Some(span) => {
             let before = text.get(..span.start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
             format!("line {line}, column {column}: {what}")
         }
         None => what,

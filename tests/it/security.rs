@@ -109,16 +109,22 @@ fn case_of(s: &Seen) -> Option<u64> {
 async fn a_formatter_cannot_leave_the_endpoint_path_or_override_its_headers_and_query() {
     let rx = Recorder::start().await;
     let url = format!("http://{}/hooks?token=t0ken", rx.addr);
-    let gw = Gateway::start(GatewayOptions::default().extra(
-        &[
-            // Every hostile case is a failure in a row: the breaker must not
-            // open and hide the later ones.
-            "[plugin_runtime]\nbreaker_failures = 1000\n".to_string(),
-            plugin("shaped", plugins::SHAPED_REQUEST, "on_error = \"fail-open\""),
-            endpoint("rx", &url, "shaped", "[\"message.created\"]"),
-        ]
-        .concat(),
-    ))
+    let gw = Gateway::start(
+        GatewayOptions::default().extra(
+            &[
+                // Every hostile case is a failure in a row: the breaker must not
+                // open and hide the later ones.
+                "[plugin_runtime]\nbreaker_failures = 1000\n".to_string(),
+                plugin(
+                    "shaped",
+                    plugins::SHAPED_REQUEST,
+                    "on_error = \"fail-open\"",
+                ),
+                endpoint("rx", &url, "shaped", "[\"message.created\"]"),
+            ]
+            .concat(),
+        ),
+    )
     .await;
     let mut hostile: Vec<Value> = [
         "/../../admin/secret",
@@ -162,10 +168,17 @@ async fn a_formatter_cannot_leave_the_endpoint_path_or_override_its_headers_and_
     ] {
         hostile.push(json!({ "headers": [[name, "evil"]] }));
     }
-    for query in ["token=evil", "TOKEN=evil", "tok%65n=evil", "a=1&token=evil", "token"] {
+    for query in [
+        "token=evil",
+        "TOKEN=evil",
+        "tok%65n=evil",
+        "a=1&token=evil",
+        "token",
+    ] {
         hostile.push(json!({ "query": query }));
     }
-    let benign = json!({ "path_suffix": "/ok/event", "query": "x=1", "headers": [["x-extra", "yes"]] });
+    let benign =
+        json!({ "path_suffix": "/ok/event", "query": "x=1", "headers": [["x-extra", "yes"]] });
     let mut cases = hostile.clone();
     cases.push(benign);
     for (i, case) in cases.iter().enumerate() {
@@ -194,8 +207,16 @@ async fn a_formatter_cannot_leave_the_endpoint_path_or_override_its_headers_and_
         // Refused as malformed; fail-open sends the default envelope to the
         // endpoint's own URL, headers and query.
         assert_eq!(s.path, "/hooks", "case {}: {s:?}", cases[case as usize]);
-        assert_eq!(s.query.as_deref(), Some("token=t0ken"), "case {}: {s:?}", cases[case as usize]);
-        assert_eq!(s.body["type"], "message.created", "the default envelope: {s:?}");
+        assert_eq!(
+            s.query.as_deref(),
+            Some("token=t0ken"),
+            "case {}: {s:?}",
+            cases[case as usize]
+        );
+        assert_eq!(
+            s.body["type"], "message.created",
+            "the default envelope: {s:?}"
+        );
         assert!(s.headers.get("authorization").is_none(), "{s:?}");
         assert!(s.headers.get("proxy-authorization").is_none(), "{s:?}");
         assert!(s.headers.get("expect").is_none(), "{s:?}");
@@ -268,7 +289,10 @@ async fn plugin_logs_are_bounded_per_line_per_call_and_in_the_admin_view() {
         );
     }
     let (view, size) = plugin_view(&gw, "flood").await;
-    assert!(size < 100 * 1024, "GET /admin/plugins answered {size} bytes");
+    assert!(
+        size < 100 * 1024,
+        "GET /admin/plugins answered {size} bytes"
+    );
     let lines = view["recent_logs"].as_array().unwrap();
     assert!(!lines.is_empty());
     for line in lines {
@@ -327,19 +351,19 @@ async fn no_client_token_or_plugin_text_forges_a_line_of_the_text_log() {
     assert_eq!(refused.status, Some(401), "{refused:?}");
     // A percent-encoded user id on the API.
     let (status, _) = gw
-        .api(
-            Method::POST,
-            "/v1/users/a%0AFORGED-API%20line/kick",
-            None,
-        )
+        .api(Method::POST, "/v1/users/a%0AFORGED-API%20line/kick", None)
         .await;
     assert!(status < 500, "{status}");
     // A plugin's message, fields and standard output.
     send_message(&gw, "alice", "bob", json!({ "text": "go" })).await;
-    let log = wait_until("the plugin's lines and the refusal in the log", WAIT, || {
-        let log = gw.log();
-        (log.contains("stdout line 0") && log.contains("FORGED-JWT")).then_some(log)
-    })
+    let log = wait_until(
+        "the plugin's lines and the refusal in the log",
+        WAIT,
+        || {
+            let log = gw.log();
+            (log.contains("stdout line 0") && log.contains("FORGED-JWT")).then_some(log)
+        },
+    )
     .await;
     for line in log.lines() {
         if line.starts_with("plugboard: listening on") {
@@ -375,7 +399,10 @@ async fn a_syntax_error_on_a_secret_line_is_shown_without_the_secret() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid_config", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("not valid TOML") && message.contains("line "), "{message}");
+    assert!(
+        message.contains("not valid TOML") && message.contains("line "),
+        "{message}"
+    );
     assert!(!body.to_string().contains("SYNTAX-SECRET"), "{body}");
     let log = wait_until("the refused reload in the log", WAIT, || {
         let log = gw.log();
@@ -446,9 +473,16 @@ async fn webhook_url_credentials_are_redacted_in_every_output() {
         .arg(&gw.config_path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(printed.contains(&format!("127.0.0.1:{port}/hooks?token=***")), "{printed}");
+    assert!(
+        printed.contains(&format!("127.0.0.1:{port}/hooks?token=***")),
+        "{printed}"
+    );
     for secret in ["hookuser", "HOOKPASS", "HOOKTOKEN"] {
         assert!(!printed.contains(secret), "{secret} in {printed}");
     }
@@ -495,10 +529,17 @@ async fn an_upload_is_written_through_a_new_private_file_not_a_planted_link() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["swapped"], true, "{body}");
 
-    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        b"untouched",
+        "the write went through the planted link"
+    );
     let file = dir.path().join("echo.wasm");
     assert!(
-        std::fs::symlink_metadata(&file).unwrap().file_type().is_file(),
+        std::fs::symlink_metadata(&file)
+            .unwrap()
+            .file_type()
+            .is_file(),
         "the plugin file is a plain file"
     );
     assert_eq!(std::fs::read(&file).unwrap(), v2);
@@ -536,7 +577,11 @@ async fn a_refused_upload_leaves_no_compiled_artifact_in_the_cache() {
             .collect()
     };
     let serving = sha256_hex(&std::fs::read(plugins::ECHO_FORMATTER).unwrap());
-    assert!(cached().iter().any(|f| f.starts_with(&serving)), "{:?}", cached());
+    assert!(
+        cached().iter().any(|f| f.starts_with(&serving)),
+        "{:?}",
+        cached()
+    );
     // Both compile, then are refused: one by its init, one by its exports.
     for refused in [plugins::BAD_INIT, plugins::FILTER_ECHO] {
         let bytes = std::fs::read(refused).unwrap();

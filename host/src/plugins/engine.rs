@@ -233,7 +233,10 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &path).unwrap();
         write_replacing(&path, b"new bytes").unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
-        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_file());
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_file());
         assert_eq!(std::fs::read(&path).unwrap(), b"new bytes");
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -329,7 +329,11 @@ mod tests {
             log.plugin_line(&budget, LogLevel::Info, format!("line {i}"), vec![]);
         }
         assert_eq!(log.dropped().lines, 7);
-        assert_eq!(budget.reset(), 7, "the reset reports the previous call's drops");
+        assert_eq!(
+            budget.reset(),
+            7,
+            "the reset reports the previous call's drops"
+        );
         log.plugin_line(&budget, LogLevel::Info, "next call".into(), vec![]);
         assert_eq!(log.dropped().lines, 7);
         assert_eq!(log.recent(1, usize::MAX)[0].message, "next call");
@@ -342,7 +346,11 @@ mod tests {
     fn the_recent_lines_are_bounded_in_bytes() {
         let log = PluginLog::new("p");
         for _ in 0..KEEP_LINES {
-            log.push(LogLevel::Info, "m".repeat(MAX_MESSAGE_BYTES), huge_fields(16));
+            log.push(
+                LogLevel::Info,
+                "m".repeat(MAX_MESSAGE_BYTES),
+                huge_fields(16),
+            );
         }
         let recent = log.recent.lock().unwrap();
         let held: usize = recent.lines.iter().map(LogLine::bytes).sum();

@@ -465,7 +465,12 @@ impl PluginRegistry {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .any(|s| s.current.load().as_ref().is_some_and(|c| c.sha256 == sha256))
+            .any(|s| {
+                s.current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|c| c.sha256 == sha256)
+            })
     }
 
     /// Validates `bytes` as a new version of plugin `name`, writes it to the
@@ -1024,16 +1029,12 @@ fn request_url(base: &str, suffix: Option<&str>, query: Option<&str>) -> Result<
     if let Some(s) = suffix {
         url.set_path(&format!("{base_path}{s}"));
         if !url.path().starts_with(&format!("{base_path}/")) {
-            return Err(format!(
-                "path-suffix {s:?} leaves the endpoint's path"
-            ));
+            return Err(format!("path-suffix {s:?} leaves the endpoint's path"));
         }
     }
     if let Some(q) = query.filter(|q| !q.is_empty()) {
-        let own: std::collections::BTreeSet<String> = url
-            .query_pairs()
-            .map(|(k, _)| k.to_lowercase())
-            .collect();
+        let own: std::collections::BTreeSet<String> =
+            url.query_pairs().map(|(k, _)| k.to_lowercase()).collect();
         let mut theirs = url.clone();
         theirs.set_query(Some(q));
         if let Some((key, _)) = theirs
@@ -1060,7 +1061,11 @@ mod tests {
 
     const ENDPOINT: &str = "https://bot.example.com/hook/?token=abc";
 
-    fn request(suffix: Option<&str>, query: Option<&str>, headers: &[(&str, &str)]) -> wf::OutgoingRequest {
+    fn request(
+        suffix: Option<&str>,
+        query: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> wf::OutgoingRequest {
         wf::OutgoingRequest {
             body: b"{}".to_vec(),
             content_type: "application/json".into(),
@@ -1078,15 +1083,27 @@ mod tests {
 
     #[test]
     fn a_suffix_and_a_query_are_added_under_the_endpoint() {
-        let r = check_request(request(Some("/onebot/event"), Some("event=x"), &[]), ENDPOINT)
-            .unwrap();
-        assert_eq!(r.url, "https://bot.example.com/hook/onebot/event?token=abc&event=x");
+        let r = check_request(
+            request(Some("/onebot/event"), Some("event=x"), &[]),
+            ENDPOINT,
+        )
+        .unwrap();
+        assert_eq!(
+            r.url,
+            "https://bot.example.com/hook/onebot/event?token=abc&event=x"
+        );
         let r = check_request(request(None, None, &[]), ENDPOINT).unwrap();
         assert_eq!(r.url, ENDPOINT);
         // Ordinary escapes and dots inside a name are fine.
-        let r = check_request(request(Some("/a%20b/v1.2/.well-known"), None, &[]), ENDPOINT)
-            .unwrap();
-        assert_eq!(r.url, "https://bot.example.com/hook/a%20b/v1.2/.well-known?token=abc");
+        let r = check_request(
+            request(Some("/a%20b/v1.2/.well-known"), None, &[]),
+            ENDPOINT,
+        )
+        .unwrap();
+        assert_eq!(
+            r.url,
+            "https://bot.example.com/hook/a%20b/v1.2/.well-known?token=abc"
+        );
     }
 
     #[test]
@@ -1125,8 +1142,7 @@ mod tests {
             "/bad%",
             "/%+1",
         ] {
-            let err = check_request(request(Some(suffix), None, &[]), ENDPOINT)
-                .expect_err(suffix);
+            let err = check_request(request(Some(suffix), None, &[]), ENDPOINT).expect_err(suffix);
             assert!(err.starts_with("path-suffix "), "{suffix}: {err}");
         }
     }
@@ -1152,8 +1168,7 @@ mod tests {
             "webhook-signature",
             "webhook-anything",
         ] {
-            let err = check_request(request(None, None, &[(name, "x")]), ENDPOINT)
-                .expect_err(name);
+            let err = check_request(request(None, None, &[(name, "x")]), ENDPOINT).expect_err(name);
             assert!(err.contains("cannot be set by a plugin"), "{name}: {err}");
         }
         assert!(check_request(request(None, None, &[("x-self-id", "1")]), ENDPOINT).is_ok());
@@ -1161,9 +1176,18 @@ mod tests {
 
     #[test]
     fn a_query_may_not_repeat_a_key_of_the_endpoint_url() {
-        for query in ["token=evil", "TOKEN=evil", "tok%65n=evil", "a=1&token=evil", "token"] {
+        for query in [
+            "token=evil",
+            "TOKEN=evil",
+            "tok%65n=evil",
+            "a=1&token=evil",
+            "token",
+        ] {
             let err = check_request(request(None, Some(query), &[]), ENDPOINT).expect_err(query);
-            assert!(err.contains("already in the endpoint's URL"), "{query}: {err}");
+            assert!(
+                err.contains("already in the endpoint's URL"),
+                "{query}: {err}"
+            );
         }
         let r = check_request(request(None, Some("tokens=1"), &[]), ENDPOINT).unwrap();
         assert_eq!(r.url, "https://bot.example.com/hook/?token=abc&tokens=1");

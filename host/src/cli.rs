@@ -109,9 +109,64 @@ fn init_logging(config: &Config) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match config.log.format {
+        // JSON escapes control characters by itself.
         LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(escaping_fields()).try_init(),
     };
+}
+
+/// The text format's field formatter: `name=value` pairs separated by
+/// spaces, the message bare, as tracing's default, except that control
+/// characters in every message and value are escaped. Values come from
+/// clients, tokens, plugins and receivers; escaping them here, once, means
+/// no call site can forget to, so no value can end a line and forge
+/// another record.
+fn escaping_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        let text = escape_controls(&text);
+        if field.name() == "message" {
+            w.write_str(&text)
+        } else {
+            write!(w, "{}={text}", field.name().trim_start_matches("r#"))
+        }
+    })
+    .delimited(" ")
+}
+
+/// Whether a character must not reach a text log as it is: control
+/// characters, and the Unicode line and paragraph separators and
+/// bidirectional overrides that make a viewer show text other than what
+/// is there.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// `text` with every control character escaped (`\n`, `\r`, `\t`,
+/// otherwise `\u{..}`), so that it stays on one line.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write as _;
+    if !text.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Runs the command line; returns the process exit code.
@@ -271,5 +326,58 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("plain text, é ✓"), "plain text, é ✓");
+        assert_eq!(
+            escape_controls("a\nb\r\tc\u{1b}[2K\u{0}\u{85}\u{2028}\u{202e}"),
+            "a\\nb\\r\\tc\\u{1b}[2K\\u{0}\\u{85}\\u{2028}\\u{202e}"
+        );
+    }
+
+    /// A writer into a shared buffer, for a subscriber under test.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_text_log_keeps_every_record_on_one_line() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .fmt_fields(escaping_fields())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let hostile = "x\n2026-01-01T00:00:00.000000Z ERROR forged: line";
+            tracing::info!(user_id = %hostile, quoted = hostile, n = 3, "message {hostile}");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(
+                "message x\\n2026-01-01T00:00:00.000000Z ERROR forged: line user_id=x\\n2026"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(" quoted=\"x\\n2026"), "{text}");
+        assert!(text.trim_end().ends_with(" n=3"), "{text}");
     }
 }

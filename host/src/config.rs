@@ -668,7 +668,7 @@ impl Config {
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Syntax {
                         path: path.to_path_buf(),
-                        message: e.to_string(),
+                        message: syntax_message(&text, &e),
                     })?
             }
             None => toml::Table::new(),
@@ -685,7 +685,7 @@ impl Config {
             .parse::<toml::Table>()
             .map_err(|e| ConfigError::Syntax {
                 path: PathBuf::from("<inline>"),
-                message: e.to_string(),
+                message: syntax_message(text, &e),
             })?;
         let config = Self::from_table(table)?;
         config.validate()?;
@@ -699,6 +699,13 @@ impl Config {
             // The first line is the message; later lines only name the enclosing table.
             let inner = e.into_inner().to_string();
             let inner = inner.lines().next().unwrap_or_default().trim().to_string();
+            // serde quotes the value it could not take ("invalid type:
+            // string \"…\""): not when that value is a secret.
+            let inner = if is_secret_key(&key) {
+                redact_quoted(&inner)
+            } else {
+                inner
+            };
             key_err(if key == "." { "<root>".into() } else { key }, inner)
         })
     }
@@ -999,6 +1006,7 @@ impl Config {
         c.auth.api_keys = c.auth.api_keys.iter().map(|k| hide(k)).collect();
         for w in &mut c.webhooks {
             w.secret = hide(&w.secret);
+            w.url = redact_url(&w.url);
         }
         c.control.signing_secret = hide(&c.control.signing_secret);
         c
@@ -1027,6 +1035,105 @@ impl Config {
         }
         keys
     }
+}
+
+/// A TOML syntax error without the source line that toml quotes, since that
+/// line may hold a secret (`jwt_secret = "…` with its quote left open):
+/// where it is, and what is wrong.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let what = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what,
+    }
+}
+
+/// Whether the config key at `path` (as serde_path_to_error names it) holds
+/// a secret, or a URL that may carry one.
+fn is_secret_key(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    let last = last.split('[').next().unwrap_or(last);
+    matches!(
+        last,
+        "jwt_secret" | "admin_token" | "api_keys" | "secret" | "signing_secret" | "url"
+    )
+}
+
+/// `message` with every quoted part (`"…"` or `` `…` ``) replaced.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push_str("<redacted>");
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '"' || c == '`' {
+                    open = Some(c);
+                }
+            }
+        }
+    }
+    if open.is_some() {
+        out.push_str("<redacted>");
+    }
+    out
+}
+
+/// A URL as it may be shown (logs, admin views, `config check`): the
+/// user name and password, and every query value, are replaced by `***`;
+/// the scheme, host, port, path and query keys stay, so the endpoint can
+/// still be recognised. Text that does not parse as a URL is not shown.
+/// This is the one place the gateway redacts a URL.
+pub fn redact_url(url: &str) -> String {
+    use std::fmt::Write as _;
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return "<not a URL>".to_string();
+    };
+    let mut out = format!("{}://", u.scheme());
+    if !u.username().is_empty() || u.password().is_some() {
+        out.push_str("***@");
+    }
+    out.push_str(u.host_str().unwrap_or_default());
+    if let Some(port) = u.port() {
+        let _ = write!(out, ":{port}");
+    }
+    out.push_str(u.path());
+    if let Some(query) = u.query() {
+        let pairs: Vec<String> = query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) => format!("{key}=***"),
+                None => "***".to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
 }
 
 /// A name that config entries and URLs refer to: unique, and letters,
@@ -1237,5 +1344,51 @@ mod tests {
         assert!(!pattern_matches("connection.*", "connections.opened"));
         assert!(pattern_matches("*", "user.online"));
         assert!(!pattern_matches("user.online", "user.offline"));
+    }
+    #[test]
+    fn a_syntax_error_on_a_secret_line_does_not_quote_the_line() {
+        let secret = "hunter2-0123456789-abcdefghijklmnop";
+        for toml in [
+            format!("[auth]\njwt_secret = \"{secret}\n"),
+            format!("[auth]\nadmin_token = {secret}\n"),
+            format!("[auth]\njwt_secret = \"{secret}\" trailing\n"),
+        ] {
+            let err = Config::from_toml(&toml).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("line 2"), "the error still says where: {err}");
+        }
+    }
+
+    #[test]
+    fn a_mistyped_secret_is_not_quoted_in_the_error() {
+        let err = Config::from_toml("[auth]\napi_keys = \"hunter2-key\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.api_keys"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        // Other keys keep serde's full message.
+        let err = Config::from_toml("[gateway]\nping_interval = \"soon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials_or_query_values() {
+        assert_eq!(
+            redact_url("https://bot:s3cret@example.com:8443/hook/x?token=abc&flag&b=2#frag"),
+            "https://***@example.com:8443/hook/x?token=***&***&b=***"
+        );
+        assert_eq!(
+            redact_url("http://example.com/hook"),
+            "http://example.com/hook"
+        );
+        assert_eq!(redact_url("not a url with s3cret"), "<not a URL>");
+        let mut c = Config::from_toml(
+            "[[webhooks]]\nname = \"a\"\nurl = \"http://u:p4ss@x/h?token=t0k\"\nsecret = \"whsec_MDEyMzQ1Njc4OWFiY2RlZg==\"",
+        )
+        .unwrap();
+        c = c.redacted();
+        assert_eq!(c.webhooks[0].url, "http://***@x/h?token=***");
     }
 }

@@ -2,7 +2,11 @@
 
 fn main() {
     if let Err(e) = plugboard::cli::main() {
-        eprintln!("plugboard: error: {e:#}");
+        // One line, whatever the error quotes.
+        eprintln!(
+            "plugboard: error: {}",
+            plugboard::cli::escape_controls(&format!("{e:#}"))
+        );
         std::process::exit(1);
     }
 }

@@ -65,6 +65,13 @@ pub struct PluginOutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLogLabel {
+    pub plugin: String,
+    /// `line`, `field` or `truncated`.
+    pub part: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginCallLabel {
     pub plugin: String,
     pub hook: String,
@@ -108,6 +115,7 @@ pub struct Metrics {
     pub plugin_breaker_open: Family<PluginLabel, Gauge>,
     pub plugin_breaker_trips: Family<PluginLabel, Counter>,
     pub plugin_loads: Family<PluginOutcomeLabel, Counter>,
+    pub plugin_log_dropped: Family<PluginLogLabel, Counter>,
     pub messages: Family<MessageLabel, Counter>,
     pub message_commit_seconds: Histogram,
     pub fanout_frames: Counter,
@@ -166,6 +174,7 @@ impl Metrics {
             plugin_breaker_open: Family::default(),
             plugin_breaker_trips: Family::default(),
             plugin_loads: Family::default(),
+            plugin_log_dropped: Family::default(),
             messages: Family::default(),
             message_commit_seconds: latency_histogram(),
             fanout_frames: Counter::default(),
@@ -289,6 +298,11 @@ impl Metrics {
             "plugin_loads",
             "Plugin versions loaded or refused, by plugin and outcome",
             m.plugin_loads.clone(),
+        );
+        r.register(
+            "plugin_log_dropped",
+            "Parts of plugin log lines dropped to stay within the log limits, by plugin and part (line: a whole line past the per-call limit; field: a field past the per-line limit; truncated: a line whose message, field name or value was cut)",
+            m.plugin_log_dropped.clone(),
         );
         r.register(
             "messages",

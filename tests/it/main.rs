@@ -16,6 +16,7 @@ mod messaging;
 mod ops;
 mod plugins;
 mod routes;
+mod security;
 mod webhooks;
 
 use plugboard_tests::{Gateway, GatewayOptions, Receiver};

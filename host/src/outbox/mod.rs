@@ -326,7 +326,7 @@ impl Outbox {
             out.push(EndpointView {
                 disabled: runtime_disabled || !cfg.enabled,
                 name: cfg.name,
-                url: cfg.url,
+                url: crate::config::redact_url(&cfg.url),
                 events: cfg.events,
                 enabled_in_config: cfg.enabled,
                 disabled_at: ts(state.disabled_at),

@@ -228,10 +228,10 @@ async fn deliver(
             data: e.data.clone(),
             endpoint: cfg.name.clone(),
         };
-        match plugins.format(formatter, &event).await {
+        match plugins.format(formatter, &event, &cfg.url).await {
             Ok(None) => early = Some(Outcome::Skipped),
             Ok(Some(req)) => {
-                request.url = join_url(&cfg.url, req.path_suffix.as_deref(), req.query.as_deref());
+                request.url = req.url;
                 request.content_type = req.content_type;
                 request.headers = req.headers;
                 request.body = req.body;
@@ -281,25 +281,6 @@ struct Prepared {
     content_type: reqwest::header::HeaderValue,
     headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
     body: Vec<u8>,
-}
-
-/// The endpoint URL with a formatter's path suffix and query.
-fn join_url(base: &str, suffix: Option<&str>, query: Option<&str>) -> String {
-    let Ok(mut url) = reqwest::Url::parse(base) else {
-        return base.to_string();
-    };
-    if let Some(s) = suffix {
-        let path = format!("{}{}", url.path().trim_end_matches('/'), s);
-        url.set_path(&path);
-    }
-    if let Some(q) = query {
-        let joined = match url.query() {
-            Some(existing) if !existing.is_empty() => format!("{existing}&{q}"),
-            _ => q.to_string(),
-        };
-        url.set_query(Some(&joined));
-    }
-    url.to_string()
 }
 
 /// Signs and sends one request; classifies the answer.
@@ -353,15 +334,26 @@ async fn send(
                 retry_after,
             }
         }
-        Err(e) => Outcome::Failure {
-            label: if e.is_timeout() {
-                "timeout"
-            } else {
-                "network_error"
-            },
-            error: format!("request failed: {}", error_chain(&e)),
-            retry_after: None,
-        },
+        Err(e) => {
+            // reqwest names the URL in its errors, and the URL may carry
+            // credentials; the error goes to `last_error` and the log.
+            let shown = e
+                .url()
+                .and_then(|u| reqwest::Url::parse(&crate::config::redact_url(u.as_str())).ok());
+            let e = match shown {
+                Some(url) => e.with_url(url),
+                None => e.without_url(),
+            };
+            Outcome::Failure {
+                label: if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "network_error"
+                },
+                error: format!("request failed: {}", error_chain(&e)),
+                retry_after: None,
+            }
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::logs::PluginLog;
+use super::logs::{LineBudget, PluginLog};
 use super::PluginContext;
 
 wasmtime::component::bindgen!({
@@ -86,18 +86,23 @@ pub struct PluginState {
     pub memory: MemoryCap,
     /// Epoch ticks the current call may still run guest code for.
     pub ticks_left: u64,
+    /// Lines the current call may still log (`host.log`, stdout, stderr).
+    pub log_budget: Arc<LineBudget>,
     pub ctx: Arc<PluginContext>,
 }
 
 impl PluginState {
     pub fn new(ctx: Arc<PluginContext>, memory_limit: usize) -> Self {
+        let log_budget = Arc::new(LineBudget::default());
         let wasi = WasiCtx::builder()
             .stdout(LogStream {
                 log: ctx.log.clone(),
+                budget: log_budget.clone(),
                 stderr: false,
             })
             .stderr(LogStream {
                 log: ctx.log.clone(),
+                budget: log_budget.clone(),
                 stderr: true,
             })
             .wall_clock(FrozenClock)
@@ -111,6 +116,7 @@ impl PluginState {
             table: ResourceTable::new(),
             memory: MemoryCap::new(memory_limit),
             ticks_left: u64::MAX,
+            log_budget,
             ctx,
         }
     }
@@ -149,6 +155,7 @@ impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
 /// Plugin stdout/stderr, written line by line into the plugin's log.
 struct LogStream {
     log: Arc<PluginLog>,
+    budget: Arc<LineBudget>,
     stderr: bool,
 }
 
@@ -162,6 +169,7 @@ impl wasmtime_wasi::cli::StdoutStream for LogStream {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
         Box::new(LineWriter {
             log: self.log.clone(),
+            budget: self.budget.clone(),
             stderr: self.stderr,
             buf: Vec::new(),
         })
@@ -170,6 +178,7 @@ impl wasmtime_wasi::cli::StdoutStream for LogStream {
 
 struct LineWriter {
     log: Arc<PluginLog>,
+    budget: Arc<LineBudget>,
     stderr: bool,
     buf: Vec<u8>,
 }
@@ -184,8 +193,12 @@ impl LineWriter {
                 LogLevel::Info
             };
             let stream = if self.stderr { "stderr" } else { "stdout" };
-            self.log
-                .push(level, text, vec![("stream".into(), stream.into())]);
+            self.log.plugin_line(
+                &self.budget,
+                level,
+                text,
+                vec![("stream".into(), stream.into())],
+            );
         }
     }
 }
@@ -232,7 +245,8 @@ fn check_key(key: &str) -> Result<(), KvError> {
 
 impl plugboard::plugin::host::Host for PluginState {
     async fn log(&mut self, level: LogLevel, message: String, fields: Vec<Pair>) {
-        self.ctx.log.push(
+        self.ctx.log.plugin_line(
+            &self.log_budget,
             level,
             message,
             fields.into_iter().map(|p| (p.key, p.value)).collect(),

@@ -110,6 +110,21 @@ impl PluginEngine {
         }))
     }
 
+    /// Removes the compiled artifact of the component with `sha256` from the
+    /// cache: a version that was refused after it compiled must not stay
+    /// there (every refused upload would add one, for good).
+    pub fn discard(&self, sha256: &str) {
+        if let Some(path) = self.cache_path(sha256) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a refused plugin's compiled artifact")
+                }
+            }
+        }
+    }
+
     fn cache_path(&self, sha256: &str) -> Option<PathBuf> {
         self.cache_dir
             .as_ref()
@@ -161,15 +176,72 @@ impl PluginEngine {
 
 fn write_artifact(path: &Path, component: &Component) -> anyhow::Result<()> {
     let bytes = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)?;
+    write_replacing(path, &bytes)?;
     Ok(())
+}
+
+/// Replaces the file at `path` with `bytes`: written to a new temporary
+/// file beside it, then renamed over it, so a reader sees the old file or
+/// the new one, never half of one. The temporary file has an unguessable
+/// name and is created exclusively without following symlinks, so nobody
+/// who can write in the folder can aim the write at another file by
+/// planting a link or a file under the name first. Blocking.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(&tmp)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    drop(file);
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_file_is_a_new_plain_file_and_a_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        let path = dir.path().join("plugin.wasm");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_replacing(&path, b"new bytes").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_eq!(std::fs::read(&path).unwrap(), b"new bytes");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no temporary file is left: {names:?}");
+    }
 }

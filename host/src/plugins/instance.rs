@@ -263,6 +263,7 @@ impl LoadedPlugin {
             Ok::<_, wasmtime::Error>((init, formatter, filter, control))
         }
         .await;
+        self.report_dropped_lines(&store, "init");
         match result {
             Ok((Ok(()), formatter, filter, control)) => Ok(Pooled {
                 store,
@@ -387,6 +388,7 @@ impl LoadedPlugin {
         result: wasmtime::Result<Result<T, HookError>>,
         what: &str,
     ) -> Result<T, CallFailure> {
+        self.report_dropped_lines(&p.store, what);
         match result {
             Ok(Ok(v)) => {
                 self.checkin(p);
@@ -401,15 +403,32 @@ impl LoadedPlugin {
         }
     }
 
+    /// Notes in the plugin's log how many lines the call just made dropped
+    /// past its line budget, so the drop shows where the lines would have.
+    fn report_dropped_lines(&self, store: &Store<PluginState>, what: &str) {
+        let dropped = store.data().log_budget.dropped();
+        if dropped > 0 {
+            self.ctx.log.gateway(
+                LogLevel::Warn,
+                format!(
+                    "{what} wrote too many log lines: {dropped} dropped (at most {} per call)",
+                    super::logs::MAX_LINES_PER_CALL
+                ),
+            );
+        }
+    }
+
     /// Ready instances in the pool (for tests and the admin view).
     pub fn pooled(&self) -> usize {
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
-/// Starts the deadline of one call: a budget of epoch ticks of guest execution.
+/// Starts the deadline of one call (a budget of epoch ticks of guest
+/// execution) and its budget of log lines.
 fn arm(store: &mut Store<PluginState>, deadline: Duration) {
     let tick = super::engine::EPOCH_TICK.as_nanos().max(1);
     store.data_mut().ticks_left = (deadline.as_nanos().div_ceil(tick) as u64).max(1);
+    store.data().log_budget.reset();
     store.set_epoch_deadline(1);
 }

@@ -25,24 +25,40 @@ use super::bindings::exports::plugboard::plugin::webhook_formatter as wf;
 use super::bindings::plugboard::plugin::types::LogLevel;
 use super::engine::PluginEngine;
 use super::instance::{CallFailure, Limits, LoadedPlugin};
-use super::logs::{LogLine, PluginLog};
+use super::logs::{DropCounters, LogDropped, LogLine, PluginLog};
 use super::{Kv, PluginContext, PluginError};
 use crate::config::{Config, OnError, PluginConfig, PluginRuntimeConfig};
-use crate::metrics::{Metrics, PluginHookLabel, PluginLabel, PluginOutcomeLabel};
+use crate::metrics::{Metrics, PluginHookLabel, PluginLabel, PluginLogLabel, PluginOutcomeLabel};
 
 /// Largest body a formatter may produce.
 pub const MAX_FORMATTED_BODY: usize = 4 * 1024 * 1024;
 
-/// Headers a formatter may not set: the gateway owns them.
+/// Most bytes of recent log lines one plugin shows in the admin view.
+pub const VIEW_LOG_BYTES: usize = 64 * 1024;
+
+/// Headers a formatter may not set, in lower case.
 const RESERVED_HEADERS: &[&str] = &[
+    // The gateway sets these itself.
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
     "content-type",
     "content-length",
     "host",
-    "transfer-encoding",
+    "user-agent",
+    // Credentials: the receiver would take them as the gateway's own.
+    "authorization",
+    "proxy-authorization",
+    // Hop-by-hop and framing headers: they change how the request travels,
+    // not what it says.
     "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
 ];
 
 #[derive(Debug, Default)]
@@ -70,11 +86,12 @@ struct Slot {
 /// A request produced by a formatter, checked against the contract.
 #[derive(Debug, Clone)]
 pub struct FormattedRequest {
+    /// Where it goes: the endpoint's URL with the plugin's path suffix and
+    /// query, always under the endpoint's path.
+    pub url: String,
     pub body: Vec<u8>,
     pub content_type: http::HeaderValue,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
-    pub path_suffix: Option<String>,
-    pub query: Option<String>,
 }
 
 /// A plugin as shown by `GET /admin/plugins`.
@@ -97,6 +114,8 @@ pub struct PluginView {
     pub pooled_instances: usize,
     pub last_load_error: Option<String>,
     pub recent_logs: Vec<LogLine>,
+    /// What the plugin's log dropped since start to stay within its limits.
+    pub log_dropped: LogDropped,
 }
 
 #[derive(Debug, Serialize)]
@@ -163,6 +182,24 @@ impl PluginRegistry {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The metric counters of what plugin `name`'s log drops.
+    fn log_drop_counters(&self, name: &str) -> DropCounters {
+        let counter = |part: &str| {
+            self.metrics
+                .plugin_log_dropped
+                .get_or_create(&PluginLogLabel {
+                    plugin: name.to_string(),
+                    part: part.to_string(),
+                })
+                .clone()
+        };
+        DropCounters {
+            lines: counter("line"),
+            fields: counter("field"),
+            truncated: counter("truncated"),
+        }
     }
 
     fn slot(&self, name: &str) -> Option<Arc<Slot>> {
@@ -236,7 +273,10 @@ impl PluginRegistry {
                         let s = Arc::new(Slot {
                             settings: ArcSwap::from_pointee(p.clone()),
                             current: ArcSwapOption::empty(),
-                            log: Arc::new(PluginLog::new(&p.name)),
+                            log: Arc::new(
+                                PluginLog::new(&p.name)
+                                    .with_counters(self.log_drop_counters(&p.name)),
+                            ),
                             breaker: Mutex::new(Breaker::default()),
                             swaps: AtomicU64::new(0),
                             last_load_error: Mutex::new(None),
@@ -336,7 +376,7 @@ impl PluginRegistry {
                     log: slot.log.clone(),
                     kv: self.kv.clone(),
                 });
-                LoadedPlugin::load(
+                match LoadedPlugin::load(
                     self.engine.clone(),
                     &compiled.component,
                     compiled.sha256.clone(),
@@ -345,7 +385,15 @@ impl PluginRegistry {
                     &self.required_hooks(&settings),
                 )
                 .await
-                .map(|loaded| (loaded, compiled))
+                {
+                    Ok(loaded) => Ok((loaded, compiled)),
+                    Err(e) => {
+                        if !self.serves(&compiled.sha256) {
+                            self.engine.discard(&compiled.sha256);
+                        }
+                        Err(e)
+                    }
+                }
             }
         };
         let outcome = PluginOutcomeLabel {
@@ -354,7 +402,7 @@ impl PluginRegistry {
         };
         self.metrics.plugin_loads.get_or_create(&outcome).inc();
         let result = match (result, persist) {
-            (Ok(ok), Some((path, bytes))) => match write_atomically(&path, &bytes).await {
+            (Ok(ok), Some((path, bytes))) => match write_atomically(path.clone(), bytes).await {
                 Ok(()) => Ok(ok),
                 Err(e) => Err(PluginError::Read {
                     path: path.display().to_string(),
@@ -411,6 +459,20 @@ impl PluginRegistry {
         }
     }
 
+    /// Whether some plugin serves the component with `sha256` now.
+    fn serves(&self, sha256: &str) -> bool {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|s| {
+                s.current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|c| c.sha256 == sha256)
+            })
+    }
+
     /// Validates `bytes` as a new version of plugin `name`, writes it to the
     /// plugin's file and swaps it in. The old version serves until then and
     /// keeps serving if the new one is refused.
@@ -451,18 +513,23 @@ impl PluginRegistry {
             .unwrap_or_else(|| crate::config::default_on_error(hook))
     }
 
-    /// Calls `name`'s formatter with the breaker, metrics and output checks.
+    /// Calls `name`'s formatter with the breaker, metrics and output checks
+    /// for a request to `endpoint_url`: a request that breaks them is
+    /// `malformed`, and never sent.
     pub async fn format(
         &self,
         name: &str,
         event: &wf::Event,
+        endpoint_url: &str,
     ) -> Result<Option<FormattedRequest>, CallFailure> {
         self.call(name, "webhook-formatter", |p| {
             let event = event.clone();
             async move {
                 match p.format(&event).await? {
                     None => Ok(None),
-                    Some(req) => check_request(req).map(Some).map_err(CallFailure::Malformed),
+                    Some(req) => check_request(req, endpoint_url)
+                        .map(Some)
+                        .map_err(CallFailure::Malformed),
                 }
             }
         })
@@ -649,7 +716,8 @@ impl PluginRegistry {
         chain.into_iter().map(|(_, name)| name).collect()
     }
 
-    /// Every plugin's state, for the admin API.
+    /// Every plugin's state, for the admin API, with at most `log_lines` of
+    /// its recent lines (and at most [`VIEW_LOG_BYTES`] of them).
     pub fn views(&self, log_lines: usize) -> Vec<PluginView> {
         let slots: Vec<(String, Arc<Slot>)> = self
             .slots
@@ -704,7 +772,8 @@ impl PluginRegistry {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone(),
-                    recent_logs: slot.log.recent(log_lines),
+                    recent_logs: slot.log.recent(log_lines, VIEW_LOG_BYTES),
+                    log_dropped: slot.log.dropped(),
                 }
             })
             .collect()
@@ -785,14 +854,11 @@ impl PluginRegistry {
     }
 }
 
-/// Replaces `path` with `bytes` (temporary file and rename).
-async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir).await?;
-    }
-    let tmp = path.with_extension(format!("upload{}", std::process::id()));
-    tokio::fs::write(&tmp, bytes).await?;
-    tokio::fs::rename(&tmp, path).await
+/// Replaces `path` with `bytes` (see [`super::engine::write_replacing`]).
+async fn write_atomically(path: PathBuf, bytes: Vec<u8>) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || super::engine::write_replacing(&path, &bytes))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -854,7 +920,12 @@ pub fn check_verdicts(input: &[cf::Conversation], verdicts: &[cf::Verdict]) -> R
     Ok(())
 }
 
-pub fn check_request(req: wf::OutgoingRequest) -> Result<FormattedRequest, String> {
+/// Checks a formatter's request against the contract, for an endpoint
+/// whose URL is `endpoint_url`, and builds the URL it goes to.
+pub fn check_request(
+    req: wf::OutgoingRequest,
+    endpoint_url: &str,
+) -> Result<FormattedRequest, String> {
     if req.body.len() > MAX_FORMATTED_BODY {
         return Err(format!(
             "body of {} bytes is larger than {MAX_FORMATTED_BODY}",
@@ -875,21 +946,14 @@ pub fn check_request(req: wf::OutgoingRequest) -> Result<FormattedRequest, Strin
         let name = http::HeaderName::from_bytes(pair.key.as_bytes())
             .map_err(|_| format!("header name {:?} is not valid", pair.key))?;
         if RESERVED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("webhook-") {
-            return Err(format!(
-                "header `{name}` is set by the gateway and cannot be overridden"
-            ));
+            return Err(format!("header `{name}` cannot be set by a plugin"));
         }
         let value = http::HeaderValue::from_str(&pair.value)
             .map_err(|_| format!("value of header `{name}` is not a valid header value"))?;
         headers.push((name, value));
     }
     if let Some(suffix) = &req.path_suffix {
-        if !suffix.starts_with('/')
-            || suffix.contains(['?', '#', ' '])
-            || suffix.chars().any(|c| c.is_control())
-        {
-            return Err(format!("path-suffix {suffix:?} must start with `/` and hold no `?`, `#`, spaces or control characters"));
-        }
+        check_path_suffix(suffix)?;
     }
     if let Some(q) = &req.query {
         if q.contains(['#', ' ']) || q.chars().any(|c| c.is_control()) {
@@ -898,11 +962,237 @@ pub fn check_request(req: wf::OutgoingRequest) -> Result<FormattedRequest, Strin
             ));
         }
     }
+    let url = request_url(
+        endpoint_url,
+        req.path_suffix.as_deref(),
+        req.query.as_deref(),
+    )?;
     Ok(FormattedRequest {
+        url,
         body: req.body,
         content_type,
         headers,
-        path_suffix: req.path_suffix,
-        query: req.query,
     })
+}
+
+/// A path suffix must stay under the endpoint's path, for the gateway's
+/// URL parser and for whatever decodes the path after it (a proxy, the
+/// receiver's framework). So: visible ASCII starting with `/`; no `?`, `#`
+/// or `\`; no `.` or `..` segment (also not with `;` parameters, as in
+/// `..;`); and no escape of `.`, `/`, `\` or `%` (`%2e`, `%2f`, `%5c`,
+/// `%25`, in either case), which a decoder would turn back into one
+/// (`%252e` is `%2e` once decoded).
+fn check_path_suffix(suffix: &str) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("path-suffix {suffix:?} {why}"));
+    if !suffix.starts_with('/') {
+        return refuse("must start with `/`");
+    }
+    if let Some(c) = suffix.chars().find(|c| !c.is_ascii_graphic()) {
+        return refuse(&format!(
+            "holds {c:?}: only visible ASCII is allowed (percent-encode the rest)"
+        ));
+    }
+    if let Some(c) = suffix.chars().find(|c| matches!(c, '?' | '#' | '\\')) {
+        return refuse(&format!("holds `{c}`"));
+    }
+    let bytes = suffix.as_bytes();
+    for (i, _) in suffix.match_indices('%') {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match escaped {
+            None => return refuse("holds a `%` that is not followed by two hex digits"),
+            Some(b'.' | b'/' | b'\\' | b'%') => {
+                return refuse("holds an escaped `.`, `/`, `\\` or `%`")
+            }
+            Some(_) => {}
+        }
+    }
+    for segment in suffix[1..].split('/') {
+        let name = segment.split(';').next().unwrap_or_default();
+        if !name.is_empty() && name.chars().all(|c| c == '.') {
+            return refuse("holds a dot segment (`.` or `..`)");
+        }
+    }
+    Ok(())
+}
+
+/// The endpoint URL with a formatter's path suffix and query. The suffix is
+/// appended to the endpoint's path (without its trailing `/`); the query is
+/// added after the endpoint's own, and may not repeat one of its keys
+/// (compared decoded and in any letter case, as receivers differ), which
+/// would let a plugin override what the endpoint's URL says (a `token`).
+/// The result is checked to be under the endpoint's path, whatever the URL
+/// parser made of the suffix.
+fn request_url(base: &str, suffix: Option<&str>, query: Option<&str>) -> Result<String, String> {
+    let mut url =
+        reqwest::Url::parse(base).map_err(|e| format!("the endpoint URL does not parse: {e}"))?;
+    let base_path = url.path().trim_end_matches('/').to_string();
+    if let Some(s) = suffix {
+        url.set_path(&format!("{base_path}{s}"));
+        if !url.path().starts_with(&format!("{base_path}/")) {
+            return Err(format!("path-suffix {s:?} leaves the endpoint's path"));
+        }
+    }
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        let own: std::collections::BTreeSet<String> =
+            url.query_pairs().map(|(k, _)| k.to_lowercase()).collect();
+        let mut theirs = url.clone();
+        theirs.set_query(Some(q));
+        if let Some((key, _)) = theirs
+            .query_pairs()
+            .find(|(k, _)| own.contains(&k.to_lowercase()))
+        {
+            return Err(format!(
+                "query key {key:?} is already in the endpoint's URL"
+            ));
+        }
+        let joined = match url.query() {
+            Some(existing) if !existing.is_empty() => format!("{existing}&{q}"),
+            _ => q.to_string(),
+        };
+        url.set_query(Some(&joined));
+    }
+    Ok(url.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::bindings::plugboard::plugin::types::Pair;
+
+    const ENDPOINT: &str = "https://bot.example.com/hook/?token=abc";
+
+    fn request(
+        suffix: Option<&str>,
+        query: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> wf::OutgoingRequest {
+        wf::OutgoingRequest {
+            body: b"{}".to_vec(),
+            content_type: "application/json".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| Pair {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            path_suffix: suffix.map(str::to_string),
+            query: query.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_suffix_and_a_query_are_added_under_the_endpoint() {
+        let r = check_request(
+            request(Some("/onebot/event"), Some("event=x"), &[]),
+            ENDPOINT,
+        )
+        .unwrap();
+        assert_eq!(
+            r.url,
+            "https://bot.example.com/hook/onebot/event?token=abc&event=x"
+        );
+        let r = check_request(request(None, None, &[]), ENDPOINT).unwrap();
+        assert_eq!(r.url, ENDPOINT);
+        // Ordinary escapes and dots inside a name are fine.
+        let r = check_request(
+            request(Some("/a%20b/v1.2/.well-known"), None, &[]),
+            ENDPOINT,
+        )
+        .unwrap();
+        assert_eq!(
+            r.url,
+            "https://bot.example.com/hook/a%20b/v1.2/.well-known?token=abc"
+        );
+    }
+
+    #[test]
+    fn a_suffix_that_could_leave_the_endpoint_path_is_refused() {
+        for suffix in [
+            "/..",
+            "/../../admin/secret",
+            "/.",
+            "/./x",
+            "/a/../../b",
+            "/%2e%2e/admin",
+            "/%2E%2E/admin",
+            "/%2e./admin",
+            "/.%2E/admin",
+            "/%252e%252e/admin",
+            "/%25%32%65",
+            "/a%2fb",
+            "/a%2F..",
+            "/..\\..\\admin",
+            "/a\\b",
+            "/%5c..%5cadmin",
+            "/%5C",
+            "/..;/admin",
+            "/.;x",
+            "/...",
+            "/x/..",
+            "relative",
+            "",
+            "/x?y",
+            "/x#y",
+            "/x y",
+            "/x\ny",
+            "/caf\u{e9}",
+            "/bad%zz",
+            "/bad%2",
+            "/bad%",
+            "/%+1",
+        ] {
+            let err = check_request(request(Some(suffix), None, &[]), ENDPOINT).expect_err(suffix);
+            assert!(err.starts_with("path-suffix "), "{suffix}: {err}");
+        }
+    }
+
+    #[test]
+    fn gateway_credential_and_hop_by_hop_headers_are_refused() {
+        for name in [
+            "authorization",
+            "Authorization",
+            "proxy-authorization",
+            "user-agent",
+            "expect",
+            "te",
+            "upgrade",
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "trailer",
+            "host",
+            "content-length",
+            "content-type",
+            "webhook-signature",
+            "webhook-anything",
+        ] {
+            let err = check_request(request(None, None, &[(name, "x")]), ENDPOINT).expect_err(name);
+            assert!(err.contains("cannot be set by a plugin"), "{name}: {err}");
+        }
+        assert!(check_request(request(None, None, &[("x-self-id", "1")]), ENDPOINT).is_ok());
+    }
+
+    #[test]
+    fn a_query_may_not_repeat_a_key_of_the_endpoint_url() {
+        for query in [
+            "token=evil",
+            "TOKEN=evil",
+            "tok%65n=evil",
+            "a=1&token=evil",
+            "token",
+        ] {
+            let err = check_request(request(None, Some(query), &[]), ENDPOINT).expect_err(query);
+            assert!(
+                err.contains("already in the endpoint's URL"),
+                "{query}: {err}"
+            );
+        }
+        let r = check_request(request(None, Some("tokens=1"), &[]), ENDPOINT).unwrap();
+        assert_eq!(r.url, "https://bot.example.com/hook/?token=abc&tokens=1");
+    }
 }

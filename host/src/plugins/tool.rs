@@ -82,18 +82,19 @@ pub async fn load(
 }
 
 pub fn print_logs(log: &PluginLog) {
-    let lines = log.recent(1000);
+    let lines = log.recent(1000, usize::MAX);
     if lines.is_empty() {
         eprintln!("(the plugin logged nothing)");
     }
     for l in lines {
         let fields: Vec<String> = l.fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // One line per log line: what the plugin wrote cannot start another.
         eprintln!(
             "[{} {:5}] {} {}",
             l.at,
             l.level,
-            l.message,
-            fields.join(" ")
+            crate::cli::escape_controls(&l.message),
+            crate::cli::escape_controls(&fields.join(" "))
         );
     }
 }
@@ -143,6 +144,9 @@ fn event_from_json(v: &Value) -> anyhow::Result<wf::Event> {
     })
 }
 
+/// The endpoint URL `run` checks a formatter's request against.
+const CHECK_ENDPOINT_URL: &str = "https://endpoint.invalid/";
+
 /// `plugboard plugin run`: calls `hook` once with `input` and returns the result as JSON.
 pub async fn run(loaded: &Loaded, hook: &str, input: &Value) -> anyhow::Result<Value> {
     let p = &loaded.plugin;
@@ -153,8 +157,10 @@ pub async fn run(loaded: &Loaded, hook: &str, input: &Value) -> anyhow::Result<V
             Ok(match out {
                 None => json!({ "declined": true }),
                 Some(req) => {
-                    // The same checks the gateway makes before sending.
-                    if let Err(m) = super::registry::check_request(req.clone()) {
+                    // The same checks the gateway makes before sending, for
+                    // an endpoint URL without a path or a query of its own.
+                    if let Err(m) = super::registry::check_request(req.clone(), CHECK_ENDPOINT_URL)
+                    {
                         anyhow::bail!("the gateway would reject this result as malformed: {m}");
                     }
                     let body = match serde_json::from_slice::<Value>(&req.body) {

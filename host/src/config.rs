@@ -641,6 +641,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "control.acked",
     "control.expired",
     "control.rejected",
+    "service.enabled",
+    "service.disabled",
 ];
 
 impl Config {

@@ -9,6 +9,7 @@ mod drain;
 mod frames;
 mod lifecycle;
 mod messaging;
+mod onebot;
 mod ops;
 mod plugins;
 mod webhooks;

@@ -153,7 +153,10 @@ async fn waiting_for_auth(gw: &Gateway) -> RawClient {
     assert!(status.contains("101"), "{status}");
     raw.write_frame(0x9, b"are you there", true).await;
     let pong = raw.read_frame(WAIT).await.expect("pong");
-    assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"are you there"[..]));
+    assert_eq!(
+        (pong.opcode, pong.payload.as_slice()),
+        (0xA, &b"are you there"[..])
+    );
     raw
 }
 
@@ -167,8 +170,18 @@ async fn drained_before_auth(raw: &mut RawClient, event: &str, reason: &str, cod
     };
     let meta = text(raw.read_frame(WAIT).await.expect("meta frame"));
     assert_eq!(
-        (&meta["type"], &meta["event"], &meta["reason"], &meta["code"]),
-        (&Value::from("meta"), &Value::from(event), &Value::from(reason), &Value::from(code)),
+        (
+            &meta["type"],
+            &meta["event"],
+            &meta["reason"],
+            &meta["code"]
+        ),
+        (
+            &Value::from("meta"),
+            &Value::from(event),
+            &Value::from(reason),
+            &Value::from(code)
+        ),
         "{meta}"
     );
     let error = text(raw.read_frame(WAIT).await.expect("error frame"));
@@ -181,17 +194,24 @@ async fn drained_before_auth(raw: &mut RawClient, event: &str, reason: &str, cod
     let close = raw.read_frame(WAIT).await.expect("close frame");
     assert_eq!(close.close_code(), Some(code), "{close:?}");
     raw.write_frame(0x8, &code.to_be_bytes(), true).await;
-    assert!(raw.read_frame(WAIT).await.is_none(), "TCP ends after the close");
+    assert!(
+        raw.read_frame(WAIT).await.is_none(),
+        "TCP ends after the close"
+    );
 }
 
 #[tokio::test]
 async fn a_reload_that_disables_the_service_drains_connections_waiting_for_auth_with_1012() {
     let (gw, rx) = setup(PATIENT_AUTH).await;
     let mut raw = waiting_for_auth(&gw).await;
-    let disabled = GatewayOptions::with_receiver(&rx.url).extra(&format!("{PATIENT_AUTH}\nenabled = false"));
+    let disabled =
+        GatewayOptions::with_receiver(&rx.url).extra(&format!("{PATIENT_AUTH}\nenabled = false"));
     let (status, report) = gw.reload_with(&disabled).await;
     assert_eq!(status, 200, "{report}");
-    assert_eq!(report["drained"], 1, "the waiting connection is counted: {report}");
+    assert_eq!(
+        report["drained"], 1,
+        "the waiting connection is counted: {report}"
+    );
     drained_before_auth(&mut raw, "disable", "service_disabled", 1012).await;
     assert!(
         gw.metric(
@@ -259,8 +279,10 @@ async fn the_service_is_reported_enabled_at_start_and_on_reload_and_disabled_wit
         .await;
     let (status, _) = gw.reload_with(&opts).await;
     assert_eq!(status, 200);
-    rx.wait_for("service.enabled again", WAIT, |ds| (ds.len() == 3).then_some(()))
-        .await;
+    rx.wait_for("service.enabled again", WAIT, |ds| {
+        (ds.len() == 3).then_some(())
+    })
+    .await;
     assert_eq!(gw.terminate().await, Some(0));
     // The process has exited: what it owed the receiver was delivered first.
     assert_eq!(
@@ -290,8 +312,10 @@ async fn the_disabled_event_of_a_shutdown_is_durable_and_goes_out_after_the_rest
     );
     rx.reply(plugboard_tests::Reply::Status(200));
     let _gw2 = handle.restart().await;
-    rx.wait_for("both events of the restart", WAIT, |ds| (ds.len() == 3).then_some(()))
-        .await;
+    rx.wait_for("both events of the restart", WAIT, |ds| {
+        (ds.len() == 3).then_some(())
+    })
+    .await;
     // One order key per node: the shutdown's event comes before the next start's.
     assert_eq!(
         service_events(&rx),

@@ -64,7 +64,10 @@ async fn violation_then_close_handshake(payload: &[u8], masked: bool, code: u16)
     let (mut raw, status) =
         plugboard_tests::RawClient::upgrade(&gw.addr, &format!("/v1/ws?token={token}")).await;
     assert!(status.contains("101"), "{status}");
-    let connect = raw.read_frame(plugboard_tests::WAIT).await.expect("connect frame");
+    let connect = raw
+        .read_frame(plugboard_tests::WAIT)
+        .await
+        .expect("connect frame");
     let connect: serde_json::Value = serde_json::from_slice(&connect.payload).unwrap();
     raw.write_frame(1, payload, masked).await;
     assert_eq!(raw.read_close_code(plugboard_tests::WAIT).await, Some(code));

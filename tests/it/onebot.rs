@@ -52,7 +52,8 @@ impl OneBotApp {
             Ok(Ok(Some(line))) => serde_json::from_str::<Value>(&line)
                 .ok()
                 .and_then(|v| v["listening"].as_u64())
-                .unwrap_or_else(|| panic!("unexpected first line: {line}")) as u16,
+                .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+                as u16,
             other => {
                 let mut err = String::new();
                 if let Some(mut e) = child.stderr.take() {
@@ -80,8 +81,14 @@ impl OneBotApp {
     /// The events aiocqhttp accepted, in order; panics on any refused post.
     fn accepted(&self) -> Vec<Value> {
         let lines = self.lines.lock().unwrap();
-        let refused: Vec<&Value> = lines.iter().filter(|l| l.get("accepted").is_none()).collect();
-        assert!(refused.is_empty(), "posts the OneBot app refused: {refused:?}");
+        let refused: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l.get("accepted").is_none())
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "posts the OneBot app refused: {refused:?}"
+        );
         lines.iter().map(|l| l["accepted"].clone()).collect()
     }
 
@@ -164,10 +171,7 @@ async fn a_signed_onebot_app_hears_one_enable_one_disable_and_each_users_presenc
         assert_eq!(e["self_id"], SELF_ID, "{e}");
         assert!(e["time"].is_u64(), "{e}");
     }
-    let disable = events
-        .iter()
-        .find(|e| e["sub_type"] == "disable")
-        .unwrap();
+    let disable = events.iter().find(|e| e["sub_type"] == "disable").unwrap();
     assert_eq!(disable["reason"], "reload", "{disable}");
     drop(app.child);
 }

@@ -374,15 +374,26 @@ mod tests {
             )
         };
         let hash = settings_with(&[("non_numeric_ids", "hash")]);
-        let body = format_event(&hash, &offline("bob")).unwrap().unwrap().body_json().unwrap();
+        let body = format_event(&hash, &offline("bob"))
+            .unwrap()
+            .unwrap()
+            .body_json()
+            .unwrap();
         let n = body["user_id"].as_i64().expect("an integer");
         assert!(n >= 0);
         assert_eq!(n, hashed_id("bob"), "stable");
         assert_ne!(n, hashed_id("alice"));
         assert_eq!(body["plugboard_user_id"], "bob");
         // Numeric ids pass through whatever the setting.
-        let body = format_event(&hash, &offline("42")).unwrap().unwrap().body_json().unwrap();
-        assert_eq!((body["user_id"].as_i64(), body.get("plugboard_user_id")), (Some(42), None));
+        let body = format_event(&hash, &offline("42"))
+            .unwrap()
+            .unwrap()
+            .body_json()
+            .unwrap();
+        assert_eq!(
+            (body["user_id"].as_i64(), body.get("plugboard_user_id")),
+            (Some(42), None)
+        );
 
         let decline = settings_with(&[("non_numeric_ids", "decline")]);
         assert_eq!(format_event(&decline, &offline("bob")).unwrap(), None);
@@ -392,9 +403,12 @@ mod tests {
     #[test]
     fn a_secret_signs_the_body_as_onebot_does() {
         let signed = settings_with(&[("secret", "key")]);
-        let request = format_event(&signed, &event("service.enabled", json!({"node": "n", "reason": "start"})))
-            .unwrap()
-            .unwrap();
+        let request = format_event(
+            &signed,
+            &event("service.enabled", json!({"node": "n", "reason": "start"})),
+        )
+        .unwrap()
+        .unwrap();
         let expect = format!("sha1={}", hex(&hmac_sha1(b"key", &request.body)));
         assert_eq!(request.header("X-Signature"), Some(expect.as_str()));
         // RFC 2202 test case 2, the HMAC-SHA1 itself.
@@ -402,9 +416,12 @@ mod tests {
             hex(&hmac_sha1(b"Jefe", b"what do ya want for nothing?")),
             "effcdf6ae5eb2fa2d27416d5f184df9c259a7c79"
         );
-        let unsigned = format_event(&settings(), &event("service.enabled", json!({"node": "n", "reason": "start"})))
-            .unwrap()
-            .unwrap();
+        let unsigned = format_event(
+            &settings(),
+            &event("service.enabled", json!({"node": "n", "reason": "start"})),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(unsigned.header("X-Signature"), None);
     }
 
@@ -440,7 +457,10 @@ mod tests {
             ("secret", "hunter2"),
         ]))
         .unwrap();
-        assert_eq!((s.self_id, s.app_id, s.non_numeric_ids), (7, 9, NonNumericIds::String));
+        assert_eq!(
+            (s.self_id, s.app_id, s.non_numeric_ids),
+            (7, 9, NonNumericIds::String)
+        );
         assert_eq!(s.secret.as_deref(), Some("hunter2"));
         assert!(!format!("{s:?}").contains("hunter2"));
     }

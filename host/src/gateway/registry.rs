@@ -210,7 +210,9 @@ impl Registry {
         }
     }
 
-    fn pending_list(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<CloseCommand>>> {
+    fn pending_list(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<CloseCommand>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -463,7 +465,10 @@ mod tests {
         assert_eq!(r.pending_len(), 1);
         assert_eq!(r.close_pending(CloseReason::Shutdown, "bye"), 1);
         let cmd = waiting.close.try_recv().expect("told to close");
-        assert_eq!((cmd.reason, cmd.message.as_str()), (CloseReason::Shutdown, "bye"));
+        assert_eq!(
+            (cmd.reason, cmd.message.as_str()),
+            (CloseReason::Shutdown, "bye")
+        );
         // Told once: a second drain finds nobody, and the handle's drop is harmless.
         assert_eq!(r.close_pending(CloseReason::Shutdown, "again"), 0);
         drop(waiting);

@@ -522,7 +522,10 @@ pub async fn authenticate_then_run(
         Ok(Err(cmd)) => {
             let (reason, message) = match cmd {
                 Ok(c) => (c.reason, c.message),
-                Err(_) => (CloseReason::ServerError, "the registry dropped this connection".into()),
+                Err(_) => (
+                    CloseReason::ServerError,
+                    "the registry dropped this connection".into(),
+                ),
             };
             return refuse_drained(&app, &mut ws, &remote, reason, message).await;
         }

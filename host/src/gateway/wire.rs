@@ -32,7 +32,10 @@ const MAX_HEADER: usize = 14;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Position {
     /// Inside a frame header, with `have` of its bytes read.
-    Header { bytes: [u8; MAX_HEADER], have: usize },
+    Header {
+        bytes: [u8; MAX_HEADER],
+        have: usize,
+    },
     /// Inside a payload, with `left` bytes to go.
     Payload { left: u64, close: bool },
 }

@@ -646,6 +646,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "control.acked",
     "control.expired",
     "control.rejected",
+    "service.enabled",
+    "service.disabled",
 ];
 
 impl Config {

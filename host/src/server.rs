@@ -2,10 +2,12 @@
 //! shuts it down in order.
 //!
 //! Start-up: open storage, close out sessions a crash left open, start the
-//! webhook workers, then accept. Shutdown: refuse new upgrades (503), tell
-//! every live client why and close it (1001), wait a bounded time for the
-//! close handshakes, stop accepting, flush the outbox within a bound, stop
-//! the workers. Whatever is not delivered stays in storage for the next start.
+//! webhook workers, record `service.enabled`, then accept. Shutdown: refuse
+//! new upgrades (503), record `service.disabled`, tell every client why and
+//! close it (1001; connections still waiting for their `auth` frame too),
+//! wait a bounded time for the close handshakes, stop accepting, flush the
+//! outbox within a bound, stop the workers. Whatever is not delivered stays
+//! in storage for the next start.
 //!
 //! The listener and the shutdown trigger are arguments, so tests run the
 //! real server on port 0 and stop it on demand.
@@ -28,7 +30,7 @@ use tower::ServiceExt;
 
 use crate::auth::Secrets;
 use crate::config::Config;
-use crate::gateway::lifecycle::{CloseInfo, Lifecycle};
+use crate::gateway::lifecycle::{CloseInfo, Lifecycle, ServiceReason};
 use crate::gateway::registry::{LiveSession, Rejected};
 use crate::gateway::session::Admitted;
 use crate::gateway::{CloseReason, Registry};
@@ -42,6 +44,11 @@ use crate::storage::{ControlStore, MessageStore, SqliteStorage, Storage};
 
 /// Fan-out tasks; channels are spread over them by hash.
 const FANOUT_SHARDS: usize = 4;
+
+/// The message of a drain by shutdown (the `meta` frame, the close frame).
+const SHUTDOWN_MESSAGE: &str = "the gateway is shutting down";
+/// The message of a drain by a reload that disabled the service.
+const DISABLED_MESSAGE: &str = "the WebSocket service was disabled by the operator";
 
 /// Everything a request handler or session task can reach.
 pub struct App {
@@ -81,7 +88,8 @@ pub struct ReloadReport {
     /// Keys that changed but need a restart; their old values stay in force.
     pub restart_required: Vec<&'static str>,
     pub websocket_enabled: bool,
-    /// Connections told to close because the service was disabled.
+    /// Connections told to close because the service was disabled (those
+    /// waiting for their `auth` frame included).
     pub drained: usize,
     pub webhook_endpoints: usize,
     /// Plugins loaded or reloaded because their config changed.
@@ -112,6 +120,18 @@ impl App {
         self.not_accepting_reason().is_none()
     }
 
+    /// While connections are being drained: why (shutdown or a disabled
+    /// service) and the message they are told.
+    pub fn drain_reason(&self) -> Option<(CloseReason, &'static str)> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            Some((CloseReason::Shutdown, SHUTDOWN_MESSAGE))
+        } else if !self.config.load().gateway.enabled {
+            Some((CloseReason::ServiceDisabled, DISABLED_MESSAGE))
+        } else {
+            None
+        }
+    }
+
     /// Applies the multi-device policy to a new authenticated connection and
     /// registers it (not yet open).
     pub fn admit(
@@ -130,6 +150,12 @@ impl App {
             cfg.gateway.outbound_queue,
         );
         let displaces = self.registry.admit(live.clone(), &cfg.gateway.devices)?;
+        // A drain that began after the caller's last check did not see this
+        // session in the registry: the drain's flag is set before it looks, so
+        // one of the two always reaches the session.
+        if let Some((reason, message)) = self.drain_reason() {
+            live.request_close(reason, message);
+        }
         Ok(Admitted {
             live,
             outbound,
@@ -139,13 +165,29 @@ impl App {
         })
     }
 
-    /// Asks every live session to close for `reason`. Returns how many were asked.
+    /// Asks every connection to close for `reason`: the live sessions and
+    /// the connections still waiting for their `auth` frame. Returns how many
+    /// were asked. Call it after the state that refuses new connections is
+    /// set, so a connection registered after this looks finds it refused.
     pub fn drain_all(&self, reason: CloseReason, message: &str) -> usize {
-        self.registry
+        let sessions = self
+            .registry
             .all()
             .iter()
             .filter(|s| s.request_close(reason, message))
-            .count()
+            .count();
+        sessions + self.registry.close_pending(reason, message)
+    }
+
+    /// Records `service.enabled` or `service.disabled`. A failure is logged,
+    /// not returned: the change it reports has happened either way.
+    async fn record_service(&self, enabled: bool, reason: ServiceReason) {
+        if let Err(e) = self.lifecycle.record_service(enabled, reason).await {
+            tracing::error!(
+                enabled, reason = reason.as_str(), error = %e,
+                "cannot record the WebSocket service event"
+            );
+        }
     }
 
     /// Re-reads the config and applies what can change live.
@@ -190,13 +232,12 @@ impl App {
         self.config.store(Arc::new(new));
         let drained = if was_enabled && !enabled {
             tracing::warn!("WebSocket service disabled by reload; draining every connection");
-            self.drain_all(
-                CloseReason::ServiceDisabled,
-                "the WebSocket service was disabled by the operator",
-            )
+            self.record_service(false, ServiceReason::Reload).await;
+            self.drain_all(CloseReason::ServiceDisabled, DISABLED_MESSAGE)
         } else {
             if !was_enabled && enabled {
                 tracing::info!("WebSocket service re-enabled by reload");
+                self.record_service(true, ServiceReason::Reload).await;
             }
             0
         };
@@ -295,6 +336,13 @@ impl Server {
         });
         crate::messaging::start_maintenance(&app);
         crate::control::start_expiry(&app);
+        if app.config().gateway.enabled {
+            // Before the first accept: `service.enabled` comes before any
+            // connection event of this run.
+            app.lifecycle
+                .record_service(true, ServiceReason::Start)
+                .await?;
+        }
         let local_addr = listener.local_addr()?;
         let stop_accepting = CancellationToken::new();
         let accept_task = tokio::spawn(accept_loop(
@@ -325,8 +373,14 @@ impl Server {
     pub async fn shutdown(self) {
         let app = self.app;
         let cfg = app.config();
+        let was_accepting = app.accepting_connections();
         app.shutting_down.store(true, Ordering::Release);
-        let asked = app.drain_all(CloseReason::Shutdown, "the gateway is shutting down");
+        if was_accepting {
+            // Durable before anything else of the shutdown, so it is sent
+            // by the flush below or, if the receiver is down, after the next start.
+            app.record_service(false, ServiceReason::Shutdown).await;
+        }
+        let asked = app.drain_all(CloseReason::Shutdown, SHUTDOWN_MESSAGE);
         tracing::info!(
             connections = asked,
             "shutting down: closing every connection"

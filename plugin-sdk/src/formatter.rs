@@ -19,6 +19,12 @@ pub mod event_type {
     pub const USER_ONLINE: &str = "user.online";
     /// The user's last open connection closed: [`UserOffline`](super::UserOffline).
     pub const USER_OFFLINE: &str = "user.offline";
+    /// The WebSocket service of a node started accepting connections (at
+    /// start or by a reload): [`ServiceChange`](super::ServiceChange).
+    pub const SERVICE_ENABLED: &str = "service.enabled";
+    /// The WebSocket service of a node stopped accepting connections (by a
+    /// reload or a shutdown): [`ServiceChange`](super::ServiceChange).
+    pub const SERVICE_DISABLED: &str = "service.disabled";
 }
 
 /// An event as the gateway records it. Mirrors the WIT record `event`.
@@ -62,6 +68,8 @@ impl Event {
             event_type::CONNECTION_CLOSED => EventPayload::ConnectionClosed(self.data_as()?),
             event_type::USER_ONLINE => EventPayload::UserOnline(self.data_as()?),
             event_type::USER_OFFLINE => EventPayload::UserOffline(self.data_as()?),
+            event_type::SERVICE_ENABLED => EventPayload::ServiceEnabled(self.data_as()?),
+            event_type::SERVICE_DISABLED => EventPayload::ServiceDisabled(self.data_as()?),
             _ => EventPayload::Other(self.data_json()?),
         })
     }
@@ -84,6 +92,10 @@ pub enum EventPayload {
     UserOnline(UserOnline),
     /// `user.offline`.
     UserOffline(UserOffline),
+    /// `service.enabled`.
+    ServiceEnabled(ServiceChange),
+    /// `service.disabled`.
+    ServiceDisabled(ServiceChange),
     /// Another event type: its `data` as JSON.
     Other(serde_json::Value),
 }
@@ -167,6 +179,17 @@ pub struct UserOffline {
     pub devices: u32,
     /// Open connections after the change (0).
     pub connections: u32,
+}
+
+/// `data` of `service.enabled` and `service.disabled`: a node's WebSocket
+/// service started or stopped accepting connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ServiceChange {
+    /// `node_id` of the gateway.
+    pub node: String,
+    /// Why: `start` or `reload` (enabled), `reload` or `shutdown` (disabled).
+    pub reason: String,
 }
 
 /// The HTTP request to send for one event. Mirrors the WIT record

@@ -107,7 +107,7 @@ pub use control::{ControlRequest, Decision, Delivery, Plan, Priority};
 pub use filter::{ChannelType, Conversation, MessageSummary, Verdict, Viewer};
 pub use formatter::{
     event_type, ConnectionClosed, ConnectionOpened, Event, EventPayload, OutgoingRequest,
-    UserOffline, UserOnline,
+    ServiceChange, UserOffline, UserOnline,
 };
 pub use types::{Config, HookError, KvError, LogLevel};
 

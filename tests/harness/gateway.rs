@@ -131,6 +131,12 @@ cache_dir = {cache_dir:?}
                 rx.insert("name".into(), "rx".into());
                 rx.insert("url".into(), url.as_str().into());
                 rx.insert("secret".into(), SECRET.into());
+                // Every event of clients and the API, not the gateway's own
+                // `service.*` (one at each start and shutdown), so tests can
+                // count what their clients caused. Service events are tested
+                // with endpoints of their own.
+                let events = ["connection.*", "user.*", "message.*", "control.*"];
+                rx.insert("events".into(), events.to_vec().into());
                 list.push(toml::Value::Table(rx));
             }
         }

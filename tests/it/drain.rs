@@ -1,7 +1,8 @@
 //! P3 and crash recovery: disabling by reload, graceful shutdown, SIGKILL.
 
-use plugboard_tests::{GatewayOptions, WsClient, WAIT};
+use plugboard_tests::{Gateway, GatewayOptions, RawClient, Receiver, WsClient, WAIT};
 use reqwest::Method;
+use serde_json::Value;
 
 use crate::setup;
 
@@ -154,4 +155,184 @@ async fn undelivered_events_survive_a_shutdown_and_go_out_after_restart() {
     rx.reply(plugboard_tests::Reply::Status(200));
     let _gw2 = handle.restart().await;
     rx.assert_exactly_once(&c.connection_id).await;
+}
+
+/// Long enough that a drain, not the auth deadline, ends the wait.
+const PATIENT_AUTH: &str = "[gateway]\nauth_timeout = \"60s\"";
+
+/// Upgrades without a token and proves the gateway is waiting for the
+/// `auth` frame: a WebSocket ping is answered only once the wait has begun.
+async fn waiting_for_auth(gw: &Gateway) -> RawClient {
+    let (mut raw, status) = RawClient::upgrade(&gw.addr, "/v1/ws").await;
+    assert!(status.contains("101"), "{status}");
+    raw.write_frame(0x9, b"are you there", true).await;
+    let pong = raw.read_frame(WAIT).await.expect("pong");
+    assert_eq!(
+        (pong.opcode, pong.payload.as_slice()),
+        (0xA, &b"are you there"[..])
+    );
+    raw
+}
+
+/// The frames a drained connection that never authenticated gets: the
+/// drain's `meta` frame, the `error` frame `service_unavailable`, and the
+/// close code. Answers the close and checks the gateway then ends TCP.
+async fn drained_before_auth(raw: &mut RawClient, event: &str, reason: &str, code: u16) {
+    let text = |f: plugboard_tests::raw::RawFrame| -> Value {
+        assert_eq!(f.opcode, 1, "a text frame: {f:?}");
+        serde_json::from_slice(&f.payload).unwrap()
+    };
+    let meta = text(raw.read_frame(WAIT).await.expect("meta frame"));
+    assert_eq!(
+        (
+            &meta["type"],
+            &meta["event"],
+            &meta["reason"],
+            &meta["code"]
+        ),
+        (
+            &Value::from("meta"),
+            &Value::from(event),
+            &Value::from(reason),
+            &Value::from(code)
+        ),
+        "{meta}"
+    );
+    let error = text(raw.read_frame(WAIT).await.expect("error frame"));
+    assert_eq!(
+        (&error["type"], &error["code"]),
+        (&Value::from("error"), &Value::from("service_unavailable")),
+        "{error}"
+    );
+    assert_eq!(error["message"], meta["message"]);
+    let close = raw.read_frame(WAIT).await.expect("close frame");
+    assert_eq!(close.close_code(), Some(code), "{close:?}");
+    raw.write_frame(0x8, &code.to_be_bytes(), true).await;
+    assert!(
+        raw.read_frame(WAIT).await.is_none(),
+        "TCP ends after the close"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_that_disables_the_service_drains_connections_waiting_for_auth_with_1012() {
+    let (gw, rx) = setup(PATIENT_AUTH).await;
+    let mut raw = waiting_for_auth(&gw).await;
+    let disabled =
+        GatewayOptions::with_receiver(&rx.url).extra(&format!("{PATIENT_AUTH}\nenabled = false"));
+    let (status, report) = gw.reload_with(&disabled).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["drained"], 1,
+        "the waiting connection is counted: {report}"
+    );
+    drained_before_auth(&mut raw, "disable", "service_disabled", 1012).await;
+    assert!(
+        gw.metric(
+            "plugboard_handshake_failures_total",
+            "reason=\"service_unavailable\""
+        )
+        .await
+            >= 1.0
+    );
+    // It never opened: no lifecycle event.
+    assert!(rx.delivered().is_empty(), "{:?}", rx.delivered());
+}
+
+#[tokio::test]
+async fn shutdown_drains_connections_waiting_for_auth_with_1001() {
+    let (gw, _rx) = setup(PATIENT_AUTH).await;
+    let mut raw = waiting_for_auth(&gw).await;
+    let exit = tokio::spawn(gw.terminate());
+    drained_before_auth(&mut raw, "shutdown", "shutdown", 1001).await;
+    assert_eq!(exit.await.unwrap(), Some(0), "clean exit");
+}
+
+/// A gateway whose endpoint `svc` takes only the service events.
+async fn with_service_receiver(extra: &str) -> (Gateway, Receiver, GatewayOptions) {
+    let rx = Receiver::start().await;
+    let opts = GatewayOptions::default().extra(&format!(
+        "[[webhooks]]\nname = \"svc\"\nurl = \"{}\"\nsecret = \"{}\"\nevents = [\"service.*\"]\n{extra}",
+        rx.url,
+        plugboard_tests::receiver::SECRET
+    ));
+    (Gateway::start(opts.clone()).await, rx, opts)
+}
+
+/// The service events delivered so far, as (type, reason), each checked for its node.
+fn service_events(rx: &Receiver) -> Vec<(String, String)> {
+    rx.delivered()
+        .iter()
+        .map(|d| {
+            assert!(d.event_type.starts_with("service."), "{d:?}");
+            assert!(!d.str("node").is_empty(), "{d:?}");
+            (d.event_type.clone(), d.str("reason").to_string())
+        })
+        .collect()
+}
+
+fn pair(t: &str, reason: &str) -> (String, String) {
+    (t.to_string(), reason.to_string())
+}
+
+#[tokio::test]
+async fn the_service_is_reported_enabled_at_start_and_on_reload_and_disabled_with_its_reason() {
+    let (gw, rx, opts) = with_service_receiver("").await;
+    rx.wait_for("service.enabled", WAIT, |ds| (!ds.is_empty()).then_some(()))
+        .await;
+    assert_eq!(service_events(&rx), [pair("service.enabled", "start")]);
+
+    let (status, report) = gw
+        .reload_with(&opts.clone().extra("[gateway]\nenabled = false"))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    rx.wait_for("service.disabled", WAIT, |ds| (ds.len() == 2).then_some(()))
+        .await;
+    // A reload that changes nothing about the service reports nothing.
+    gw.reload_with(&opts.clone().extra("[gateway]\nenabled = false"))
+        .await;
+    let (status, _) = gw.reload_with(&opts).await;
+    assert_eq!(status, 200);
+    rx.wait_for("service.enabled again", WAIT, |ds| {
+        (ds.len() == 3).then_some(())
+    })
+    .await;
+    assert_eq!(gw.terminate().await, Some(0));
+    // The process has exited: what it owed the receiver was delivered first.
+    assert_eq!(
+        service_events(&rx),
+        [
+            pair("service.enabled", "start"),
+            pair("service.disabled", "reload"),
+            pair("service.enabled", "reload"),
+            pair("service.disabled", "shutdown"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_disabled_event_of_a_shutdown_is_durable_and_goes_out_after_the_restart() {
+    let (gw, rx, _) = with_service_receiver("[shutdown]\noutbox_flush_timeout = \"200ms\"").await;
+    rx.wait_for("service.enabled", WAIT, |ds| (!ds.is_empty()).then_some(()))
+        .await;
+    // The receiver goes down before the shutdown.
+    rx.reply(plugboard_tests::Reply::Status(503));
+    let handle = gw.restart_handle();
+    assert_eq!(gw.terminate().await, Some(0));
+    assert_eq!(service_events(&rx), [pair("service.enabled", "start")]);
+    rx.reply(plugboard_tests::Reply::Status(200));
+    let _gw2 = handle.restart().await;
+    rx.wait_for("both events of the restart", WAIT, |ds| {
+        (ds.len() == 3).then_some(())
+    })
+    .await;
+    // One order key per node: the shutdown's event comes before the next start's.
+    assert_eq!(
+        service_events(&rx),
+        [
+            pair("service.enabled", "start"),
+            pair("service.disabled", "shutdown"),
+            pair("service.enabled", "start"),
+        ]
+    );
 }

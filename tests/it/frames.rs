@@ -49,3 +49,68 @@ async fn malformed_and_unknown_frames_get_error_frames_and_the_connection_stays(
             >= 3.0
     );
 }
+
+/// After a protocol violation (the text frame `payload`, `masked` or not)
+/// the server sends its close frame and then keeps reading, discarding,
+/// until the client's close frame: the client reads the close code, can go
+/// on writing (16 MiB here, which a closed socket would refuse with a
+/// reset), answers the close, and only then does TCP end.
+async fn violation_then_close_handshake(payload: &[u8], masked: bool, code: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let limits = "[gateway]\nmax_frame_size = \"4KiB\"\nmax_message_size = \"4KiB\"\nclose_timeout = \"60s\"";
+    let (gw, rx) = setup(limits).await;
+    let token = gw.token("vera", None, None);
+    let (mut raw, status) =
+        plugboard_tests::RawClient::upgrade(&gw.addr, &format!("/v1/ws?token={token}")).await;
+    assert!(status.contains("101"), "{status}");
+    let connect = raw
+        .read_frame(plugboard_tests::WAIT)
+        .await
+        .expect("connect frame");
+    let connect: serde_json::Value = serde_json::from_slice(&connect.payload).unwrap();
+    raw.write_frame(1, payload, masked).await;
+    assert_eq!(raw.read_close_code(plugboard_tests::WAIT).await, Some(code));
+
+    // Masked text frames of 64 KiB, over the frame limit: discarded unread.
+    let key = [7u8, 7, 7, 7];
+    let mut frame = vec![0x81, 0x80 | 126];
+    frame.extend_from_slice(&u16::MAX.to_be_bytes());
+    frame.extend_from_slice(&key);
+    frame.extend(std::iter::repeat_n(b'x' ^ 7, usize::from(u16::MAX)));
+    for i in 0..256 {
+        let wrote = tokio::time::timeout(plugboard_tests::WAIT, raw.tcp.write_all(&frame)).await;
+        assert!(
+            matches!(wrote, Ok(Ok(()))),
+            "write {i} after close {code}: {wrote:?} (the server stopped reading)"
+        );
+    }
+    raw.write_frame(0x8, &code.to_be_bytes(), true).await;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(plugboard_tests::WAIT, raw.tcp.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(end, Ok(Ok(0))),
+        "a clean end of TCP after the client's close: {end:?}"
+    );
+    let ev = rx
+        .assert_exactly_once(connect["connection_id"].as_str().unwrap())
+        .await;
+    assert_eq!(ev.code(), u64::from(code));
+}
+
+#[tokio::test]
+async fn after_a_protocol_error_the_server_reads_on_to_the_clients_close() {
+    // Client frames must be masked.
+    violation_then_close_handshake(br#"{"type":"ping"}"#, false, 1002).await;
+}
+
+#[tokio::test]
+async fn after_invalid_utf8_the_server_reads_on_to_the_clients_close() {
+    violation_then_close_handshake(&[0x7b, 0xff, 0xfe, 0x7d], true, 1007).await;
+}
+
+#[tokio::test]
+async fn after_a_frame_too_big_the_server_reads_on_past_it_to_the_clients_close() {
+    // The server stops at the header; the tap follows the 8 KiB that come after it.
+    violation_then_close_handshake(&[b' '; 8 * 1024], true, 1009).await;
+}

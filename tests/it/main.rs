@@ -13,6 +13,7 @@ mod frames;
 mod lifecycle;
 mod limits;
 mod messaging;
+mod onebot;
 mod ops;
 mod plugins;
 mod routes;

@@ -8,6 +8,12 @@
 //! nothing), so a close racing a crash recovery or a shutdown sweep still
 //! yields one `connection.closed`. Presence (`user.online` / `user.offline`)
 //! is counted from the session rows inside the same transaction.
+//!
+//! The WebSocket service itself has a lifecycle too: `service.enabled` when
+//! it starts accepting (at start, or a reload that turns it on) and
+//! `service.disabled` when it stops (a reload that turns it off, or a
+//! graceful shutdown). Those events belong to no user, so they are ordered
+//! under [`service_order_key`], a key no user id can be.
 
 use std::sync::Arc;
 
@@ -105,6 +111,36 @@ impl CloseReason {
             _ => None,
         }
     }
+}
+
+/// Why the WebSocket service started or stopped accepting connections: the
+/// `reason` of `service.enabled` and `service.disabled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceReason {
+    /// The gateway started with `gateway.enabled = true`.
+    Start,
+    /// A config reload changed `gateway.enabled`.
+    Reload,
+    /// A graceful shutdown began.
+    Shutdown,
+}
+
+impl ServiceReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceReason::Start => "start",
+            ServiceReason::Reload => "reload",
+            ServiceReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The order key of a node's service events. It starts with a control
+/// character, which user ids cannot hold (`auth::valid_id`), and channel
+/// keys and control ids never start with, so these events never wait behind,
+/// or hold up, anyone's connection, message or control events.
+pub fn service_order_key(node_id: &str) -> String {
+    format!("\u{1f}service:{node_id}")
 }
 
 /// How a connection ended, as recorded.
@@ -224,6 +260,27 @@ impl Lifecycle {
         Ok(closed.is_some())
     }
 
+    /// Records `service.enabled` (`enabled`) or `service.disabled` for this
+    /// node; durable when it returns.
+    pub async fn record_service(
+        &self,
+        enabled: bool,
+        reason: ServiceReason,
+    ) -> Result<(), StorageError> {
+        let event_type = if enabled {
+            "service.enabled"
+        } else {
+            "service.disabled"
+        };
+        let data = json!({ "node": self.node_id, "reason": reason.as_str() });
+        let key = service_order_key(&self.node_id);
+        self.storage
+            .append_events(vec![event(event_type, &key, data)])
+            .await?;
+        self.wakeup.wake();
+        Ok(())
+    }
+
     /// Closes every session this node left open when it died. Run once at
     /// start-up, before the listener accepts anything.
     pub async fn recover_crashed(&self) -> Result<usize, StorageError> {
@@ -288,4 +345,16 @@ fn close_events(info: CloseInfo) -> SessionEvents {
         }
         out
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_order_key_is_no_user_id() {
+        let key = service_order_key("edge-1");
+        assert!(!crate::auth::valid_id(&key), "{key:?}");
+        assert_ne!(service_order_key("a"), service_order_key("b"));
+    }
 }

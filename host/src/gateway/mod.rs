@@ -12,6 +12,7 @@ pub mod protocol;
 pub mod registry;
 pub mod session;
 pub mod upgrade;
+pub mod wire;
 
 pub use lifecycle::CloseReason;
 pub use registry::{LiveSession, Registry};

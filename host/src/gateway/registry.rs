@@ -1,14 +1,16 @@
 //! The registry of live sessions on this node, partitioned by user.
 //!
 //! It answers "which sockets does this user have here" for fan-out, kicks and
-//! the multi-device policy, and lets a drain reach every session. It holds no
-//! durable state: the session rows in storage are the record; this is the
+//! the multi-device policy, and lets a drain reach every connection: the
+//! admitted sessions, and the upgrades still waiting for their `auth` frame
+//! (which have no user yet, so they are kept apart, by a number). It holds
+//! no durable state: the session rows in storage are the record; this is the
 //! routing table. Sessions are sharded by user id so no lock is global.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -164,10 +166,30 @@ pub struct SessionView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected(pub String);
 
+/// A connection upgraded without a token and waiting for its `auth` frame,
+/// as the registry knows it: a drain sends `close` a command. Dropping it
+/// takes the connection off the list.
+#[derive(Debug)]
+pub struct PendingAuth {
+    registry: Arc<Registry>,
+    id: u64,
+    /// Receives the drain's close request, if one comes while waiting.
+    pub close: oneshot::Receiver<CloseCommand>,
+}
+
+impl Drop for PendingAuth {
+    fn drop(&mut self) {
+        self.registry.pending_list().remove(&self.id);
+    }
+}
+
 #[derive(Default)]
 pub struct Registry {
     shards: Vec<Mutex<HashMap<String, Vec<Arc<LiveSession>>>>>,
     count: AtomicUsize,
+    /// Connections waiting for their `auth` frame, by a number of their own.
+    pending: Mutex<HashMap<u64, oneshot::Sender<CloseCommand>>>,
+    next_pending: AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -183,7 +205,48 @@ impl Registry {
         Registry {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             count: AtomicUsize::new(0),
+            pending: Mutex::new(HashMap::new()),
+            next_pending: AtomicU64::new(0),
         }
+    }
+
+    fn pending_list(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<CloseCommand>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lists a connection that waits for its `auth` frame, so a drain reaches
+    /// it. It stays listed until the returned handle is dropped.
+    pub fn add_pending(self: &Arc<Self>) -> PendingAuth {
+        let id = self.next_pending.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending_list().insert(id, tx);
+        PendingAuth {
+            registry: self.clone(),
+            id,
+            close: rx,
+        }
+    }
+
+    /// Connections waiting for their `auth` frame.
+    pub fn pending_len(&self) -> usize {
+        self.pending_list().len()
+    }
+
+    /// Asks every connection waiting for its `auth` frame to close, and takes
+    /// them off the list (each is asked once). Returns how many were asked.
+    pub fn close_pending(&self, reason: CloseReason, message: &str) -> usize {
+        let waiting: Vec<_> = self.pending_list().drain().map(|(_, tx)| tx).collect();
+        let command = || CloseCommand {
+            reason,
+            message: message.to_string(),
+        };
+        // A send fails only if the connection just stopped waiting.
+        waiting
+            .into_iter()
+            .filter_map(|tx| tx.send(command()).ok())
+            .count()
     }
 
     fn shard(&self, user_id: &str) -> &Mutex<HashMap<String, Vec<Arc<LiveSession>>>> {
@@ -390,5 +453,25 @@ mod tests {
         assert!(r.admit(session("u", "c"), &p).is_err());
         // Another user is unaffected.
         assert!(r.admit(session("v", "c"), &p).is_ok());
+    }
+
+    #[test]
+    fn a_drain_reaches_connections_waiting_for_auth_once() {
+        let r = Arc::new(Registry::new());
+        let mut waiting = r.add_pending();
+        let left = r.add_pending();
+        assert_eq!(r.pending_len(), 2);
+        drop(left);
+        assert_eq!(r.pending_len(), 1);
+        assert_eq!(r.close_pending(CloseReason::Shutdown, "bye"), 1);
+        let cmd = waiting.close.try_recv().expect("told to close");
+        assert_eq!(
+            (cmd.reason, cmd.message.as_str()),
+            (CloseReason::Shutdown, "bye")
+        );
+        // Told once: a second drain finds nobody, and the handle's drop is harmless.
+        assert_eq!(r.close_pending(CloseReason::Shutdown, "again"), 0);
+        drop(waiting);
+        assert_eq!(r.pending_len(), 0);
     }
 }

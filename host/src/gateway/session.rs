@@ -8,7 +8,8 @@
 //! code when the server ends it) and keep reading until the peer closes or
 //! `close_timeout` passes. tungstenite only queues its close and pong
 //! replies, so the task reads to the end instead of stopping at the first
-//! close frame.
+//! close frame; after a protocol error, when tungstenite reads no more, the
+//! socket's [`Tap`] reads on to the client's close.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
@@ -27,12 +28,13 @@ use tokio_tungstenite::WebSocketStream;
 use super::lifecycle::{CloseInfo, CloseReason};
 use super::protocol::{self, ClientFrame};
 use super::registry::{CloseCommand, LiveSession, Queues};
+use super::wire::Tap;
 use crate::auth::verify_token;
 use crate::messaging::{self, conversations, MessagingError, SendRequest};
 use crate::server::App;
 use crate::storage::messages::RowChange;
 
-pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
+pub type WsStream = WebSocketStream<Tap<TokioIo<Upgraded>>>;
 
 /// A session admitted by the registry, waiting to be opened.
 pub struct Admitted {
@@ -500,9 +502,18 @@ pub fn close_message(code: u16, reason: &str) -> Message {
 
 /// Reads (and discards) until the peer finishes the close handshake, the
 /// stream ends, or `limit` passes. Reading is what flushes tungstenite's
-/// queued close reply.
+/// queued close reply. tungstenite's stream ends at its first error (a
+/// protocol violation, or one that came while draining); the tap then reads
+/// on, from the frame boundary it followed, to the client's close frame, so
+/// the client can read the server's close frame and answer it instead of
+/// meeting a reset.
 pub async fn drain(ws: &mut WsStream, limit: Duration) {
-    let _ = timeout(limit, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let _ = timeout(limit, async {
+        while let Some(Ok(_)) = ws.next().await {}
+        // After a completed handshake the tap has seen the close: this returns at once.
+        ws.get_mut().read_until_close().await;
+    })
+    .await;
 }
 
 fn instant_of_unix(secs: u64) -> Instant {
@@ -514,7 +525,9 @@ fn instant_of_unix(secs: u64) -> Instant {
 /// For a connection upgraded without a token: waits for an `auth` frame
 /// within `gateway.auth_timeout`, then admits and runs the session. An
 /// attempt that fails here never opened: it is logged and counted, and no
-/// lifecycle event is written.
+/// lifecycle event is written. While it waits, the connection is listed in
+/// the registry, so a drain (shutdown, or a reload that disables the
+/// service) tells it and closes it like every other connection.
 pub async fn authenticate_then_run(
     app: Arc<App>,
     mut ws: WsStream,
@@ -522,53 +535,21 @@ pub async fn authenticate_then_run(
     query_device: Option<String>,
 ) {
     let cfg = app.config();
-    // Err: (reason for the metric and error frame, close code, message).
-    let outcome = timeout(cfg.gateway.auth_timeout, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    return match protocol::parse_client_frame(text.as_str()) {
-                        Ok(ClientFrame::Auth { token, .. }) => Ok(token),
-                        Ok(_) => Err((
-                            "auth_required",
-                            1008,
-                            "the first frame must be an `auth` frame".to_string(),
-                        )),
-                        Err(e) => Err(("malformed_auth", 1008, e.message)),
-                    };
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    return Err((
-                        "malformed_auth",
-                        1008,
-                        "binary frames are not supported".to_string(),
-                    ))
-                }
-                Some(Err(e)) => {
-                    return Err(match map_error(e) {
-                        End::Violation { reason, message } => {
-                            (reason.as_str(), reason.code(), message)
-                        }
-                        _ => (
-                            "closed_before_auth",
-                            1006,
-                            "the client left before authenticating".to_string(),
-                        ),
-                    })
-                }
-                Some(Ok(Message::Close(_))) | None => {
-                    return Err((
-                        "closed_before_auth",
-                        1006,
-                        "the client left before authenticating".to_string(),
-                    ))
-                }
-                Some(Ok(_)) => continue,
-            }
+    let mut pending = app.registry.add_pending();
+    // A drain that looked at the registry before this connection was listed
+    // had already set its state: looking here catches it.
+    if let Some((reason, message)) = app.drain_reason() {
+        return refuse_drained(&app, &mut ws, &remote, reason, message.into()).await;
+    }
+    let waited = timeout(cfg.gateway.auth_timeout, async {
+        tokio::select! {
+            biased;
+            cmd = &mut pending.close => Err(cmd),
+            first = first_auth_frame(&mut ws) => Ok(first),
         }
     })
     .await;
-    let token = match outcome {
+    let token = match waited {
         Err(_) => {
             return refuse(
                 &app,
@@ -580,26 +561,28 @@ pub async fn authenticate_then_run(
             )
             .await
         }
-        Ok(Err(("closed_before_auth", _, message))) => {
+        Ok(Err(cmd)) => {
+            let (reason, message) = match cmd {
+                Ok(c) => (c.reason, c.message),
+                Err(_) => (
+                    CloseReason::ServerError,
+                    "the registry dropped this connection".into(),
+                ),
+            };
+            return refuse_drained(&app, &mut ws, &remote, reason, message).await;
+        }
+        Ok(Ok(Err(("closed_before_auth", _, message)))) => {
             app.metrics.handshake_failed("closed_before_auth");
             tracing::info!(remote = %remote, detail = %message, "connection attempt ended before auth");
             return;
         }
-        Ok(Err((reason, code, message))) => {
+        Ok(Ok(Err((reason, code, message)))) => {
             return refuse(&app, &mut ws, &remote, code, reason, message).await
         }
-        Ok(Ok(token)) => token,
+        Ok(Ok(Ok(token))) => token,
     };
-    if !app.accepting_connections() {
-        return refuse(
-            &app,
-            &mut ws,
-            &remote,
-            1012,
-            "service_unavailable",
-            "the WebSocket service is not accepting connections".into(),
-        )
-        .await;
+    if let Some((reason, message)) = app.drain_reason() {
+        return refuse_drained(&app, &mut ws, &remote, reason, message.into()).await;
     }
     let secrets = app.secrets();
     let claims = match verify_token(&token, secrets.jwt_secret.as_bytes(), cfg.auth.token_leeway) {
@@ -618,10 +601,77 @@ pub async fn authenticate_then_run(
         .clone()
         .or(query_device)
         .unwrap_or_else(|| "default".into());
+    // From here the registry knows it as a session (`admit` re-checks the drain).
+    drop(pending);
     match app.admit(&claims.sub, &device, &remote, claims.exp) {
         Ok(adm) => run(app, ws, adm).await,
         Err(rejected) => refuse(&app, &mut ws, &remote, 1008, "device_policy", rejected.0).await,
     }
+}
+
+/// Why waiting for the `auth` frame failed: the reason (for the metric and
+/// the `error` frame), the close code and the message.
+type AuthFailure = (&'static str, u16, String);
+
+/// Reads until the first text frame and returns the token of the `auth`
+/// frame it must be.
+async fn first_auth_frame(ws: &mut WsStream) -> Result<String, AuthFailure> {
+    let left = || {
+        (
+            "closed_before_auth",
+            1006,
+            "the client left before authenticating".to_string(),
+        )
+    };
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                return match protocol::parse_client_frame(text.as_str()) {
+                    Ok(ClientFrame::Auth { token, .. }) => Ok(token),
+                    Ok(_) => Err((
+                        "auth_required",
+                        1008,
+                        "the first frame must be an `auth` frame".to_string(),
+                    )),
+                    Err(e) => Err(("malformed_auth", 1008, e.message)),
+                };
+            }
+            Some(Ok(Message::Binary(_))) => {
+                return Err((
+                    "malformed_auth",
+                    1008,
+                    "binary frames are not supported".to_string(),
+                ))
+            }
+            Some(Err(e)) => {
+                return Err(match map_error(e) {
+                    End::Violation { reason, message } => (reason.as_str(), reason.code(), message),
+                    _ => left(),
+                })
+            }
+            Some(Ok(Message::Close(_))) | None => return Err(left()),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Refuses a connection that was waiting for its `auth` frame when a drain
+/// began: the `meta` frame an open connection gets for the same drain
+/// (`disable` or `shutdown`), the `error` frame `service_unavailable` that
+/// answers an `auth` frame, and the drain's close code (1012 or 1001).
+async fn refuse_drained(
+    app: &App,
+    ws: &mut WsStream,
+    remote: &str,
+    reason: CloseReason,
+    message: String,
+) {
+    let code = reason.code();
+    if let Some(event) = reason.meta_event() {
+        let frame = protocol::closing_frame(event, reason.as_str(), code, &message);
+        let _ = send(ws, Message::text(frame), app.config().gateway.write_timeout).await;
+    }
+    refuse(app, ws, remote, code, "service_unavailable", message).await;
 }
 
 /// Refuses a connection that never opened: counted, logged, told why, closed.

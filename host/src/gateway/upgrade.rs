@@ -189,9 +189,8 @@ pub async fn handler(
                 return;
             }
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-                .await;
+        let socket = super::wire::Tap::new(TokioIo::new(upgraded));
+        let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(ws_config)).await;
         match admitted {
             Some(adm) => session::run(task_app, ws, adm).await,
             None => session::authenticate_then_run(task_app, ws, task_remote, query_device).await,

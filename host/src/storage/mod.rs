@@ -219,6 +219,10 @@ pub trait Storage: Send + Sync + 'static {
     /// Deletes outbox events every listed endpoint has moved past and no delivery refers to.
     async fn outbox_prune(&self, names: Vec<String>) -> Result<usize>;
 
+    /// Appends events that no other state change carries (the gateway's own
+    /// service events); durable when the future resolves.
+    async fn append_events(&self, events: Vec<NewEvent>) -> Result<()>;
+
     /// Reads a key of a plugin's key-value store.
     async fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>>;
 

@@ -584,6 +584,11 @@ impl Storage for SqliteStorage {
         .await
     }
 
+    async fn append_events(&self, events: Vec<NewEvent>) -> Result<()> {
+        self.write_urgent(move |conn| insert_events(conn, &events))
+            .await
+    }
+
     async fn endpoint_register(&self, name: &str) -> Result<EndpointState> {
         let name = name.to_string();
         self.write_urgent(move |conn| {

@@ -218,8 +218,8 @@ async fn an_auth_frame_while_the_service_is_disabled_is_refused_with_1012() {
     let opts = GatewayOptions::with_receiver(&rx.url).extra("[gateway]\nenabled = false");
     let (status, report) = gw.reload_with(&opts).await;
     assert_eq!(status, 200, "{report}");
-    // Whether the drain closes the waiting upgrade first or the auth frame
-    // finds the service off, the client is told `service_unavailable`.
+    // The drain tells the waiting upgrade first (the `meta` frame of a
+    // disable); a late `auth` frame, or none, then gets `service_unavailable`.
     raw.write_frame(
         1,
         json!({ "type": "auth", "token": gw.token("late", None, None) })
@@ -228,6 +228,17 @@ async fn an_auth_frame_while_the_service_is_disabled_is_refused_with_1012() {
         true,
     )
     .await;
+    let frame = raw.read_frame(WAIT).await.expect("a meta frame");
+    let meta: Value = serde_json::from_slice(&frame.payload).unwrap();
+    assert_eq!(
+        (
+            meta["type"].as_str(),
+            meta["event"].as_str(),
+            meta["code"].as_u64()
+        ),
+        (Some("meta"), Some("disable"), Some(1012)),
+        "{meta}"
+    );
     let frame = raw.read_frame(WAIT).await.expect("an error frame");
     let error: Value = serde_json::from_slice(&frame.payload).unwrap();
     assert_eq!(

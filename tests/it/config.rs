@@ -10,25 +10,11 @@ use crate::setup;
 
 #[track_caller]
 fn check_refused(toml: &str, key: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(binary())
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("PLUGBOARD_DATA_DIR", dir.path().join("data"))
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "started with a bad config: {toml}"
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
     // The documented form: one message, `plugboard: error: config key `<path>`: …`.
+    let message = load_error(toml);
     assert!(
-        stderr.contains(&format!("plugboard: error: config key `{key}`: ")),
-        "error does not name `{key}` as documented: {stderr}"
+        message.starts_with(&format!("config key `{key}`: ")),
+        "error does not name `{key}` as documented: {message}"
     );
 }
 
@@ -110,4 +96,59 @@ async fn a_bad_config_on_reload_is_refused_and_the_old_one_stays() {
     let (status, body) = gw.reload_with(&opts).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["restart_required"], serde_json::json!(["server"]));
+}
+
+/// The error `serve` prints for `toml`, less the `plugboard: error: ` prefix.
+fn load_error(toml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("PLUGBOARD_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "started with a bad config: {toml}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("plugboard: error: "))
+        .unwrap_or_else(|| panic!("no `plugboard: error:` line: {stderr}"));
+    line.to_string()
+}
+
+#[test]
+fn the_documented_validation_errors_are_the_ones_printed() {
+    // docs/configuration.md "Validation errors" shows real messages; the
+    // lists of known keys and events in them drift as the config grows.
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/configuration.md"
+    ))
+    .unwrap();
+    let section = doc
+        .split("## Validation errors")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("a Validation errors section");
+    for toml in [
+        "[gateway]\npign_interval = \"5s\"\n",
+        "bogus = 1\n",
+        "[[webhooks]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"conection.*\"]\n",
+        "[plugin_runtime]\nnope = 1\n",
+        "[[plugins]]\nname = \"x\"\nfile = \"x.wasm\"\nbogus = 1\n",
+        "[[plugins]]\nname = \"x\"\nfile = \"x.wasm\"\nhooks = [\"formatter\"]\n",
+        "[gateway.devices]\nsame_device = \"maybe\"\n",
+    ] {
+        let message = load_error(toml);
+        assert!(
+            section.lines().any(|l| l == message),
+            "docs/configuration.md does not show the message printed for {toml:?}:\n{message}"
+        );
+    }
 }

@@ -35,7 +35,8 @@ impl WebhookFormatter for Flood {
         let message = format!("{text}{}", "m".repeat(number("message_bytes", 0)?));
         let value = format!("{text}{}", "v".repeat(number("value_bytes", 0)?));
         let names: Vec<String> = (0..number("fields", 0)?).map(|i| format!("f{i}")).collect();
-        let fields: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), value.as_str())).collect();
+        let fields: Vec<(&str, &str)> =
+            names.iter().map(|n| (n.as_str(), value.as_str())).collect();
         for _ in 0..number("lines", 1)? {
             host::log(LogLevel::Info, &message, &fields);
         }

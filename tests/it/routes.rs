@@ -290,6 +290,21 @@ async fn every_route_answers_refusals_in_the_documented_shape() {
         }
     }
 
+    // The member id of a member's own route is checked too.
+    for bad in ["a".repeat(129), "a%0Ab".to_string()] {
+        send(
+            &http,
+            &gw,
+            Method::DELETE,
+            &format!("/v1/groups/team/members/{bad}"),
+            Access::ApiKey,
+            None,
+            "",
+        )
+        .await
+        .error(400, "bad_request", "DELETE a member with a bad user id");
+    }
+
     // Query parameters of the wrong type.
     for path in [
         "/v1/users/alice/messages?channel_type=person&channel_id=bob&limit=many",

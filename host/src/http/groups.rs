@@ -343,6 +343,7 @@ async fn remove_member(
     State(app): State<Arc<App>>,
     ApiPath((gid, uid)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("uid", &uid)?;
     let removed = app
         .messages
         .group_remove_members(&gid, vec![uid.clone()])

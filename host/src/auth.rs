@@ -150,8 +150,7 @@ struct DevSecrets {
 fn random_secret(prefix: &str) -> String {
     let mut bytes = [0u8; 24];
     rand::thread_rng().fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}{hex}")
+    format!("{prefix}{}", crate::hex(&bytes))
 }
 
 /// Path of the generated development secrets.

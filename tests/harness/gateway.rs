@@ -285,6 +285,17 @@ impl Gateway {
         plugboard::auth::mint_token(user, device, ttl, JWT_SECRET.as_bytes())
     }
 
+    /// A client token with exactly these claims (an expired one, an `exp`
+    /// at the edge of the range), signed with the gateway's secret.
+    pub fn token_with_claims(&self, claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        )
+        .expect("claims encode")
+    }
+
     pub async fn api(
         &self,
         method: reqwest::Method,

@@ -75,17 +75,12 @@ fn check_auth<'a>(
     }
 }
 
-fn expired_token(user: &str) -> String {
+fn expired_token(gw: &Gateway, user: &str) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({ "sub": user, "exp": now - 60 }),
-        &jsonwebtoken::EncodingKey::from_secret(plugboard_tests::gateway::JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
+    gw.token_with_claims(&json!({ "sub": user, "exp": now - 60 }))
 }
 
 fn auth(token: &str) -> First {
@@ -137,7 +132,13 @@ async fn every_refusal_of_an_auth_frame_has_its_error_code_and_close_code() {
         1008,
     )
     .await;
-    check_auth(&gw, auth(&expired_token("mallory")), "token_expired", 1008).await;
+    check_auth(
+        &gw,
+        auth(&expired_token(&gw, "mallory")),
+        "token_expired",
+        1008,
+    )
+    .await;
     check_auth(
         &gw,
         First::TextBytes(vec![0x7b, 0xff, 0xfe, 0x7d]),

@@ -457,14 +457,15 @@ async fn bad_requests_get_clear_errors_and_deliver_nothing() {
     sentinel(&gw, &mut h, "h").await;
 }
 
-fn sign(secret: &str, ts: i64, body: &str) -> String {
+/// The `plugboard-signature` header for the signed text `signed`.
+fn sign_text(secret: &str, signed: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{ts}.{body}").as_bytes());
-    let bytes = mac.finalize().into_bytes();
-    format!(
-        "v1={}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    mac.update(signed.as_bytes());
+    format!("v1={}", plugboard::hex(&mac.finalize().into_bytes()))
+}
+
+fn sign(secret: &str, ts: i64, body: &str) -> String {
+    sign_text(secret, &format!("{ts}.{body}"))
 }
 
 #[tokio::test]
@@ -777,13 +778,7 @@ async fn an_idempotency_key_reused_for_another_request_is_refused() {
 }
 
 fn sign_with_nonce(secret: &str, ts: i64, nonce: &str, body: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{ts}.{nonce}.{body}").as_bytes());
-    let bytes = mac.finalize().into_bytes();
-    format!(
-        "v1={}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    sign_text(secret, &format!("{ts}.{nonce}.{body}"))
 }
 
 #[tokio::test]

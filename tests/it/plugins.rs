@@ -676,12 +676,10 @@ async fn hot_swap_under_load_fails_no_call_and_drops_no_connection() {
     assert_eq!(view["swaps"], 51, "{view}");
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// The content hash the compile cache names its artifacts by.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    plugboard::hex(&sha2::Sha256::digest(bytes))
 }
 
 #[tokio::test]

@@ -72,6 +72,24 @@ fn endpoint(name: &str, url: &str, formatter: &str, events: &str) -> String {
     )
 }
 
+/// A gateway whose one endpoint is formatted by the `log-flood` test plugin
+/// with `extra` (its entry's settings), and the receiver of that endpoint.
+async fn log_flood_gateway(extra: &str) -> (Recorder, Gateway) {
+    let rx = Recorder::start().await;
+    let url = format!("http://{}/hooks", rx.addr);
+    let gw = Gateway::start(
+        GatewayOptions::default().extra(
+            &[
+                plugin("flood", plugins::LOG_FLOOD, extra),
+                endpoint("rx", &url, "flood", "[\"message.created\"]"),
+            ]
+            .concat(),
+        ),
+    )
+    .await;
+    (rx, gw)
+}
+
 async fn send_message(gw: &Gateway, from: &str, to: &str, payload: Value) {
     let (status, body) = gw
         .api(
@@ -251,20 +269,7 @@ async fn a_formatter_cannot_leave_the_endpoint_path_or_override_its_headers_and_
 
 #[tokio::test]
 async fn plugin_logs_are_bounded_per_line_per_call_and_in_the_admin_view() {
-    let rx = Recorder::start().await;
-    let url = format!("http://{}/hooks", rx.addr);
-    let gw = Gateway::start(GatewayOptions::default().extra(
-        &[
-            plugin(
-                "flood",
-                plugins::LOG_FLOOD,
-                "deadline = \"10s\"\n[plugins.config]\nlines = \"120\"\nfields = \"20\"\nvalue_bytes = \"10000\"\nmessage_bytes = \"100000\"\nstdout_lines = \"60\"",
-            ),
-            endpoint("rx", &url, "flood", "[\"message.created\"]"),
-        ]
-        .concat(),
-    ))
-    .await;
+    let (_rx, gw) = log_flood_gateway("deadline = \"10s\"\n[plugins.config]\nlines = \"120\"\nfields = \"20\"\nvalue_bytes = \"10000\"\nmessage_bytes = \"100000\"\nstdout_lines = \"60\"").await;
     send_message(&gw, "alice", "bob", json!({ "text": "go" })).await;
     // 120 `host.log` lines and 60 printed ones in one call: 50 are written.
     let dropped = plugboard_tests::wait_until_async(WAIT, || async {
@@ -322,20 +327,7 @@ fn is_record(line: &str) -> bool {
 
 #[tokio::test]
 async fn no_client_token_or_plugin_text_forges_a_line_of_the_text_log() {
-    let rx = Recorder::start().await;
-    let url = format!("http://{}/hooks", rx.addr);
-    let gw = Gateway::start(GatewayOptions::default().extra(
-        &[
-            plugin(
-                "flood",
-                plugins::LOG_FLOOD,
-                "[plugins.config]\nlines = \"2\"\nfields = \"2\"\nstdout_lines = \"1\"\ntext = \"FORGED-PLUGIN\\n1999-01-01 FORGED\\r\\u001b[2K\\u2028\"",
-            ),
-            endpoint("rx", &url, "flood", "[\"message.created\"]"),
-        ]
-        .concat(),
-    ))
-    .await;
+    let (_rx, gw) = log_flood_gateway("[plugins.config]\nlines = \"2\"\nfields = \"2\"\nstdout_lines = \"1\"\ntext = \"FORGED-PLUGIN\\n1999-01-01 FORGED\\r\\u001b[2K\\u2028\"").await;
     // A token whose header holds a newline (no credentials needed).
     use base64::Engine as _;
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
@@ -557,14 +549,6 @@ async fn an_upload_is_written_through_a_new_private_file_not_a_planted_link() {
     assert_eq!(left, expected, "no temporary file is left behind");
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[tokio::test]
 async fn a_refused_upload_leaves_no_compiled_artifact_in_the_cache() {
     let dir = tempfile::tempdir().unwrap();
@@ -576,7 +560,7 @@ async fn a_refused_upload_leaves_no_compiled_artifact_in_the_cache() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect()
     };
-    let serving = sha256_hex(&std::fs::read(plugins::ECHO_FORMATTER).unwrap());
+    let serving = crate::plugins::sha256_hex(&std::fs::read(plugins::ECHO_FORMATTER).unwrap());
     assert!(
         cached().iter().any(|f| f.starts_with(&serving)),
         "{:?}",
@@ -588,7 +572,7 @@ async fn a_refused_upload_leaves_no_compiled_artifact_in_the_cache() {
         let (status, body) = upload(&gw, bytes.clone()).await;
         assert_eq!(status, 422, "{body}");
         assert_eq!(body["error"]["code"], "plugin_refused", "{body}");
-        let sha = sha256_hex(&bytes);
+        let sha = crate::plugins::sha256_hex(&bytes);
         assert!(
             !cached().iter().any(|f| f.starts_with(&sha)),
             "{refused} left {:?}",

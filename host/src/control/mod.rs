@@ -594,10 +594,7 @@ fn fingerprint(body: &ControlBody) -> String {
         "ttl_ms": body.ttl_ms,
         "receipt": body.receipt,
     });
-    Sha256::digest(canonical.to_string().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&Sha256::digest(canonical.to_string().as_bytes()))
 }
 
 /// The answer to a request whose idempotency key is already taken (`which`

@@ -135,7 +135,7 @@ impl PluginEngine {
     /// Blocking: call it off the async runtime.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, PluginError> {
         let started = Instant::now();
-        let sha256 = hex(&Sha256::digest(bytes));
+        let sha256 = crate::hex(&Sha256::digest(bytes));
         if let Some(path) = self.cache_path(&sha256) {
             if path.exists() {
                 // SAFETY: the cache folder holds only artifacts this gateway
@@ -214,10 +214,6 @@ pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             Err(e)
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

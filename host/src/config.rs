@@ -51,6 +51,7 @@ pub struct Config {
     /// Name of this node; session rows are tagged with it so that crash
     /// recovery closes only this node's sessions.
     pub node_id: String,
+    pub storage: StorageConfig,
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub gateway: GatewayConfig,
@@ -73,6 +74,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("plugboard-data"),
             node_id: "node-1".to_string(),
+            storage: StorageConfig::default(),
             server: ServerConfig::default(),
             auth: AuthConfig::default(),
             gateway: GatewayConfig::default(),
@@ -401,6 +403,47 @@ impl Default for ControlConfig {
     }
 }
 
+/// The storage engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Embedded: `<data_dir>/plugboard.db`, nothing else to run.
+    Sqlite,
+    /// A PostgreSQL server at `storage.url`; several gateways may share it.
+    Postgres,
+}
+
+/// Where everything durable is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// PostgreSQL connection URL (`postgres://user:password@host:port/db`);
+    /// only for `backend = "postgres"`. Shown redacted everywhere.
+    pub url: String,
+    /// Most connections the gateway holds open to PostgreSQL.
+    pub pool_size: usize,
+    /// Longest a single statement may run on PostgreSQL before it is cancelled.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// Longest wait for a PostgreSQL connection (to open one, or for a free
+    /// one from the pool) before the operation fails as unavailable.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: StorageBackend::Sqlite,
+            url: String::new(),
+            pool_size: 16,
+            statement_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -720,6 +763,7 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(key_err("data_dir", "must not be empty"));
         }
+        self.storage.validate()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(key_err("log.level", format!("is not a valid filter: {e}")));
         }
@@ -1011,6 +1055,9 @@ impl Config {
             w.url = redact_url(&w.url);
         }
         c.control.signing_secret = hide(&c.control.signing_secret);
+        if !c.storage.url.is_empty() {
+            c.storage.url = redact_url(&c.storage.url);
+        }
         c
     }
 
@@ -1023,6 +1070,9 @@ impl Config {
         }
         if self.node_id != new.node_id {
             keys.push("node_id");
+        }
+        if self.storage != new.storage {
+            keys.push("storage");
         }
         if self.server != new.server {
             keys.push("server");
@@ -1102,6 +1152,50 @@ fn redact_quoted(message: &str) -> String {
         out.push_str("<redacted>");
     }
     out
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.backend {
+            StorageBackend::Sqlite => {
+                if !self.url.is_empty() {
+                    return Err(key_err(
+                        "storage.url",
+                        "is only used with storage.backend = \"postgres\"",
+                    ));
+                }
+            }
+            StorageBackend::Postgres => {
+                if self.url.is_empty() {
+                    return Err(key_err(
+                        "storage.url",
+                        "is required with storage.backend = \"postgres\"",
+                    ));
+                }
+                let scheme_ok = reqwest::Url::parse(&self.url)
+                    .map(|u| matches!(u.scheme(), "postgres" | "postgresql") && u.has_host())
+                    .unwrap_or(false);
+                if !scheme_ok {
+                    return Err(key_err(
+                        "storage.url",
+                        "must be a URL like postgres://user:password@host:5432/database",
+                    ));
+                }
+            }
+        }
+        if self.pool_size == 0 || self.pool_size > 1024 {
+            return Err(key_err("storage.pool_size", "must be between 1 and 1024"));
+        }
+        for (key, value) in [
+            ("storage.statement_timeout", self.statement_timeout),
+            ("storage.connect_timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(key_err(key, "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A URL as it may be shown (logs, admin views, `config check`): the

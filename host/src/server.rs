@@ -40,7 +40,7 @@ use crate::outbox::{Outbox, Wakeup};
 use crate::plugins::engine::PluginEngine;
 use crate::plugins::registry::LoadReport;
 use crate::plugins::{Kv, PluginRegistry};
-use crate::storage::{ControlStore, MessageStore, SqliteStorage, Storage};
+use crate::storage::Backend;
 
 /// Fan-out tasks; channels are spread over them by hash.
 const FANOUT_SHARDS: usize = 4;
@@ -57,11 +57,8 @@ pub struct App {
     /// Where the config was read from, for reloads (`None`: defaults and environment only).
     config_path: Option<PathBuf>,
     secrets: ArcSwap<Secrets>,
-    pub storage: Arc<dyn Storage>,
-    /// The same store as `storage`, seen through its messaging contract.
-    pub messages: Arc<dyn MessageStore>,
-    /// The same store, seen through its control-message contract.
-    pub controls: Arc<dyn ControlStore>,
+    /// Every durable store, of the configured engine.
+    pub storage: Backend,
     /// Per API key request budgets and recent signatures of `POST /v1/control`.
     pub control_guard: crate::http::control::Guard,
     pub registry: Arc<Registry>,
@@ -272,14 +269,12 @@ impl Server {
         })?;
         let secrets = Secrets::resolve(&config, |text| println!("{text}"))?;
         let metrics = Arc::new(Metrics::new());
-        let db_path = config.data_dir.join("plugboard.db");
-        let sqlite = Arc::new(SqliteStorage::open(&db_path, Some(metrics.clone()))?);
-        let storage: Arc<dyn Storage> = sqlite.clone();
-        let messages: Arc<dyn MessageStore> = sqlite.clone();
-        let controls: Arc<dyn ControlStore> = sqlite;
+        let storage =
+            crate::storage::open(&config.storage, &config.data_dir, Some(metrics.clone())).await?;
         let wakeup = Wakeup::default();
         let lifecycle = Lifecycle::new(
-            storage.clone(),
+            storage.sessions.clone(),
+            storage.outbox.clone(),
             metrics.clone(),
             wakeup.clone(),
             config.node_id.clone(),
@@ -287,7 +282,7 @@ impl Server {
         let engine = PluginEngine::new(Some(config.plugin_cache_dir()))?;
         let plugins = Arc::new(PluginRegistry::new(
             engine,
-            Arc::new(Kv::Storage(storage.clone())),
+            Arc::new(Kv::Storage(storage.kv.clone())),
             metrics.clone(),
             &config,
         ));
@@ -297,7 +292,7 @@ impl Server {
         // Endpoints are registered before anything can write an event, so a
         // new endpoint also receives the events of the crash recovery below.
         let outbox = Arc::new(Outbox::new(
-            storage.clone(),
+            storage.outbox.clone(),
             metrics.clone(),
             wakeup,
             config.outbox.clone(),
@@ -320,8 +315,6 @@ impl Server {
             config_path,
             secrets: ArcSwap::from_pointee(secrets),
             storage,
-            messages,
-            controls,
             control_guard: crate::http::control::Guard::default(),
             registry,
             fanout,

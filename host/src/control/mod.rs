@@ -35,7 +35,7 @@ use crate::server::App;
 use crate::storage::controls::{
     Deliverable, Existing, NewControl, NewTarget, Priority, TargetEvents, TargetState,
 };
-use crate::storage::messages::GroupResult;
+use crate::storage::groups::GroupResult;
 use crate::storage::{NewEvent, StorageError};
 
 /// Most bytes of a `kind`.
@@ -276,7 +276,12 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
                 "`idempotency_key` must be 1 to 128 bytes".into(),
             ));
         }
-        if let Some(existing) = app.controls.control_by_key(key, &request_hash).await? {
+        if let Some(existing) = app
+            .storage
+            .controls
+            .control_by_key(key, &request_hash)
+            .await?
+        {
             return existing_answer(key, existing);
         }
     }
@@ -308,7 +313,7 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
     }
     if let Some(group) = &t.group {
         check_user("targets.group", group)?;
-        let members = match app.messages.group_member_ids(group).await? {
+        let members = match app.storage.groups.group_member_ids(group).await? {
             GroupResult::Ok(m) => m,
             _ => return Err(ControlError::UnknownGroup(group.clone())),
         };
@@ -419,7 +424,7 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
                         "targets": targets.len(),
                     }),
                 };
-                app.controls.control_events(vec![event]).await?;
+                app.storage.outbox.append_events(vec![event]).await?;
                 app.outbox.wake();
                 return Err(ControlError::Rejected {
                     control_id: id,
@@ -486,7 +491,7 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
         targets: rows,
     };
     let expires_at = control.expires_at;
-    if let Err(existing) = app.controls.control_create(control).await? {
+    if let Err(existing) = app.storage.controls.control_create(control).await? {
         return existing_answer(body.idempotency_key.as_deref().unwrap_or(&id), existing);
     }
 
@@ -541,7 +546,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
         }
     }
     if !delivered.is_empty() || !unreached.is_empty() {
-        app.controls
+        app.storage
+            .controls
             .control_delivered(&id, delivered, unreached, events("control.delivered", None))
             .await?;
         app.outbox.wake();
@@ -567,7 +573,8 @@ pub async fn submit(app: &App, body: ControlBody) -> Result<(StatusCode, Value),
     });
     // Kept only where a repeat can ask for it.
     if body.idempotency_key.is_some() {
-        app.controls
+        app.storage
+            .controls
             .control_answered(&id, answer.to_string())
             .await?;
     }
@@ -702,7 +709,12 @@ fn events(event_type: &'static str, extra: Option<Value>) -> TargetEvents {
 /// user, in priority then time order, and records them delivered.
 pub async fn deliver_pending(app: Arc<App>, session: Arc<LiveSession>) {
     let user = session.user_id.clone();
-    let pending = match app.controls.controls_for_user(&user, crate::now_ms()).await {
+    let pending = match app
+        .storage
+        .controls
+        .controls_for_user(&user, crate::now_ms())
+        .await
+    {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(user_id = %user, error = %e, "cannot read persisted controls; they are delivered at the next connect");
@@ -730,6 +742,7 @@ pub async fn deliver_pending(app: Arc<App>, session: Arc<LiveSession>) {
         return;
     }
     match app
+        .storage
         .controls
         .controls_redelivered(&user, sent, events("control.delivered", None))
         .await
@@ -746,6 +759,7 @@ pub async fn ack(app: &App, session: &LiveSession, control_id: &str) {
         "connection_id": session.connection_id,
     });
     match app
+        .storage
         .controls
         .control_ack(
             control_id,
@@ -774,6 +788,7 @@ pub fn start_expiry(app: &Arc<App>) {
             let interval = app.config().control.expiry_interval;
             loop {
                 match app
+                    .storage
                     .controls
                     .controls_expire(crate::now_ms(), 1000, events("control.expired", None))
                     .await

@@ -21,7 +21,9 @@ use serde_json::json;
 
 use crate::metrics::Metrics;
 use crate::outbox::Wakeup;
-use crate::storage::{NewEvent, Presence, SessionEvents, SessionRecord, Storage, StorageError};
+use crate::storage::{
+    NewEvent, OutboxStore, Presence, SessionEvents, SessionRecord, SessionStore, StorageError,
+};
 
 /// Every way an open connection can end. The string form is the `reason`
 /// field of `connection.closed`; `code` is the WebSocket close code.
@@ -154,7 +156,9 @@ pub struct CloseInfo {
 /// Records opens and closes. Cheap to clone.
 #[derive(Clone)]
 pub struct Lifecycle {
-    storage: Arc<dyn Storage>,
+    storage: Arc<dyn SessionStore>,
+    /// For the service events, which no session change carries.
+    outbox: Arc<dyn OutboxStore>,
     metrics: Arc<Metrics>,
     wakeup: Wakeup,
     node_id: String,
@@ -172,13 +176,15 @@ fn event(event_type: &str, order_key: &str, data: serde_json::Value) -> NewEvent
 
 impl Lifecycle {
     pub fn new(
-        storage: Arc<dyn Storage>,
+        storage: Arc<dyn SessionStore>,
+        outbox: Arc<dyn OutboxStore>,
         metrics: Arc<Metrics>,
         wakeup: Wakeup,
         node_id: String,
     ) -> Self {
         Lifecycle {
             storage,
+            outbox,
             metrics,
             wakeup,
             node_id,
@@ -274,7 +280,7 @@ impl Lifecycle {
         };
         let data = json!({ "node": self.node_id, "reason": reason.as_str() });
         let key = service_order_key(&self.node_id);
-        self.storage
+        self.outbox
             .append_events(vec![event(event_type, &key, data)])
             .await?;
         self.wakeup.wake();

@@ -79,6 +79,7 @@ async fn kv_get(
     kv_target(&app, &name, &key)?;
     match app
         .storage
+        .kv
         .kv_get(&name, &key)
         .await
         .map_err(ApiError::internal)?
@@ -111,7 +112,7 @@ async fn kv_put(
             ),
         ));
     }
-    match app.storage.kv_set(&name, &key, body.to_vec()).await {
+    match app.storage.kv.kv_set(&name, &key, body.to_vec()).await {
         Ok(()) => Ok(Json(
             json!({ "plugin": name, "key": key, "bytes": body.len() }),
         )),
@@ -131,6 +132,7 @@ async fn kv_delete(
 ) -> Result<Json<Value>, ApiError> {
     kv_target(&app, &name, &key)?;
     app.storage
+        .kv
         .kv_delete(&name, &key)
         .await
         .map_err(ApiError::internal)?;

@@ -107,6 +107,7 @@ async fn presence(
     crate::messaging::check_id("uid", &uid)?;
     let (p, sessions) = app
         .storage
+        .sessions
         .presence(&uid)
         .await
         .map_err(ApiError::internal)?;

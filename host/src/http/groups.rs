@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, BodyKind, Route};
 use crate::messaging::check_id;
 use crate::server::App;
-use crate::storage::messages::{Group, GroupResult, Member};
+use crate::storage::groups::{Group, GroupResult, Member};
 
 /// Members listed per page when the request names no `limit`.
 const MEMBERS_PAGE: usize = 1000;
@@ -174,7 +174,8 @@ async fn create(
     };
     let max = app.config().messaging.max_group_members;
     let created = app
-        .messages
+        .storage
+        .groups
         .group_create(group, members, max)
         .await
         .map_err(storage)?;
@@ -198,7 +199,7 @@ async fn get_group(
     State(app): State<Arc<App>>,
     ApiPath(gid): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match app.messages.group_get(&gid).await.map_err(storage)? {
+    match app.storage.groups.group_get(&gid).await.map_err(storage)? {
         Some(g) => Ok(Json(group_json(&g))),
         None => Err(unknown_group(&gid)),
     }
@@ -222,7 +223,8 @@ async fn update(
         check_name(name)?;
     }
     let updated = app
-        .messages
+        .storage
+        .groups
         .group_update(&gid, body.name, body.data)
         .await
         .map_err(storage)?;
@@ -233,7 +235,13 @@ async fn delete_group(
     State(app): State<Arc<App>>,
     ApiPath(gid): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if app.messages.group_delete(&gid).await.map_err(storage)? {
+    if app
+        .storage
+        .groups
+        .group_delete(&gid)
+        .await
+        .map_err(storage)?
+    {
         tracing::info!(group_id = %gid, "group deleted");
         Ok(Json(json!({ "group_id": gid, "deleted": true })))
     } else {
@@ -258,7 +266,8 @@ async fn members(
 ) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(MEMBERS_PAGE).clamp(1, MEMBERS_PAGE_MAX);
     let page = app
-        .messages
+        .storage
+        .groups
         .group_members(&gid, q.after, limit + 1)
         .await
         .map_err(storage)?;
@@ -308,7 +317,8 @@ async fn add_members(
     let members = members_from(body.members, body.role.as_deref().unwrap_or("member"))?;
     let max = app.config().messaging.max_group_members;
     let added = app
-        .messages
+        .storage
+        .groups
         .group_add_members(&gid, members, max)
         .await
         .map_err(storage)?;
@@ -331,7 +341,8 @@ async fn remove_members(
         check_id("members[]", u)?;
     }
     let removed = app
-        .messages
+        .storage
+        .groups
         .group_remove_members(&gid, body.members)
         .await
         .map_err(storage)?;
@@ -345,7 +356,8 @@ async fn remove_member(
 ) -> Result<Json<Value>, ApiError> {
     check_id("uid", &uid)?;
     let removed = app
-        .messages
+        .storage
+        .groups
         .group_remove_members(&gid, vec![uid.clone()])
         .await
         .map_err(storage)?;

@@ -27,7 +27,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// Ready to take client connections: storage answers and the WebSocket
 /// service is accepting (not disabled, not draining).
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    let storage_ok = app.storage.outbox_depth().await.is_ok();
+    let storage_ok = app.storage.health.check().await.is_ok();
     let reason = app.not_accepting_reason();
     let ready = storage_ok && reason.is_none();
     let status = if ready {

@@ -171,6 +171,7 @@ pub async fn list_page(
         .unwrap_or(c.default_last_messages)
         .min(c.max_last_messages);
     let page = app
+        .storage
         .messages
         .conversations(
             user,
@@ -443,6 +444,7 @@ pub async fn change(
     check_id("channel_id", channel_id)?;
     let channel = Channel::addressed(user, kind, channel_id);
     let Some(row) = app
+        .storage
         .messages
         .change_conversation(user, channel, change)
         .await?

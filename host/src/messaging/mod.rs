@@ -276,7 +276,11 @@ pub async fn send(app: &App, req: SendRequest<'_>) -> Result<SendAck, MessagingE
         });
     });
     let started = Instant::now();
-    let result = app.messages.append_message(new, event, on_append).await?;
+    let result = app
+        .storage
+        .messages
+        .append_message(new, event, on_append)
+        .await?;
     app.metrics
         .message_commit_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -461,6 +465,7 @@ pub async fn sync_page(
         }
     };
     let page: MessagePage = app
+        .storage
         .messages
         .messages(user, range.clone(), limit)
         .await?
@@ -521,7 +526,7 @@ pub fn start_maintenance(app: &Arc<App>) {
             let Some(app) = weak.upgrade() else { return };
             let c = app.config().conversations.clone();
             let horizon = crate::now_ms() - c.tombstone_retention.as_millis() as i64;
-            match app.messages.prune_conversations(horizon).await {
+            match app.storage.messages.prune_conversations(horizon).await {
                 Ok(0) => {}
                 Ok(n) => {
                     app.metrics.conversations_pruned.inc_by(n as u64);

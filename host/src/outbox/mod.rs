@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{OutboxConfig, WebhookConfig};
 use crate::metrics::{EndpointLabel, Metrics};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{OutboxStore, StorageError};
 
 /// Wakes the delivery workers when new events were committed. Waking is
 /// level-triggered (a counter in a watch channel), so a wake-up that comes
@@ -51,7 +51,7 @@ impl Wakeup {
 
 /// What the workers share.
 pub(crate) struct Shared {
-    pub storage: Arc<dyn Storage>,
+    pub storage: Arc<dyn OutboxStore>,
     pub metrics: Arc<Metrics>,
     pub wakeup: Wakeup,
     pub client: reqwest::Client,
@@ -105,7 +105,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(
-        storage: Arc<dyn Storage>,
+        storage: Arc<dyn OutboxStore>,
         metrics: Arc<Metrics>,
         wakeup: Wakeup,
         settings: OutboxConfig,

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 pub use instance::{CallFailure, LoadedPlugin};
 pub use registry::{PluginRegistry, PluginView};
 
-use crate::storage::Storage;
+use crate::storage::KvStore;
 use bindings::plugboard::plugin::types::KvError;
 
 /// Why a plugin could not be loaded (at start, on reload or on upload).
@@ -55,7 +55,7 @@ pub enum PluginError {
 /// Where a plugin's key-value store lives.
 pub enum Kv {
     /// The gateway's storage (durable).
-    Storage(Arc<dyn Storage>),
+    Storage(Arc<dyn KvStore>),
     /// Process memory (the `plugboard plugin` command line).
     Memory(Mutex<HashMap<(String, String), Vec<u8>>>),
 }

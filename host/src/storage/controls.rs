@@ -1,5 +1,5 @@
-//! The durable side of business control messages: one row per control and
-//! one per (control, target user), beside [`super::Storage`] as a narrow trait.
+//! Business control messages: one row per control and one per (control,
+//! target user).
 //!
 //! A target row's `state`:
 //! - `pending`: to deliver (a persisted control waiting for the user, or an
@@ -10,6 +10,13 @@
 //! - `expired`: a persisted control whose time-to-live passed undelivered;
 //! - `offline`: an online-only control whose user had no connection;
 //! - `rejected`: refused for this target (e.g. not a member of the group).
+//!
+//! Properties every engine keeps: **idempotency keys are unique** (of two
+//! concurrent creates with one key, one records the control and the other
+//! gets `Err(Existing)`); a target's state only moves forward (pending →
+//! delivered → acked, pending → expired or offline), and each move writes
+//! its event once, also when a receipt, a redelivery and the expiry task
+//! race.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -188,9 +195,6 @@ pub trait ControlStore: Send + Sync + 'static {
         user_id: &str,
         events: TargetEvents,
     ) -> Result<Option<Deliverable>>;
-
-    /// Appends events that no other state change carries (a rejected control).
-    async fn control_events(&self, events: Vec<NewEvent>) -> Result<()>;
 
     /// Expires persisted targets still pending after their time-to-live, with
     /// an event each. Returns how many.

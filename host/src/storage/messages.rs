@@ -1,14 +1,30 @@
-//! The durable side of messaging: channels, messages, groups and every
-//! user's conversation list, as a second narrow trait beside [`super::Storage`].
+//! Messages and every user's conversation list.
 //!
 //! Versions: one counter, advanced once per state-changing operation, stamps
 //! every message and every conversation row the operation touches. A user's
 //! rows therefore change with strictly increasing versions, a message's
 //! version orders it across all channels (the per-user cursor), and "what
-//! changed since version V" is a range query. An implementation on another
-//! engine must hand out versions in commit order for any one user.
+//! changed since version V" is a range query.
 //!
-//! This module holds no SQL; [`super::sqlite`] implements the trait.
+//! Properties every engine keeps, also when several gateway processes write
+//! to one database:
+//! - **A channel's sequence numbers follow commit order**: they are 1, 2, 3…
+//!   with no gap and no repeat, and a message with a higher `seq` commits
+//!   after every lower one of its channel. `on_append` hooks of one channel
+//!   run in `seq` order (fan-out relies on it).
+//! - **A user's versions increase in commit order**: a version stamped on a
+//!   user's row or message is greater than every version stamped on that
+//!   user's rows by transactions that committed before, so a sync that read
+//!   up to version V never misses a change that commits later with a version
+//!   at or below V.
+//! - **Client message ids are unique per sender**: a second append with the
+//!   same (sender, `client_msg_id`) returns the first message with
+//!   `duplicate: true` and writes nothing, also when both run concurrently.
+//! - **A message is written with its members' conversation rows and its
+//!   `message.created` event in one transaction**; a rejected or failed
+//!   append writes nothing.
+//!
+//! This module holds no SQL; the engines implement the trait.
 
 use std::sync::Arc;
 
@@ -294,41 +310,6 @@ pub enum SyncRefused {
     NotMember,
 }
 
-/// A group.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Group {
-    pub group_id: String,
-    pub name: String,
-    /// Free-form JSON the business server keeps with the group.
-    pub data: serde_json::Value,
-    pub member_count: u64,
-    /// Unix ms.
-    pub created_at: i64,
-    pub updated_at: i64,
-}
-
-/// A member of a group.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Member {
-    pub user_id: String,
-    pub role: String,
-    /// Unix ms.
-    pub joined_at: i64,
-}
-
-/// Outcome of a group operation that may name a missing group.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GroupResult<T> {
-    Ok(T),
-    UnknownGroup,
-    /// Creating a group whose id is taken.
-    Exists,
-    /// The operation would make the group larger than allowed.
-    TooManyMembers {
-        limit: usize,
-    },
-}
-
 /// A change to a user's own conversation row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowChange {
@@ -391,46 +372,6 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// The newest version handed out.
     async fn current_version(&self) -> Result<u64>;
-
-    async fn group_create(
-        &self,
-        group: Group,
-        members: Vec<Member>,
-        max_members: usize,
-    ) -> Result<GroupResult<Group>>;
-    async fn group_get(&self, group_id: &str) -> Result<Option<Group>>;
-    async fn group_update(
-        &self,
-        group_id: &str,
-        name: Option<String>,
-        data: Option<serde_json::Value>,
-    ) -> Result<GroupResult<Group>>;
-    /// Deletes the group, its members and messages; members' rows become deleted.
-    async fn group_delete(&self, group_id: &str) -> Result<bool>;
-    /// Adds members (existing ones get the given role). Returns the user ids
-    /// that were not members before.
-    async fn group_add_members(
-        &self,
-        group_id: &str,
-        members: Vec<Member>,
-        max_members: usize,
-    ) -> Result<GroupResult<Vec<String>>>;
-    /// Removes members; their rows of the group become deleted. Returns the
-    /// user ids that were members.
-    async fn group_remove_members(
-        &self,
-        group_id: &str,
-        users: Vec<String>,
-    ) -> Result<GroupResult<Vec<String>>>;
-    /// Members in user id order after `after`, at most `limit`.
-    async fn group_members(
-        &self,
-        group_id: &str,
-        after: Option<String>,
-        limit: usize,
-    ) -> Result<GroupResult<Vec<Member>>>;
-    /// Every member id (for control targets and fan-out sizing).
-    async fn group_member_ids(&self, group_id: &str) -> Result<GroupResult<Vec<String>>>;
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::controls::{
+use super::{insert_events, SqliteStorage};
+use crate::storage::controls::{
     ControlStore, Deliverable, Existing, NewControl, Priority, TargetEvents, TargetState,
 };
-use super::sqlite::{insert_events, SqliteStorage};
-use super::{NewEvent, Result};
+use crate::storage::{NewEvent, Result};
 
 // `controls` is a rowid table on purpose: answers can be large, and in a
 // WITHOUT ROWID table they would sit in the key's B-tree, where every key
@@ -263,10 +263,6 @@ impl ControlStore for SqliteStorage {
             Ok(t)
         })
         .await
-    }
-
-    async fn control_events(&self, events: Vec<NewEvent>) -> Result<()> {
-        self.write(move |conn| insert_events(conn, &events)).await
     }
 
     async fn controls_expire(&self, now: i64, limit: usize, events: TargetEvents) -> Result<usize> {

@@ -17,13 +17,14 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::value::RawValue;
 
-use super::messages::{
-    Appended, Channel, ChannelType, ConversationPage, ConversationRow, EventBuilder, Group,
-    GroupResult, LastMessage, Member, MessagePage, MessageRange, MessageStore, NewMessage,
-    OnAppend, RowChange, RowState, SendRejected, StoredMessage, SyncRefused,
+use super::{insert_events, SqliteStorage};
+use crate::storage::groups::{Group, GroupResult, GroupStore, Member};
+use crate::storage::messages::{
+    Appended, Channel, ChannelType, ConversationPage, ConversationRow, EventBuilder, LastMessage,
+    MessagePage, MessageRange, MessageStore, NewMessage, OnAppend, RowChange, RowState,
+    SendRejected, StoredMessage, SyncRefused,
 };
-use super::sqlite::{insert_events, SqliteStorage};
-use super::Result;
+use crate::storage::Result;
 
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS counters (
@@ -699,7 +700,10 @@ impl MessageStore for SqliteStorage {
     async fn current_version(&self) -> Result<u64> {
         self.read(current_version).await
     }
+}
 
+#[async_trait]
+impl GroupStore for SqliteStorage {
     async fn group_create(
         &self,
         group: Group,

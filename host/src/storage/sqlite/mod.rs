@@ -1,4 +1,4 @@
-//! The embedded SQLite implementation of [`Storage`].
+//! The embedded SQLite engine: every storage trait on one database file.
 //!
 //! One writer thread owns the write connection. Concurrent writes queue up
 //! and the thread runs as many as are waiting in one transaction (each inside
@@ -20,18 +20,24 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use super::kv::{MAX_BYTES, MAX_KEYS};
 use super::{
-    ClaimedEvent, EndpointState, EventFilter, NewEvent, Presence, Result, SessionEvents,
-    SessionRecord, Settlement, Storage, StorageError,
+    ClaimedEvent, EndpointState, EventFilter, Health, KvStore, NewEvent, OutboxStore, Presence,
+    Result, SessionEvents, SessionRecord, SessionStore, Settlement, StorageError,
 };
 use crate::metrics::Metrics;
 
+mod controls;
+mod messages;
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> StorageError {
+        StorageError::Database(e.to_string())
+    }
+}
+
 /// `next_at` of a delivery row waiting behind an earlier one of its key.
 const NOT_HEAD: i64 = i64::MAX;
-
-/// Quota of one plugin's key-value store.
-const KV_MAX_KEYS: i64 = 100_000;
-const KV_MAX_BYTES: i64 = 64 * 1024 * 1024;
 
 /// Most writes grouped into one transaction.
 const MAX_BATCH: usize = 1024;
@@ -135,17 +141,13 @@ impl SqliteStorage {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path, metrics: Option<Arc<Metrics>>) -> Result<SqliteStorage> {
         let open_err = |e: rusqlite::Error| StorageError::Open {
-            path: path.display().to_string(),
+            target: path.display().to_string(),
             message: e.to_string(),
         };
         let writer = open_connection(path).map_err(open_err)?;
         writer.execute_batch(SCHEMA).map_err(open_err)?;
-        writer
-            .execute_batch(super::sqlite_messages::SCHEMA)
-            .map_err(open_err)?;
-        writer
-            .execute_batch(super::sqlite_controls::SCHEMA)
-            .map_err(open_err)?;
+        writer.execute_batch(messages::SCHEMA).map_err(open_err)?;
+        writer.execute_batch(controls::SCHEMA).map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
         // Leases held by a previous process are void: make those deliveries due now.
         writer
@@ -172,7 +174,7 @@ impl SqliteStorage {
             .name("plugboard-sqlite-writer".into())
             .spawn(move || writer_loop(writer, queue, metrics))
             .map_err(|e| StorageError::Open {
-                path: path.display().to_string(),
+                target: path.display().to_string(),
                 message: e.to_string(),
             })?;
         let readers = Arc::new(readers);
@@ -182,7 +184,7 @@ impl SqliteStorage {
             .name("plugboard-sqlite-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpointer, alive))
             .map_err(|e| StorageError::Open {
-                path: path.display().to_string(),
+                target: path.display().to_string(),
                 message: e.to_string(),
             })?;
         Ok(SqliteStorage { jobs, readers })
@@ -231,7 +233,7 @@ impl SqliteStorage {
             let result = in_savepoint(conn, f);
             Box::new(move |commit: std::result::Result<(), String>| {
                 let out = match (result, commit) {
-                    (Err(e), _) => Err(StorageError::Sqlite(e)),
+                    (Err(e), _) => Err(StorageError::from(e)),
                     (Ok(_), Err(e)) => Err(StorageError::Commit(e)),
                     (Ok(v), Ok(())) => {
                         after(&v);
@@ -282,7 +284,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             "ALTER TABLE endpoints ADD COLUMN skipped_total INTEGER NOT NULL DEFAULT 0",
         )?;
     }
-    super::sqlite_controls::migrate(conn)?;
+    controls::migrate(conn)?;
     Ok(())
 }
 
@@ -318,6 +320,10 @@ struct Lanes {
 }
 
 impl JobQueue {
+    fn is_closed(&self) -> bool {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner()).closed
+    }
+
     /// Queues a job; false once the storage is shut down.
     fn push(&self, job: Job, urgent: bool) -> bool {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
@@ -518,7 +524,7 @@ fn endpoint_state_of(conn: &Connection, name: &str) -> rusqlite::Result<Option<E
 }
 
 #[async_trait]
-impl Storage for SqliteStorage {
+impl SessionStore for SqliteStorage {
     async fn open_session(&self, record: SessionRecord, events: SessionEvents) -> Result<Presence> {
         self.write_urgent(move |conn| {
             conn.prepare_cached(&format!(
@@ -583,7 +589,10 @@ impl Storage for SqliteStorage {
         })
         .await
     }
+}
 
+#[async_trait]
+impl OutboxStore for SqliteStorage {
     async fn append_events(&self, events: Vec<NewEvent>) -> Result<()> {
         self.write_urgent(move |conn| insert_events(conn, &events))
             .await
@@ -902,7 +911,10 @@ impl Storage for SqliteStorage {
         })
         .await
     }
+}
 
+#[async_trait]
+impl KvStore for SqliteStorage {
     async fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let (plugin, key) = (plugin.to_string(), key.to_string());
         self.read(move |conn| {
@@ -923,9 +935,9 @@ impl Storage for SqliteStorage {
                          WHERE plugin = ?1 AND key <> ?2",
                     )?
                     .query_row(params![plugin, key], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                if keys >= KV_MAX_KEYS || bytes + value.len() as i64 > KV_MAX_BYTES {
+                if keys >= MAX_KEYS || bytes + value.len() as i64 > MAX_BYTES {
                     return Ok(Some(format!(
-                        "a plugin's store holds at most {KV_MAX_KEYS} keys and {KV_MAX_BYTES} bytes"
+                        "a plugin's store holds at most {MAX_KEYS} keys and {MAX_BYTES} bytes"
                     )));
                 }
                 conn.prepare_cached(
@@ -950,5 +962,16 @@ impl Storage for SqliteStorage {
             Ok(())
         })
         .await
+    }
+}
+
+#[async_trait]
+impl Health for SqliteStorage {
+    async fn check(&self) -> Result<()> {
+        if self.jobs.is_closed() {
+            return Err(StorageError::Closed);
+        }
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
+            .await
     }
 }

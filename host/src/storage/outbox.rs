@@ -1,0 +1,165 @@
+//! The outbox and per-endpoint delivery queues of webhook events.
+//!
+//! Every state change writes its events into the outbox in its own
+//! transaction; a worker per endpoint copies them into that endpoint's
+//! delivery queue, claims due deliveries, and settles each attempt.
+//!
+//! Properties every engine keeps:
+//! - **Durable before acknowledged**: an event is in the outbox once the
+//!   future of the change that wrote it resolves.
+//! - **Outbox order is commit order**: an event's `seq` is greater than the
+//!   `seq` of every event committed before its transaction, so a cursor
+//!   moving over `seq` never skips an event that commits late (engines with
+//!   concurrent writers serialise event appends, e.g. with a lock held until
+//!   commit).
+//! - **Only the oldest pending delivery per (endpoint, order key) is due.**
+//!   A claim never returns a delivery while an older one of its key is
+//!   pending, failed or in flight, so per-user order holds across retries,
+//!   batches and concurrent workers; two concurrent claims never return the
+//!   same delivery.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use super::Result;
+
+/// An event to append to the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// `evt_…`; doubles as the webhook id and idempotency key.
+    pub id: String,
+    pub event_type: String,
+    /// Events with the same key are delivered in order (the user id).
+    pub order_key: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub data: serde_json::Value,
+}
+
+/// Decides which event types an endpoint takes.
+pub type EventFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// An event claimed for delivery to one endpoint.
+#[derive(Debug, Clone)]
+pub struct ClaimedEvent {
+    pub seq: i64,
+    pub id: String,
+    pub event_type: String,
+    pub order_key: String,
+    pub created_at: i64,
+    pub data: String,
+    /// Attempts already made before this one.
+    pub attempts: u32,
+}
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    Delivered,
+    /// Try again at `next_at` (unix ms).
+    Retry {
+        next_at: i64,
+        error: String,
+    },
+    /// Not counted against the retry budget (the endpoint was disabled by
+    /// this answer): due again at once when it is re-enabled.
+    Hold {
+        error: String,
+    },
+    /// A formatter declined the event for this endpoint: removed, counted as skipped.
+    Skipped,
+    /// Retries exhausted: kept as failed, visible in the admin API.
+    Failed {
+        error: String,
+    },
+}
+
+/// Durable state of one webhook endpoint.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct EndpointState {
+    pub name: String,
+    /// Outbox sequence up to which events were considered for this endpoint.
+    pub cursor: i64,
+    pub disabled_at: Option<i64>,
+    pub disabled_reason: Option<String>,
+    /// Start of the current run of failures (unix ms), if failing.
+    pub failing_since: Option<i64>,
+    pub delivered_total: i64,
+    /// Events a formatter declined for this endpoint.
+    pub skipped_total: i64,
+    pub pending: i64,
+    pub failed: i64,
+    /// Creation time (unix ms) of the oldest undelivered event.
+    pub oldest_pending_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// The outbox and delivery contract.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
+    /// Makes sure an endpoint has durable state; a new endpoint starts after
+    /// the newest event already in the outbox.
+    async fn endpoint_register(&self, name: &str) -> Result<EndpointState>;
+
+    /// Moves outbox events past the endpoint's cursor into its delivery queue
+    /// (those `accepts` keeps). Returns how many outbox events it considered,
+    /// so a caller can tell whether more are waiting (`== limit`).
+    async fn endpoint_fanout(
+        &self,
+        name: &str,
+        accepts: EventFilter,
+        limit: usize,
+    ) -> Result<usize>;
+
+    /// Claims up to `limit` due deliveries (at most one per order key) and
+    /// leases them until `lease_until`.
+    async fn deliveries_claim(
+        &self,
+        name: &str,
+        now: i64,
+        limit: usize,
+        lease_until: i64,
+    ) -> Result<Vec<ClaimedEvent>>;
+
+    /// Earliest time a delivery of this endpoint is due, if any is pending.
+    async fn deliveries_next_due(&self, name: &str) -> Result<Option<i64>>;
+
+    /// Records the outcome of an attempt for the given events. Returns the
+    /// endpoint's `failing_since` afterwards.
+    async fn deliveries_settle(
+        &self,
+        name: &str,
+        seqs: Vec<i64>,
+        outcome: Settlement,
+        now: i64,
+    ) -> Result<Option<i64>>;
+
+    /// Disables (with a reason) or re-enables an endpoint.
+    async fn endpoint_set_disabled(
+        &self,
+        name: &str,
+        reason: Option<String>,
+        now: i64,
+    ) -> Result<()>;
+
+    /// Puts failed deliveries of an endpoint back in the queue. Returns how many.
+    async fn endpoint_retry_failed(&self, name: &str, now: i64) -> Result<usize>;
+
+    /// Durable state and counts of one endpoint.
+    async fn endpoint_state(&self, name: &str) -> Result<Option<EndpointState>>;
+
+    /// Deliveries pending (due or in flight) for the given endpoints.
+    async fn deliveries_outstanding(&self, names: Vec<String>, now: i64) -> Result<i64>;
+
+    /// Total outbox events not yet handled by every listed endpoint.
+    async fn outbox_depth(&self) -> Result<i64>;
+
+    /// Deletes outbox events every listed endpoint has moved past and no delivery refers to.
+    async fn outbox_prune(&self, names: Vec<String>) -> Result<usize>;
+
+    /// Appends events that no other state change carries (the gateway's own
+    /// service events); durable when the future resolves.
+    async fn append_events(&self, events: Vec<NewEvent>) -> Result<()>;
+}

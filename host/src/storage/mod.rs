@@ -22,6 +22,7 @@ pub mod groups;
 pub mod kv;
 pub mod messages;
 pub mod outbox;
+pub mod postgres;
 pub mod sessions;
 pub mod sqlite;
 
@@ -125,9 +126,9 @@ pub async fn open(
                 })??;
             Ok(Backend::from_engine("sqlite", Arc::new(store)))
         }
-        crate::config::StorageBackend::Postgres => Err(StorageError::Open {
-            target: crate::config::redact_url(&config.url),
-            message: "the PostgreSQL engine is not built yet".to_string(),
-        }),
+        crate::config::StorageBackend::Postgres => {
+            let store = postgres::PostgresStorage::open(config, metrics).await?;
+            Ok(Backend::from_engine("postgres", Arc::new(store)))
+        }
     }
 }

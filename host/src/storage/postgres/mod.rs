@@ -1,0 +1,474 @@
+//! The PostgreSQL engine: every storage trait on one database that several
+//! gateway processes may share.
+//!
+//! **Writes.** Each process has one writer task. Concurrent writes queue up
+//! (two lanes: bookkeeping first, like the SQLite engine) and the task runs
+//! as many as are waiting in one transaction, each inside its own savepoint
+//! so one failing write does not undo the others, commits once, and only
+//! then answers them: durability costs one commit per batch, not per write.
+//!
+//! **Order across processes.** Every write transaction first takes one
+//! transaction-scoped advisory lock ([`WRITE_LOCK`]), so write transactions
+//! of all processes run one after another and commit in the order they took
+//! the lock. That single rule gives each contract property:
+//! - a channel's sequence numbers and the version counter are read and
+//!   advanced under the lock, so they follow commit order;
+//! - outbox `seq` values (a `bigserial`) are drawn under the lock, so a
+//!   worker's cursor over `seq` never passes an event that commits later;
+//! - presence is counted under the lock, from every node's session rows;
+//! - a close that finds no session row writes nothing, whichever process
+//!   (or path) runs it second;
+//! - delivery claims are writes (they take a lease), so two workers never
+//!   claim one delivery, and the head-of-key rule holds;
+//! - idempotency keys and client message ids are checked and inserted under
+//!   the lock (unique indexes back them up).
+//!
+//! The lock is held for one batch: a process's writes are batched, so the
+//! cost of serialising is one commit per batch per process.
+//!
+//! **Reads** run on pooled connections beside the writer, each read
+//! operation in one `REPEATABLE READ` read-only transaction when it takes
+//! more than one statement.
+//!
+//! **Unavailable.** A connection that cannot be had (server down, refused,
+//! restarting, pool exhausted past `storage.connect_timeout`) or that breaks
+//! mid-way fails the operation with [`StorageError::Unavailable`]; nothing
+//! is retried behind the caller's back. A commit whose answer was lost is
+//! reported as [`StorageError::Commit`]: the write may or may not have
+//! happened (a client retrying with the same `client_msg_id` or
+//! idempotency key gets the first result).
+//!
+//! **Schema.** Versioned migrations ([`migrations`]) are applied at start
+//! under a session advisory lock, recorded in `plugboard_schema`, and a
+//! database whose schema is newer than this binary knows is refused.
+
+mod controls;
+mod groups;
+mod kv;
+mod messages;
+mod migrations;
+mod outbox;
+mod sessions;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::IsolationLevel;
+
+use super::{Health, NewEvent, Result, StorageError};
+use crate::config::{redact_url, StorageConfig};
+use crate::metrics::Metrics;
+
+pub use deadpool_postgres::Transaction;
+
+/// Key of the advisory lock every write transaction takes first.
+pub(crate) const WRITE_LOCK: i64 = 0x706c_7567_626f_6172; // "plugboar"
+
+/// Most writes grouped into one transaction.
+const MAX_BATCH: usize = 512;
+
+/// A boxed future borrowing the transaction it runs in.
+pub type TxFuture<'a, R> =
+    Pin<Box<dyn Future<Output = std::result::Result<R, tokio_postgres::Error>> + Send + 'a>>;
+
+type Completion = Box<dyn FnOnce(std::result::Result<(), StorageError>) + Send>;
+type RunJob = Box<
+    dyn for<'a> FnOnce(&'a Transaction<'a>) -> Pin<Box<dyn Future<Output = Completion> + Send + 'a>>
+        + Send,
+>;
+
+/// A queued write: `run` it in the batch's transaction, or `fail` it when
+/// the batch cannot start.
+struct Job {
+    run: RunJob,
+    fail: Box<dyn FnOnce(StorageError) + Send>,
+}
+
+/// PostgreSQL storage: a connection pool and this process's writer task.
+pub struct PostgresStorage {
+    pool: Pool,
+    urgent: mpsc::UnboundedSender<Job>,
+    normal: mpsc::UnboundedSender<Job>,
+    /// The URL with its secrets removed, for messages.
+    shown: String,
+}
+
+/// Maps a driver error to the engine-neutral one.
+pub(crate) fn map_err(e: tokio_postgres::Error) -> StorageError {
+    if is_unavailable(&e) {
+        StorageError::Unavailable(e.to_string())
+    } else {
+        StorageError::Database(db_message(&e))
+    }
+}
+
+/// The server's message and detail when there is one (the driver's
+/// `Display` says only "db error").
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{}: {detail}", db.message()),
+            None => db.message().to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
+/// Whether an error means the server cannot be used right now (as opposed
+/// to refusing this one statement).
+fn is_unavailable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        // Class 08: connection exceptions; 57P0x: the server is shutting
+        // down, crashed or starting; 53300: too many connections.
+        Some(code) => {
+            code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+        }
+        // No server answer at all: an I/O error on the socket.
+        None => e.as_db_error().is_none(),
+    }
+}
+
+fn map_pool_err(e: PoolError) -> StorageError {
+    match e {
+        PoolError::Backend(e) => map_err(e),
+        PoolError::Closed => StorageError::Closed,
+        other => StorageError::Unavailable(other.to_string()),
+    }
+}
+
+impl PostgresStorage {
+    /// Connects to `config.url`, applies pending migrations and starts the
+    /// writer. Errors name the host and database, never the password.
+    pub async fn open(
+        config: &StorageConfig,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<PostgresStorage> {
+        let shown = redact_url(&config.url);
+        let open_err = |message: String| StorageError::Open {
+            target: shown.clone(),
+            message,
+        };
+        let mut pg: tokio_postgres::Config = config
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| open_err(format!("bad storage.url: {e}")))?;
+        pg.application_name("plugboard");
+        pg.connect_timeout(config.connect_timeout);
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(30));
+        // Every statement is bounded; the lock wait of a write batch too.
+        pg.options(format!(
+            "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            config.statement_timeout.as_millis(),
+            config.statement_timeout.as_millis(),
+            (config.statement_timeout * 6).as_millis(),
+        ));
+        let manager = Manager::from_config(
+            pg,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| open_err(e.to_string()))?;
+        {
+            let mut conn = pool.get().await.map_err(|e| {
+                open_err(match e {
+                    PoolError::Backend(e) => db_message(&e),
+                    other => other.to_string(),
+                })
+            })?;
+            migrations::apply(&mut conn)
+                .await
+                .map_err(|e| open_err(e.to_string()))?;
+        }
+        let (urgent, urgent_rx) = mpsc::unbounded_channel();
+        let (normal, normal_rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer_loop(pool.clone(), urgent_rx, normal_rx, metrics));
+        Ok(PostgresStorage {
+            pool,
+            urgent,
+            normal,
+            shown,
+        })
+    }
+
+    /// The URL this store uses, with its secrets removed.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
+    }
+
+    /// Runs `f` in the next write transaction (after the write lock); resolves
+    /// after the commit.
+    pub(crate) async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'a> FnOnce(&'a Transaction<'a>) -> TxFuture<'a, R> + Send + 'static,
+    {
+        self.submit(f, |_: &R| {}, false).await
+    }
+
+    /// Like [`Self::write`], in the lane the writer takes first: for small
+    /// bookkeeping writes (sessions, webhook deliveries) that must not queue
+    /// behind a burst of messages.
+    pub(crate) async fn write_urgent<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'a> FnOnce(&'a Transaction<'a>) -> TxFuture<'a, R> + Send + 'static,
+    {
+        self.submit(f, |_: &R| {}, true).await
+    }
+
+    /// Like [`Self::write`], and runs `after` on the writer once the
+    /// transaction committed, before the future resolves. Jobs are answered
+    /// in the order they ran, so `after` sees this process's commits in order.
+    pub(crate) async fn write_hooked<R, F, H>(&self, f: F, after: H) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'a> FnOnce(&'a Transaction<'a>) -> TxFuture<'a, R> + Send + 'static,
+        H: FnOnce(&R) + Send + 'static,
+    {
+        self.submit(f, after, false).await
+    }
+
+    async fn submit<R, F, H>(&self, f: F, after: H, urgent: bool) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'a> FnOnce(&'a Transaction<'a>) -> TxFuture<'a, R> + Send + 'static,
+        H: FnOnce(&R) + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<R>>();
+        let answer = Arc::new(std::sync::Mutex::new(Some(tx)));
+        let failed = answer.clone();
+        let run: RunJob = Box::new(move |t: &Transaction<'_>| {
+            Box::pin(async move {
+                let result = in_savepoint(t, f).await;
+                Box::new(move |commit: std::result::Result<(), StorageError>| {
+                    let out = match (result, commit) {
+                        (Err(e), _) => Err(e),
+                        (Ok(_), Err(e)) => Err(e),
+                        (Ok(v), Ok(())) => {
+                            after(&v);
+                            Ok(v)
+                        }
+                    };
+                    if let Some(tx) = answer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        let _ = tx.send(out);
+                    }
+                }) as Completion
+            })
+        });
+        let fail = Box::new(move |e: StorageError| {
+            if let Some(tx) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(Err(e));
+            }
+        });
+        let job = Job { run, fail };
+        let lane = if urgent { &self.urgent } else { &self.normal };
+        if lane.send(job).is_err() {
+            return Err(StorageError::Closed);
+        }
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Runs `f` on a pooled connection in a read-only `REPEATABLE READ`
+    /// transaction (one snapshot for all its statements).
+    pub(crate) async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'a> FnOnce(&'a Transaction<'a>) -> TxFuture<'a, R> + Send + 'static,
+    {
+        let mut conn = self.pool.get().await.map_err(map_pool_err)?;
+        let t = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(map_err)?;
+        let out = f(&t).await.map_err(map_err)?;
+        t.commit().await.map_err(map_err)?;
+        Ok(out)
+    }
+}
+
+/// Runs one job inside a savepoint of the batch's transaction, so its
+/// failure undoes only its own writes.
+async fn in_savepoint<'a, R, F>(t: &'a Transaction<'a>, f: F) -> Result<R>
+where
+    F: FnOnce(&'a Transaction<'a>) -> TxFuture<'a, R>,
+{
+    t.batch_execute("SAVEPOINT job").await.map_err(map_err)?;
+    match f(t).await {
+        Ok(v) => {
+            t.batch_execute("RELEASE job").await.map_err(map_err)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = t.batch_execute("ROLLBACK TO job; RELEASE job").await;
+            Err(map_err(e))
+        }
+    }
+}
+
+/// Takes up to [`MAX_BATCH`] jobs, urgent ones first; `None` once both
+/// lanes are closed and drained.
+async fn next_batch(
+    urgent: &mut mpsc::UnboundedReceiver<Job>,
+    normal: &mut mpsc::UnboundedReceiver<Job>,
+) -> Option<Vec<Job>> {
+    let first = tokio::select! {
+        biased;
+        Some(job) = urgent.recv() => job,
+        Some(job) = normal.recv() => job,
+        else => return None,
+    };
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match urgent.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    while batch.len() < MAX_BATCH {
+        match normal.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+async fn writer_loop(
+    pool: Pool,
+    mut urgent: mpsc::UnboundedReceiver<Job>,
+    mut normal: mpsc::UnboundedReceiver<Job>,
+    metrics: Option<Arc<Metrics>>,
+) {
+    while let Some(batch) = next_batch(&mut urgent, &mut normal).await {
+        let started = Instant::now();
+        let size = batch.len();
+        let result = run_batch(&pool, batch).await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = size, "storage write batch failed");
+        }
+        if let Some(m) = &metrics {
+            m.storage_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            m.storage_batch_size.observe(size as f64);
+        }
+    }
+}
+
+/// One transaction: the write lock, every job in its savepoint, one commit,
+/// then every job's answer in order.
+async fn run_batch(pool: &Pool, batch: Vec<Job>) -> std::result::Result<(), StorageError> {
+    let fail_all = |batch: Vec<Job>, e: StorageError| {
+        for job in batch {
+            (job.fail)(clone_err(&e));
+        }
+        Err(e)
+    };
+    let mut conn = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => return fail_all(batch, map_pool_err(e)),
+    };
+    let t = match conn.transaction().await {
+        Ok(t) => t,
+        Err(e) => return fail_all(batch, map_err(e)),
+    };
+    if let Err(e) = t
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+        .await
+    {
+        return fail_all(batch, map_err(e));
+    }
+    let mut completions = Vec::with_capacity(batch.len());
+    for job in batch {
+        completions.push((job.run)(&t).await);
+    }
+    let commit = t.commit().await.map_err(|e| {
+        if is_unavailable(&e) {
+            StorageError::Commit(format!(
+                "the connection was lost during the commit, which may or may not have happened: {e}"
+            ))
+        } else {
+            StorageError::Commit(db_message(&e))
+        }
+    });
+    for c in completions {
+        c(match &commit {
+            Ok(()) => Ok(()),
+            Err(e) => Err(clone_err(e)),
+        });
+    }
+    commit
+}
+
+/// Appends events to the outbox in one statement. Called under the write
+/// lock, so their `seq` values follow commit order.
+pub(crate) async fn insert_events(
+    t: &Transaction<'_>,
+    events: &[NewEvent],
+) -> std::result::Result<(), tokio_postgres::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let keys: Vec<&str> = events.iter().map(|e| e.order_key.as_str()).collect();
+    let times: Vec<i64> = events.iter().map(|e| e.created_at).collect();
+    let data: Vec<String> = events.iter().map(|e| e.data.to_string()).collect();
+    let stmt = t
+        .prepare_cached(
+            "INSERT INTO outbox (id, type, order_key, created_at, data)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])
+             WITH ORDINALITY AS e(id, type, order_key, created_at, data, n) ORDER BY n",
+        )
+        .await?;
+    t.execute(&stmt, &[&ids, &types, &keys, &times, &data])
+        .await?;
+    Ok(())
+}
+
+fn clone_err(e: &StorageError) -> StorageError {
+    match e {
+        StorageError::Unavailable(m) => StorageError::Unavailable(m.clone()),
+        StorageError::Database(m) => StorageError::Database(m.clone()),
+        StorageError::Commit(m) => StorageError::Commit(m.clone()),
+        StorageError::Open { target, message } => StorageError::Open {
+            target: target.clone(),
+            message: message.clone(),
+        },
+        StorageError::Closed => StorageError::Closed,
+        StorageError::Quota(m) => StorageError::Quota(m.clone()),
+    }
+}
+
+#[async_trait::async_trait]
+impl Health for PostgresStorage {
+    async fn check(&self) -> Result<()> {
+        let conn = self.pool.get().await.map_err(map_pool_err)?;
+        conn.simple_query("SELECT 1").await.map_err(map_err)?;
+        Ok(())
+    }
+}

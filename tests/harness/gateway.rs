@@ -1,5 +1,10 @@
 //! A real gateway process (the `plugboard` command line) on port 0, with its
 //! own data folder, that tests can reload, signal, kill and restart.
+//!
+//! It stores on SQLite in its data folder, or, when the test run asks for it
+//! (`PLUGBOARD_TEST_STORAGE=postgres`) or a test forces it
+//! ([`GatewayOptions::engine`]), on a database of its own on the test
+//! process's shared PostgreSQL server ([`crate::postgres::shared`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -52,6 +57,57 @@ pub fn running_addrs() -> Vec<String> {
     RUNNING.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
+/// The environment variable that picks the storage engine of a test run.
+pub const STORAGE_ENV: &str = "PLUGBOARD_TEST_STORAGE";
+
+/// The storage engine a test gateway runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// SQLite, `<data_dir>/plugboard.db` (the gateway's default).
+    Sqlite,
+    /// A brand-new database on the test process's shared PostgreSQL server.
+    Postgres,
+}
+
+impl Engine {
+    /// The engine of this test run, from `PLUGBOARD_TEST_STORAGE`: `sqlite`
+    /// (also when unset or empty) or `postgres`; any other value panics.
+    pub fn from_env() -> Engine {
+        match std::env::var(STORAGE_ENV) {
+            Err(std::env::VarError::NotPresent) => Engine::Sqlite,
+            Ok(v) if v.is_empty() || v == "sqlite" => Engine::Sqlite,
+            Ok(v) if v == "postgres" => Engine::Postgres,
+            Ok(v) => panic!("{STORAGE_ENV}={v:?}: expected `sqlite` (the default) or `postgres`"),
+            Err(e) => panic!("{STORAGE_ENV}: {e}; expected `sqlite` (the default) or `postgres`"),
+        }
+    }
+
+    /// The engine's `storage.backend` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgres",
+        }
+    }
+
+    pub fn is_postgres(self) -> bool {
+        self == Engine::Postgres
+    }
+}
+
+impl Default for Engine {
+    /// [`Engine::from_env`].
+    fn default() -> Self {
+        Engine::from_env()
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What a test changes in the gateway's config.
 #[derive(Clone, Debug, Default)]
 pub struct GatewayOptions {
@@ -59,14 +115,36 @@ pub struct GatewayOptions {
     pub webhook_url: Option<String>,
     /// Extra TOML merged over the test defaults (tables merge key by key).
     pub extra: String,
+    /// The storage engine, [`Engine::from_env`] unless forced with
+    /// [`GatewayOptions::engine`]. It is chosen at [`Gateway::start`] and
+    /// kept across restarts and config rewrites.
+    pub engine: Engine,
+    /// On [`Engine::Postgres`], this database instead of a new one on the
+    /// shared server (a benchmark's, on a durable [`crate::PgServer`]);
+    /// the test owns it, the gateway never drops it.
+    pub database_url: Option<String>,
 }
 
 impl GatewayOptions {
     pub fn with_receiver(url: &str) -> Self {
         GatewayOptions {
             webhook_url: Some(url.to_string()),
-            extra: String::new(),
+            ..GatewayOptions::default()
         }
+    }
+
+    /// Runs the gateway on `engine` whatever the test run's default.
+    pub fn engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// Runs the gateway on PostgreSQL, on database `url` (see
+    /// [`GatewayOptions::database_url`]).
+    pub fn postgres_database(mut self, url: &str) -> Self {
+        self.engine = Engine::Postgres;
+        self.database_url = Some(url.to_string());
+        self
     }
 
     pub fn extra(mut self, toml: &str) -> Self {
@@ -87,8 +165,16 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
-/// Builds the config text for a test gateway.
-pub fn config_text(data_dir: &std::path::Path, opts: &GatewayOptions) -> String {
+/// Builds the config text for a test gateway. With a `database_url` the
+/// gateway stores on that PostgreSQL database (`[storage]`, under
+/// `opts.extra`); without one nothing is written about storage (SQLite in
+/// the data folder). `opts.engine` is not read here: the database is
+/// chosen once, at [`Gateway::start`].
+pub fn config_text(
+    data_dir: &std::path::Path,
+    opts: &GatewayOptions,
+    database_url: Option<&str>,
+) -> String {
     let base = format!(
         r#"
 data_dir = {data_dir:?}
@@ -119,6 +205,12 @@ cache_dir = {cache_dir:?}
         cache_dir = plugin_cache_dir().display().to_string(),
     );
     let mut table: toml::Table = base.parse().expect("base test config parses");
+    if let Some(url) = database_url {
+        let mut storage = toml::Table::new();
+        storage.insert("backend".into(), Engine::Postgres.name().into());
+        storage.insert("url".into(), url.into());
+        table.insert("storage".into(), toml::Value::Table(storage));
+    }
     let extra: toml::Table = opts.extra.parse().expect("test config overrides parse");
     merge(&mut table, extra);
     if let Some(url) = &opts.webhook_url {
@@ -144,15 +236,86 @@ cache_dir = {cache_dir:?}
     toml::to_string(&table).expect("config serialises")
 }
 
+/// Where a gateway's data lives besides its data folder; one for its whole
+/// life, restarts included.
+#[derive(Clone)]
+struct Storage {
+    engine: Engine,
+    /// The PostgreSQL database (for [`Engine::Postgres`]).
+    database: Option<Arc<Database>>,
+}
+
+impl Storage {
+    async fn new(opts: &GatewayOptions) -> Storage {
+        let engine = opts.engine;
+        let database = match (engine, &opts.database_url) {
+            (Engine::Sqlite, _) => None,
+            (Engine::Postgres, Some(url)) => Some(Arc::new(Database {
+                url: url.clone(),
+                owned: false,
+            })),
+            (Engine::Postgres, None) => {
+                let created =
+                    tokio::task::spawn_blocking(|| crate::postgres::shared().create_database())
+                        .await;
+                let url = created.unwrap_or_else(|e| match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    Err(e) => panic!("creating the gateway's database: {e}"),
+                });
+                Some(Arc::new(Database { url, owned: true }))
+            }
+        };
+        Storage { engine, database }
+    }
+
+    fn url(&self) -> Option<&str> {
+        self.database.as_ref().map(|d| d.url.as_str())
+    }
+}
+
+/// A database of the shared PostgreSQL server, dropped once no gateway or
+/// restart handle uses it (so a long test run does not fill the disk).
+struct Database {
+    url: String,
+    /// Created on the shared server for this gateway (else the test's own).
+    owned: bool,
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        let url = std::mem::take(&mut self.url);
+        // In the background: a drop must not hold up the test (or its
+        // runtime); a failure only leaves the database to the server's
+        // removal at exit.
+        std::thread::spawn(move || {
+            let _ = crate::postgres::shared().try_drop_database(&url);
+        });
+    }
+}
+
 /// The data folder and config of a gateway, to start it again.
 pub struct RestartHandle {
     dir: Arc<tempfile::TempDir>,
     config_path: PathBuf,
+    storage: Storage,
 }
 
 impl RestartHandle {
     pub async fn restart(&self) -> Gateway {
-        Gateway::spawn(self.dir.clone(), self.config_path.clone()).await
+        Gateway::spawn(
+            self.dir.clone(),
+            self.config_path.clone(),
+            self.storage.clone(),
+        )
+        .await
+    }
+
+    /// The storage engine of the gateway this handle restarts.
+    pub fn engine(&self) -> Engine {
+        self.storage.engine
     }
 }
 
@@ -164,19 +327,36 @@ pub struct Gateway {
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
     http: reqwest::Client,
+    storage: Storage,
 }
 
 impl Gateway {
-    /// Starts a gateway with its own new data folder.
+    /// Starts a gateway with its own new data folder and, on
+    /// [`Engine::Postgres`], its own new database.
     pub async fn start(opts: GatewayOptions) -> Gateway {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let config_path = dir.path().join("plugboard.toml");
-        std::fs::write(&config_path, config_text(&dir.path().join("data"), &opts)).unwrap();
-        Self::spawn(dir, config_path).await
+        let storage = Storage::new(&opts).await;
+        std::fs::write(
+            &config_path,
+            config_text(&dir.path().join("data"), &opts, storage.url()),
+        )
+        .unwrap();
+        Self::spawn(dir, config_path, storage).await
     }
 
-    /// Starts another gateway process on the same data folder and config
-    /// (after a crash or a shutdown).
+    /// The storage engine this gateway runs on.
+    pub fn engine(&self) -> Engine {
+        self.storage.engine
+    }
+
+    /// The URL of its PostgreSQL database (`None` on SQLite).
+    pub fn database_url(&self) -> Option<&str> {
+        self.storage.url()
+    }
+
+    /// Starts another gateway process on the same data folder, database and
+    /// config (after a crash or a shutdown).
     pub async fn restart(&self) -> Gateway {
         self.restart_handle().restart().await
     }
@@ -186,10 +366,11 @@ impl Gateway {
         RestartHandle {
             dir: self.dir.clone(),
             config_path: self.config_path.clone(),
+            storage: self.storage.clone(),
         }
     }
 
-    async fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> Gateway {
+    async fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf, storage: Storage) -> Gateway {
         let mut command = Command::new(binary());
         // SIGXFSZ ignored, so that a test that caps the gateway's file size
         // (`limit_file_size`) sees failed writes rather than a killed
@@ -260,6 +441,7 @@ impl Gateway {
             child: Some(child),
             log,
             http: reqwest::Client::new(),
+            storage,
         }
     }
 
@@ -354,10 +536,13 @@ impl Gateway {
             .await
     }
 
+    /// Rewrites the config file with `opts`, on this gateway's own storage
+    /// (`opts.engine` is not read: the engine and database stay the ones
+    /// chosen at start).
     pub fn write_config(&self, opts: &GatewayOptions) {
         std::fs::write(
             &self.config_path,
-            config_text(&self.dir.path().join("data"), opts),
+            config_text(&self.dir.path().join("data"), opts, self.storage.url()),
         )
         .unwrap();
     }
@@ -372,7 +557,9 @@ impl Gateway {
 
     /// Caps the size of the files the gateway process may write (its
     /// RLIMIT_FSIZE; `None` lifts the cap): with `Some(0)` every write to
-    /// storage fails, as on a full disk. Linux only.
+    /// storage fails, as on a full disk. Linux only. It caps the gateway
+    /// process only: on [`Engine::Postgres`] the database server writes
+    /// its files itself.
     pub fn limit_file_size(&self, bytes: Option<u64>) {
         let limit = libc::rlimit {
             rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),

@@ -1,6 +1,8 @@
 //! The integration-test harness: a real gateway process on port 0, real
-//! WebSocket clients, raw TCP clients for protocol abuse, and a real webhook
-//! receiver that verifies every signature with an independent implementation.
+//! WebSocket clients, raw TCP clients for protocol abuse, a real webhook
+//! receiver that verifies every signature with an independent implementation,
+//! and PostgreSQL servers of the test process's own for the gateway's
+//! PostgreSQL storage (`postgres`).
 //!
 //! Nothing here sleeps to wait for an outcome: helpers wait for the event
 //! they expect, with a timeout, and fail with what they saw instead.
@@ -8,11 +10,13 @@
 pub mod client;
 pub mod gateway;
 pub mod plugins;
+pub mod postgres;
 pub mod raw;
 pub mod receiver;
 
 pub use client::{Closed, WsClient};
-pub use gateway::{Gateway, GatewayOptions};
+pub use gateway::{Engine, Gateway, GatewayOptions};
+pub use postgres::{PgOptions, PgServer};
 pub use raw::RawClient;
 pub use receiver::{Delivered, Receiver, Reply};
 

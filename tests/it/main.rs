@@ -15,6 +15,7 @@ mod limits;
 mod messaging;
 mod onebot;
 mod ops;
+mod pg_harness;
 mod plugins;
 mod routes;
 mod security;

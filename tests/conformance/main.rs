@@ -74,9 +74,7 @@ impl Fixture {
 
 /// A fresh database on the test binary's PostgreSQL server.
 fn postgres_url() -> String {
-    std::env::var("PLUGBOARD_CONFORMANCE_PG").expect(
-        "PLUGBOARD_CONFORMANCE_PG (interim: the URL of a fresh database; replaced by the harness's own server)",
-    )
+    plugboard_tests::postgres::shared().create_database()
 }
 
 /// Defines tests that run on every engine:

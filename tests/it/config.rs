@@ -144,6 +144,10 @@ fn the_documented_validation_errors_are_the_ones_printed() {
         "[[plugins]]\nname = \"x\"\nfile = \"x.wasm\"\nbogus = 1\n",
         "[[plugins]]\nname = \"x\"\nfile = \"x.wasm\"\nhooks = [\"formatter\"]\n",
         "[gateway.devices]\nsame_device = \"maybe\"\n",
+        "[storage]\nbackend = \"mysql\"\n",
+        "[storage]\nbackend = \"postgres\"\n",
+        "[storage]\nbackend = \"postgres\"\nurl = \"mysql://root@db/x\"\n",
+        "[storage]\npool_size = 0\n",
     ] {
         let message = load_error(toml);
         assert!(

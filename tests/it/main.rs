@@ -19,6 +19,7 @@ mod pg_harness;
 mod plugins;
 mod routes;
 mod security;
+mod storage;
 mod webhooks;
 
 use plugboard_tests::{Gateway, GatewayOptions, Receiver};

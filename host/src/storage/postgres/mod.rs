@@ -101,7 +101,7 @@ pub struct PostgresStorage {
 /// Maps a driver error to the engine-neutral one.
 pub(crate) fn map_err(e: tokio_postgres::Error) -> StorageError {
     if is_unavailable(&e) {
-        StorageError::Unavailable(e.to_string())
+        StorageError::Unavailable(db_message(&e))
     } else {
         StorageError::Database(db_message(&e))
     }
@@ -115,7 +115,17 @@ fn db_message(e: &tokio_postgres::Error) -> String {
             Some(detail) => format!("{}: {detail}", db.message()),
             None => db.message().to_string(),
         },
-        None => e.to_string(),
+        None => {
+            // "error connecting to server: Connection refused (os error 111)"
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 

@@ -124,3 +124,204 @@ fn migrations_are_recorded_and_applied_once() {
     assert_eq!(versions.trim(), "1,2,3");
     server.drop_database(&url);
 }
+
+/// What one sender saw while PostgreSQL went away and came back.
+#[derive(Default)]
+struct SenderLog {
+    /// (client_msg_id, message_id, seq) of every `sendack`.
+    acked: Vec<(String, String, u64)>,
+    /// `error` frames by code.
+    errors: std::collections::BTreeMap<String, usize>,
+    closed: bool,
+}
+
+#[tokio::test]
+async fn a_postgres_restart_under_load_loses_nothing_acknowledged_and_heals_without_a_gateway_restart(
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use plugboard_tests::{Engine, Gateway, GatewayOptions, PgOptions, PgServer, WsClient};
+    use serde_json::json;
+
+    // A private, durable server: this test stops it under the gateway.
+    let server = PgServer::start(PgOptions::durable());
+    let url = server.create_database();
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .engine(Engine::Postgres)
+            .postgres_database(&url)
+            .extra("[storage]\nconnect_timeout = \"1s\"\nstatement_timeout = \"3s\"\n"),
+    )
+    .await;
+    let pairs = 3usize;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut receivers = Vec::new();
+    let mut tasks = Vec::new();
+    for p in 0..pairs {
+        receivers.push(WsClient::connect(&gw, &format!("reader{p}")).await);
+        let mut c = WsClient::connect(&gw, &format!("writer{p}")).await;
+        let (acked, refused, stop) = (acked.clone(), refused.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            // One send in flight at a time; a refused send is retried with
+            // the same client_msg_id, as a client would.
+            let mut log = SenderLog::default();
+            let mut n = 0u64;
+            while !*stop.borrow() {
+                let cmid = format!("w{p}-{n}");
+                c.send_json(json!({"type": "send", "id": cmid, "channel_type": "person",
+                    "channel_id": format!("reader{p}"), "client_msg_id": cmid,
+                    "payload": {"n": n}}));
+                let answer = loop {
+                    match tokio::time::timeout(plugboard_tests::WAIT, c.next_json_or_closed()).await
+                    {
+                        Ok(Some(f)) if f["id"] == cmid.as_str() => break Some(f),
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break None,
+                        Err(_) => panic!(
+                            "no answer to send {cmid} within {:?}",
+                            plugboard_tests::WAIT
+                        ),
+                    }
+                };
+                let Some(f) = answer else {
+                    log.closed = true;
+                    return log;
+                };
+                match f["type"].as_str() {
+                    Some("sendack") => {
+                        log.acked.push((
+                            cmid,
+                            f["message_id"].as_str().unwrap().to_string(),
+                            f["seq"].as_u64().unwrap(),
+                        ));
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                    }
+                    Some("error") => {
+                        let code = f["code"].as_str().unwrap_or("?").to_string();
+                        if code == "storage_unavailable" {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        *log.errors.entry(code).or_default() += 1;
+                        // Retry the same message after a short pause.
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected answer {other:?}: {f}"),
+                }
+            }
+            log
+        }));
+    }
+    let wait = plugboard_tests::WAIT * 3;
+    plugboard_tests::wait_until("100 acknowledged messages", wait, || {
+        (acked.load(Ordering::Relaxed) >= 100).then_some(())
+    })
+    .await;
+
+    server.stop();
+    plugboard_tests::wait_until("sends refused as storage_unavailable", wait, || {
+        (refused.load(Ordering::Relaxed) >= pairs).then_some(())
+    })
+    .await;
+    let (status, body) = gw.get_text("/readyz").await;
+    assert_eq!(status, 503, "/readyz while the database is down: {body}");
+    assert!(body.contains("\"storage\":\"unavailable\""), "{body}");
+    // The API refuses with the stable code too.
+    let (status, body) = gw
+        .api(
+            reqwest::Method::POST,
+            "/v1/messages",
+            Some(
+                json!({"from": "writer0", "channel_type": "person", "channel_id": "reader0",
+                "payload": {"via": "api"}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "storage_unavailable", "{body}");
+
+    server.start_again();
+    let before = acked.load(Ordering::Relaxed);
+    plugboard_tests::wait_until("sends acknowledged again", wait, || {
+        (acked.load(Ordering::Relaxed) >= before + 100).then_some(())
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + wait;
+    while gw.get_text("/readyz").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz not ready again within {wait:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(true);
+
+    for (p, task) in tasks.into_iter().enumerate() {
+        let log = task.await.unwrap();
+        assert!(
+            !log.closed,
+            "writer{p}'s connection was closed during the outage"
+        );
+        let other: Vec<_> = log
+            .errors
+            .iter()
+            .filter(|(code, _)| code.as_str() != "storage_unavailable")
+            .collect();
+        assert!(other.is_empty(), "writer{p} got other errors: {other:?}");
+        // Every acknowledged message is stored, once, in 1..n.
+        let mut r = WsClient::connect(&gw, &format!("reader{p}")).await;
+        let stored = crate::messaging::sync_all(
+            &mut r,
+            json!({"channel_type": "person", "channel_id": format!("writer{p}"), "after_seq": 0, "limit": 500}),
+            "next_after_seq",
+            "after_seq",
+        )
+        .await;
+        let seqs: Vec<u64> = stored.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=stored.len() as u64).collect::<Vec<_>>(),
+            "writer{p}"
+        );
+        let by_id: std::collections::HashMap<&str, u64> = stored
+            .iter()
+            .map(|m| {
+                (
+                    m["message_id"].as_str().unwrap(),
+                    m["seq"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        for (cmid, id, seq) in &log.acked {
+            assert_eq!(
+                by_id.get(id.as_str()),
+                Some(seq),
+                "acknowledged {cmid} is stored"
+            );
+        }
+        let cmids: std::collections::HashSet<&str> = stored
+            .iter()
+            .map(|m| m["client_msg_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            cmids.len(),
+            stored.len(),
+            "writer{p}: a retried message was stored twice"
+        );
+        // The reader, online throughout, got every acknowledged message live.
+        let live = &mut receivers[p];
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < log.acked.len() {
+            let f = live.next_json().await;
+            if f["type"] == "message" {
+                seen.insert(f["message_id"].as_str().unwrap().to_string());
+            }
+        }
+        for (cmid, id, _) in &log.acked {
+            assert!(seen.contains(id), "reader{p} did not get {cmid} live");
+        }
+    }
+}

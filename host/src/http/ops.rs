@@ -28,7 +28,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// service is accepting (not disabled, not draining).
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let storage_ok = app.storage.health.check().await.is_ok();
-    let reason = app.not_accepting_reason();
+    let reason = app.gateway.not_accepting_reason();
     let ready = storage_ok && reason.is_none();
     let status = if ready {
         StatusCode::OK

@@ -74,10 +74,12 @@ struct Inner {
     metrics: Arc<Metrics>,
     wakeup: Wakeup,
     node_id: String,
-    /// Closes storage did not take yet, oldest first. The retry task and a
-    /// shutdown's flush take them out while they try them, so each is
-    /// tried by one at a time.
+    /// Closes storage did not take yet, oldest first. A round of tries
+    /// takes them out while it tries them.
     pending: Mutex<Vec<PendingClose>>,
+    /// Held by a round of tries (the retry task's or a shutdown's flush),
+    /// so that a flush waits for a round under way and sees what it left.
+    trying: tokio::sync::Mutex<()>,
     /// Signalled when a close is queued.
     queued: Arc<Notify>,
 }
@@ -98,6 +100,7 @@ impl Lifecycle {
             wakeup,
             node_id,
             pending: Mutex::new(Vec::new()),
+            trying: tokio::sync::Mutex::new(()),
             queued: Arc::new(Notify::new()),
         });
         tokio::spawn(retry_closes(Arc::downgrade(&inner), inner.queued.clone()));
@@ -252,6 +255,7 @@ impl Inner {
 
     /// Tries the queued closes in order. Returns false when some are left.
     async fn try_pending(&self) -> bool {
+        let _round = self.trying.lock().await;
         let mut batch = std::mem::take(&mut *self.lock());
         let mut left = Vec::new();
         let mut failure = None;

@@ -11,6 +11,7 @@
 //! writes events through [`crate::storage`] in the same transaction as the
 //! session change.
 
+pub mod auth_frame;
 pub mod fanout;
 pub mod lifecycle;
 pub mod local;

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use super::auth_frame;
 use super::session::{self, Admitted};
 use super::Gateway;
 use crate::config::Config;
@@ -63,7 +64,7 @@ impl Gateway {
             let ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(ws_config)).await;
             match admitted {
                 Some(adm) => session::run(gw, ws, adm).await,
-                None => session::authenticate_then_run(gw, ws, remote, query_device).await,
+                None => auth_frame::authenticate_then_run(gw, ws, remote, query_device).await,
             }
         });
     }

@@ -1,5 +1,5 @@
 //! `POST /v1/control` (API key): the guards in front of
-//! [`crate::control::submit`] — a request budget per API key (token
+//! [`crate::control::Control::submit`] — a request budget per API key (token
 //! bucket, `429` with `Retry-After`), and, when `control.require_signature`
 //! is set, an HMAC-SHA256 signature over the timestamp and the body with
 //! replay protection.

@@ -156,8 +156,8 @@ async fn connections(
     Json(json!({ "count": sessions.len(), "connections": sessions }))
 }
 
-async fn webhooks(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({ "endpoints": app.outbox.views().await }))
+async fn webhooks(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "endpoints": app.outbox.views().await? })))
 }
 
 async fn enable(

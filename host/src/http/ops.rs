@@ -46,8 +46,9 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 /// Every metric, in the format the `Accept` header prefers (OpenMetrics or
 /// Prometheus text 0.0.4, see [`crate::metrics::Format::negotiate`]).
 async fn metrics(State(app): State<Arc<App>>, headers: http::HeaderMap) -> Response {
-    // Refreshes the outbox gauges from storage.
-    app.outbox.views().await;
+    // Refreshes the outbox gauges from storage; while it is unavailable
+    // they keep their last values and the rest is served as usual.
+    let _ = app.outbox.views().await;
     let accept = headers
         .get(http::header::ACCEPT)
         .and_then(|v| v.to_str().ok());

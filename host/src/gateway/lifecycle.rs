@@ -253,7 +253,7 @@ impl Inner {
         Ok(closed.is_some())
     }
 
-    /// Tries the queued closes in order. Returns false when some are left.
+    /// Tries the queued closes in order. Returns false when storage refused one.
     async fn try_pending(&self) -> bool {
         let _round = self.trying.lock().await;
         let mut batch = std::mem::take(&mut *self.lock());
@@ -268,9 +268,13 @@ impl Inner {
                 .record_close(&p.connection_id, &p.info, Some(p.closed_at))
                 .await
             {
-                Ok(recorded) => tracing::info!(
-                    connection_id = %p.connection_id, reason = p.info.reason.as_str(), recorded,
-                    "the close of a connection that storage could not take before is recorded"
+                Ok(true) => tracing::info!(
+                    connection_id = %p.connection_id, reason = p.info.reason.as_str(),
+                    "connection closed: its close is recorded now that storage takes it"
+                ),
+                Ok(false) => tracing::debug!(
+                    connection_id = %p.connection_id,
+                    "a close that waited for storage was recorded by someone else meanwhile"
                 ),
                 Err(e) => {
                     left.push(p);
@@ -286,13 +290,16 @@ impl Inner {
             pending.len()
         };
         self.metrics.lifecycle_closes_pending.set(len as i64);
-        if let Some(e) = failure {
-            tracing::warn!(
-                pending = len, error = %e,
-                "connection closes wait for storage; they are tried again"
-            );
+        match failure {
+            Some(e) => {
+                tracing::warn!(
+                    pending = len, error = %e,
+                    "connection closes wait for storage; they are tried again"
+                );
+                false
+            }
+            None => true,
         }
-        len == 0
     }
 }
 

@@ -441,7 +441,8 @@ pub(crate) async fn insert_events(
     let stmt = t
         .prepare_cached(
             "INSERT INTO outbox (id, type, order_key, created_at, data)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])
+             SELECT id, type, order_key, created_at, data
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])
              WITH ORDINALITY AS e(id, type, order_key, created_at, data, n) ORDER BY n",
         )
         .await?;

@@ -13,6 +13,8 @@
 use plugboard::config::{StorageBackend, StorageConfig};
 use plugboard::storage::Backend;
 
+mod groups;
+mod messages;
 mod sessions;
 
 /// The engines a test runs on.

@@ -677,6 +677,97 @@ conformance! {
         assert_eq!(refused.unwrap_err(), SyncRefused::ResetRequired { current: now });
     }
 
+    async fn a_failed_append_takes_nothing_and_spoils_no_other(f) {
+        let processes = [f.backend.clone(), f.another_process().await];
+        let channel = Channel::person("alice", "bob");
+        let first = send(&processes[0], &channel, "alice", "first").await.message;
+        let hooked = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let b = processes[i % 2].clone();
+            let channel = channel.clone();
+            let taken = first.id.clone();
+            let hooked = hooked.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut m = message(&channel, "bob", &format!("m{i}"));
+                // Every third reuses a stored message id: the storage refuses it.
+                if i % 3 == 0 {
+                    m.id = taken;
+                }
+                let on_append: OnAppend = Box::new(move |_: &Appended| {
+                    hooked.fetch_add(1, Ordering::SeqCst);
+                });
+                (i, b.messages.append_message(m, event(), on_append).await)
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                (i, Ok(Ok(a))) => {
+                    assert!(i % 3 != 0, "append {i} reused an id and was stored");
+                    seqs.push(a.message.seq);
+                }
+                (i, Err(e)) => {
+                    assert!(i % 3 == 0, "append {i} failed: {e}");
+                    assert!(!e.is_unavailable());
+                }
+                (i, Ok(Err(r))) => panic!("append {i} refused: {r:?}"),
+            }
+        }
+        // The failed ones took no seq and no version, and undid nothing else.
+        seqs.sort_unstable();
+        assert_eq!(seqs, (2..=41).collect::<Vec<u64>>());
+        assert_eq!(hooked.load(Ordering::SeqCst), 40);
+        assert_eq!(current(&processes[1]).await, 41);
+        let stored = history(&processes[1], "bob", &channel).await;
+        assert_eq!(stored.len(), 41);
+        assert_eq!(stored[0].id, first.id);
+        assert_eq!(stored[0].payload.get(), first.payload.get());
+        assert_eq!(row_of(&processes[0], "alice", &channel).await.unwrap().unread, 40);
+    }
+
+    async fn writes_keep_commit_order_whatever_the_default_isolation(f) {
+        // A database whose sessions default to SERIALIZABLE (an
+        // administrator's choice): the writer's snapshot must still be
+        // taken after the write lock, statement by statement.
+        if f.engine == crate::Engine::Postgres {
+            let name = plugboard_tests::postgres::database_name(&f.config.url);
+            plugboard_tests::postgres::shared().psql(
+                &f.config.url,
+                &format!("ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'serializable'"),
+            );
+        }
+        // Fresh pools: every connection starts with the new default.
+        let processes = [f.another_process().await, f.another_process().await];
+        make_group(&processes[0], "g1", &["alice", "bob"]).await;
+        let channel = Channel::group("g1");
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let b = processes[i % 2].clone();
+            let channel = channel.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut m = message(&channel, "alice", &format!("m{i}"));
+                m.client_msg_id = Some(format!("c{}", i / 2));
+                let a = b.messages.append_message(m, event(), no_hook()).await;
+                let read = b.messages.change_conversation("bob", channel.clone(), RowChange::Read(None)).await;
+                (a.expect("append").expect("accepted"), read.expect("read"))
+            }));
+        }
+        let mut stored = Vec::new();
+        for t in tasks {
+            let (a, _) = t.await.unwrap();
+            if !a.duplicate {
+                stored.push(a.message.seq);
+            }
+        }
+        // Each client message id once, seqs without gap or repeat.
+        stored.sort_unstable();
+        assert_eq!(stored, (1..=30).collect::<Vec<u64>>());
+        assert_eq!(history(&processes[1], "alice", &channel).await.len(), 30);
+        let row = row_of(&processes[0], "bob", &channel).await.unwrap();
+        assert_eq!(row.last_message.unwrap().seq, 30);
+    }
+
     async fn rejected_appends_write_nothing(f) {
         let b = &f.backend;
         make_group(b, "g1", &["alice", "bob"]).await;

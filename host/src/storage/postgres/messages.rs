@@ -22,8 +22,9 @@
 //! message and upserts every member's conversation row (members read from
 //! `group_members` inside the statement: one statement for any group size),
 //! and [`super::insert_events`] with the `message.created` event built from
-//! the seq and version the first returned. Other writes are one statement
-//! each (two for a read receipt or hide: the row, then the update).
+//! the seq and version the first returned. A row change is two statements
+//! (the row with the read position and unread count it would get, then the
+//! update with its version); pruning is one.
 //!
 //! **Text.** PostgreSQL text cannot hold U+0000, which SQLite stores: client
 //! message ids are kept as their bytes (`bytea`), so any id deduplicates as
@@ -57,7 +58,7 @@ type Result2<T, E> = std::result::Result<T, E>;
 /// its own, found while converting rows.
 pub(super) type Checked<T> = std::result::Result<T, StorageError>;
 
-pub(super) type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
+type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
 
 const MESSAGE_COLUMNS: &str =
     "channel, type, id, sender, system, seq, version, client_msg_id, payload, created_at";

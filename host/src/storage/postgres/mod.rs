@@ -232,12 +232,19 @@ impl PostgresStorage {
         pg.keepalives(true);
         pg.keepalives_idle(Duration::from_secs(30));
         // Every statement is bounded; the lock wait of a write batch too.
-        pg.options(format!(
+        // Options the URL carries (`?options=…`) come after these, so an
+        // operator's own setting wins.
+        let ours = format!(
             "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
             config.statement_timeout.as_millis(),
             config.statement_timeout.as_millis(),
             (config.statement_timeout * 6).as_millis(),
-        ));
+        );
+        let options = match pg.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{ours} {theirs}"),
+            _ => ours,
+        };
+        pg.options(options);
         let manager = Manager::from_config(
             pg,
             tokio_postgres::NoTls,

@@ -9,8 +9,10 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The prefix of environment variables that override config keys.
@@ -39,6 +41,27 @@ fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Key {
         key: key.into(),
         message: message.into(),
+    }
+}
+
+/// The config in force, shared by the services that read it and replaced
+/// whole by a reload (only the server stores into it). Cheap to clone.
+#[derive(Clone)]
+pub struct Handle(Arc<ArcSwap<Config>>);
+
+impl Handle {
+    pub fn new(config: Config) -> Handle {
+        Handle(Arc::new(ArcSwap::from_pointee(config)))
+    }
+
+    /// The config in force now; a reload does not change what this returned.
+    pub fn load(&self) -> Arc<Config> {
+        self.0.load_full()
+    }
+
+    /// Puts `config` in force.
+    pub fn store(&self, config: Config) {
+        self.0.store(Arc::new(config));
     }
 }
 
@@ -677,22 +700,6 @@ fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
-/// The event types the gateway emits today; filters must name one of these
-/// (or use a pattern), so a typo in a filter is caught at load.
-pub const EVENT_TYPES: &[&str] = &[
-    "connection.opened",
-    "connection.closed",
-    "user.online",
-    "user.offline",
-    "message.created",
-    "control.delivered",
-    "control.acked",
-    "control.expired",
-    "control.rejected",
-    "service.enabled",
-    "service.disabled",
-];
-
 impl Config {
     /// Loads the config: defaults, then `path` (if any), then the environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -932,13 +939,13 @@ impl Config {
                 return Err(key_err(at("events"), "must name at least one event type"));
             }
             for p in &w.events {
-                if !EVENT_TYPES.iter().any(|t| pattern_matches(p, t)) {
+                // The catalogue of event types is `events`: a typo in a
+                // filter is caught at load.
+                if !crate::events::type_names().any(|t| pattern_matches(p, t)) {
+                    let known: Vec<&str> = crate::events::type_names().collect();
                     return Err(key_err(
                         at("events"),
-                        format!(
-                            "`{p}` matches no event type (known: {})",
-                            EVENT_TYPES.join(", ")
-                        ),
+                        format!("`{p}` matches no event type (known: {})", known.join(", ")),
                     ));
                 }
             }

@@ -4,29 +4,40 @@
 //! exactly once, delivers events to the business server as signed webhooks
 //! from a durable outbox, and takes orders through an HTTP API.
 //!
-//! Layout:
+//! Layout, from the bottom up (a module uses only those above it in this
+//! list, save `gateway`, which implements `delivery` and calls the domains):
 //! - [`config`]: compiled-in defaults, TOML file, environment; validation.
 //! - [`auth`]: client tokens (HS256 JWT), API keys, admin token, development secrets.
-//! - [`storage`]: the narrow durable interface and its SQLite implementation.
-//! - [`gateway`]: accept, upgrade and authenticate, the session task, the frame
-//!   protocol, the live-session registry, the lifecycle state machine.
-//! - [`messaging`]: sending and fan-out, message sync, conversation lists and
-//!   the conversation-filter chain.
-//! - [`control`]: business control messages: targets, the control-handler
-//!   chain, delivery by priority, persisted controls, receipts, expiry.
-//! - [`outbox`]: event payloads, the per-endpoint delivery worker, signing.
-//! - [`plugins`]: the WebAssembly plugin runtime (engine, sandbox, registry, hot swap).
+//! - [`storage`]: the durable contract (a trait per concern) and its engines.
 //! - [`json`]: limits on JSON from outside (nesting depth), checked at the door.
-//! - [`http`]: routers for the server API, admin API and operations, and the
-//!   one error type at the HTTP edge.
-//! - [`server`]: wiring: starts everything, reloads config, shuts down in order.
 //! - [`metrics`]: the Prometheus registry of one gateway instance.
+//! - [`unavailable`]: what storage being unavailable means for requests and
+//!   for background work (the `storage_unavailable` code, backoff).
+//! - [`plugins`]: the WebAssembly plugin runtime (engine, sandbox, registry, hot swap).
+//! - [`outbox`]: the per-endpoint webhook delivery worker, signing.
+//! - [`delivery`]: the one door to live sessions (the `Delivery` trait) and
+//!   the domain values pushed through it.
+//! - [`events`]: the webhook event catalogue: every type, its order key,
+//!   its `data` builder.
+//! - [`messaging`]: sending, message sync, conversation lists and the
+//!   conversation-filter chain (the `Messaging` service).
+//! - [`control`]: business control messages: targets, the control-handler
+//!   chain, delivery by priority, persisted controls, receipts, expiry (the
+//!   `Control` service).
+//! - [`gateway`]: the session task, the frame protocol, the live-session
+//!   registry and the single-node `Delivery`, the lifecycle state machine
+//!   (the `Gateway` service).
+//! - [`http`]: routers for the client upgrade, the server API, admin API and
+//!   operations, and the one error type at the HTTP edge.
+//! - [`server`]: wiring: builds the services, reloads config, shuts down in order.
 //! - [`cli`]: the `plugboard` command line.
 
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod delivery;
+pub mod events;
 pub mod gateway;
 pub mod http;
 pub mod json;
@@ -36,6 +47,7 @@ pub mod outbox;
 pub mod plugins;
 pub mod server;
 pub mod storage;
+pub mod unavailable;
 
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_ms() -> i64 {

@@ -95,6 +95,8 @@ pub struct Metrics {
     registry: Registry,
     pub connections_open: Gauge,
     pub lifecycle_events: Family<LifecycleLabel, Counter>,
+    /// Closes of ended connections that storage has not taken yet (retried).
+    pub lifecycle_closes_pending: Gauge,
     pub handshake_failures: Family<ReasonLabel, Counter>,
     pub frames_received: Family<FrameLabel, Counter>,
     pub frame_errors: Family<ReasonLabel, Counter>,
@@ -154,6 +156,7 @@ impl Metrics {
         let m = Metrics {
             connections_open: Gauge::default(),
             lifecycle_events: Family::default(),
+            lifecycle_closes_pending: Gauge::default(),
             handshake_failures: Family::default(),
             frames_received: Family::default(),
             frame_errors: Family::default(),
@@ -198,6 +201,11 @@ impl Metrics {
             "lifecycle_events",
             "Connection lifecycle events recorded, by event (opened/closed) and reason",
             m.lifecycle_events.clone(),
+        );
+        r.register(
+            "lifecycle_closes_pending",
+            "Closes of ended connections waiting for storage to record them",
+            m.lifecycle_closes_pending.clone(),
         );
         r.register(
             "handshake_failures",

@@ -14,7 +14,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,12 +28,13 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::auth::Secrets;
-use crate::config::Config;
-use crate::gateway::lifecycle::{CloseInfo, Lifecycle, ServiceReason};
-use crate::gateway::registry::{LiveSession, Rejected};
-use crate::gateway::session::Admitted;
-use crate::gateway::{CloseReason, Registry};
-use crate::messaging::Fanout;
+use crate::config::{self, Config};
+use crate::control::Control;
+use crate::delivery::{CloseReason, Delivery};
+use crate::events::ServiceReason;
+use crate::gateway::local::LocalDelivery;
+use crate::gateway::{Gateway, Lifecycle, Registry, DISABLED_MESSAGE, SHUTDOWN_MESSAGE};
+use crate::messaging::Messaging;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::outbox::{Outbox, Wakeup};
 use crate::plugins::engine::PluginEngine;
@@ -42,38 +42,31 @@ use crate::plugins::registry::LoadReport;
 use crate::plugins::{Kv, PluginRegistry};
 use crate::storage::Backend;
 
-/// Fan-out tasks; channels are spread over them by hash.
-const FANOUT_SHARDS: usize = 4;
-
-/// The message of a drain by shutdown (the `meta` frame, the close frame).
-const SHUTDOWN_MESSAGE: &str = "the gateway is shutting down";
-/// The message of a drain by a reload that disabled the service.
-const DISABLED_MESSAGE: &str = "the WebSocket service was disabled by the operator";
-
-/// Everything a request handler or session task can reach.
+/// One gateway's services, wired. It holds them for the HTTP handlers (the
+/// router's state) and does what spans them: reloads and shutdown. The
+/// flows themselves live in the services, each holding only what it uses.
 pub struct App {
     /// The config in force; replaced whole by a reload.
-    config: ArcSwap<Config>,
+    config: config::Handle,
     /// Where the config was read from, for reloads (`None`: defaults and environment only).
     config_path: Option<PathBuf>,
-    secrets: ArcSwap<Secrets>,
-    /// Every durable store, of the configured engine.
+    secrets: Arc<ArcSwap<Secrets>>,
+    /// Every durable store, of the configured engine (the HTTP edge reads
+    /// presence, plugin stores, groups and health straight from it).
     pub storage: Backend,
     /// Per API key request budgets and recent signatures of `POST /v1/control`.
     pub control_guard: crate::http::control::Guard,
-    pub registry: Arc<Registry>,
-    /// Queues committed messages to live connections, per channel in order.
-    pub fanout: Fanout,
+    /// The one door to live sessions (kicks, drains, who is online).
+    pub delivery: Arc<dyn Delivery>,
+    /// Client connections: upgrades, sessions, the lifecycle.
+    pub gateway: Arc<Gateway>,
+    pub messaging: Arc<Messaging>,
+    pub control: Arc<Control>,
     pub metrics: Arc<Metrics>,
-    pub lifecycle: Lifecycle,
     pub outbox: Arc<Outbox>,
     pub plugins: Arc<PluginRegistry>,
     /// Keeps the plugins-folder watcher alive.
     _watcher: Option<notify::RecommendedWatcher>,
-    /// Every upgraded connection's task, so shutdown can wait for them.
-    pub sessions: TaskTracker,
-    /// Set once shutdown starts; never cleared.
-    shutting_down: AtomicBool,
     /// Serialises reloads.
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -95,91 +88,17 @@ pub struct ReloadReport {
 
 impl App {
     pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+        self.config.load()
     }
 
     pub fn secrets(&self) -> Arc<Secrets> {
         self.secrets.load_full()
     }
 
-    /// Why new connections are refused right now, if they are.
-    pub fn not_accepting_reason(&self) -> Option<&'static str> {
-        if self.shutting_down.load(Ordering::Acquire) {
-            Some("the gateway is shutting down")
-        } else if !self.config.load().gateway.enabled {
-            Some("the WebSocket service is disabled")
-        } else {
-            None
-        }
-    }
-
-    pub fn accepting_connections(&self) -> bool {
-        self.not_accepting_reason().is_none()
-    }
-
-    /// While connections are being drained: why (shutdown or a disabled
-    /// service) and the message they are told.
-    pub fn drain_reason(&self) -> Option<(CloseReason, &'static str)> {
-        if self.shutting_down.load(Ordering::Acquire) {
-            Some((CloseReason::Shutdown, SHUTDOWN_MESSAGE))
-        } else if !self.config.load().gateway.enabled {
-            Some((CloseReason::ServiceDisabled, DISABLED_MESSAGE))
-        } else {
-            None
-        }
-    }
-
-    /// Applies the multi-device policy to a new authenticated connection and
-    /// registers it (not yet open).
-    pub fn admit(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        remote: &str,
-        token_exp: Option<u64>,
-    ) -> Result<Admitted, Rejected> {
-        let cfg = self.config();
-        let (live, outbound, close) = LiveSession::new(
-            crate::new_id("conn"),
-            user_id.to_string(),
-            device_id.to_string(),
-            remote.to_string(),
-            cfg.gateway.outbound_queue,
-        );
-        let displaces = self.registry.admit(live.clone(), &cfg.gateway.devices)?;
-        // A drain that began after the caller's last check did not see this
-        // session in the registry: the drain's flag is set before it looks, so
-        // one of the two always reaches the session.
-        if let Some((reason, message)) = self.drain_reason() {
-            live.request_close(reason, message);
-        }
-        Ok(Admitted {
-            live,
-            outbound,
-            close,
-            token_exp,
-            displaces,
-        })
-    }
-
-    /// Asks every connection to close for `reason`: the live sessions and
-    /// the connections still waiting for their `auth` frame. Returns how many
-    /// were asked. Call it after the state that refuses new connections is
-    /// set, so a connection registered after this looks finds it refused.
-    pub fn drain_all(&self, reason: CloseReason, message: &str) -> usize {
-        let sessions = self
-            .registry
-            .all()
-            .iter()
-            .filter(|s| s.request_close(reason, message))
-            .count();
-        sessions + self.registry.close_pending(reason, message)
-    }
-
     /// Records `service.enabled` or `service.disabled`. A failure is logged,
     /// not returned: the change it reports has happened either way.
     async fn record_service(&self, enabled: bool, reason: ServiceReason) {
-        if let Err(e) = self.lifecycle.record_service(enabled, reason).await {
+        if let Err(e) = self.gateway.lifecycle.record_service(enabled, reason).await {
             tracing::error!(
                 enabled, reason = reason.as_str(), error = %e,
                 "cannot record the WebSocket service event"
@@ -226,11 +145,12 @@ impl App {
         let plugins_loaded = self.plugins.apply(&new, false).await?;
         self.outbox.reconcile(&new.webhooks, &new.outbox).await?;
         self.secrets.store(Arc::new(secrets));
-        self.config.store(Arc::new(new));
+        self.config.store(new);
         let drained = if was_enabled && !enabled {
             tracing::warn!("WebSocket service disabled by reload; draining every connection");
             self.record_service(false, ServiceReason::Reload).await;
-            self.drain_all(CloseReason::ServiceDisabled, DISABLED_MESSAGE)
+            self.delivery
+                .close_all(CloseReason::ServiceDisabled, DISABLED_MESSAGE)
         } else {
             if !was_enabled && enabled {
                 tracing::info!("WebSocket service re-enabled by reload");
@@ -272,7 +192,7 @@ impl Server {
         let storage =
             crate::storage::open(&config.storage, &config.data_dir, Some(metrics.clone())).await?;
         let wakeup = Wakeup::default();
-        let lifecycle = Lifecycle::new(
+        let lifecycle = Lifecycle::start(
             storage.sessions.clone(),
             storage.outbox.clone(),
             metrics.clone(),
@@ -294,7 +214,7 @@ impl Server {
         let outbox = Arc::new(Outbox::new(
             storage.outbox.clone(),
             metrics.clone(),
-            wakeup,
+            wakeup.clone(),
             config.outbox.clone(),
             Some(plugins.clone()),
         )?);
@@ -308,31 +228,62 @@ impl Server {
             );
         }
         let header_read_timeout = config.server.header_read_timeout;
+        let enabled = config.gateway.enabled;
+        let config = config::Handle::new(config);
+        let secrets = Arc::new(ArcSwap::from_pointee(secrets));
         let registry = Arc::new(Registry::new());
-        let fanout = Fanout::start(registry.clone(), metrics.clone(), FANOUT_SHARDS);
+        let delivery: Arc<dyn Delivery> =
+            Arc::new(LocalDelivery::start(registry.clone(), metrics.clone()));
+        let messaging = Arc::new(Messaging::new(
+            config.clone(),
+            storage.messages.clone(),
+            delivery.clone(),
+            plugins.clone(),
+            metrics.clone(),
+            wakeup.clone(),
+        ));
+        let control = Arc::new(Control::new(
+            config.clone(),
+            storage.controls.clone(),
+            storage.groups.clone(),
+            storage.outbox.clone(),
+            delivery.clone(),
+            plugins.clone(),
+            metrics.clone(),
+            wakeup,
+        ));
+        let gateway = Arc::new(Gateway::new(
+            config.clone(),
+            secrets.clone(),
+            registry,
+            lifecycle,
+            metrics.clone(),
+            messaging.clone(),
+            control.clone(),
+        ));
+        messaging.start_maintenance();
+        control.start_expiry();
         let app = Arc::new(App {
-            config: ArcSwap::from_pointee(config),
+            config,
             config_path,
-            secrets: ArcSwap::from_pointee(secrets),
+            secrets,
             storage,
             control_guard: crate::http::control::Guard::default(),
-            registry,
-            fanout,
+            delivery,
+            gateway,
+            messaging,
+            control,
             metrics,
-            lifecycle,
             outbox,
             plugins,
             _watcher: watcher,
-            sessions: TaskTracker::new(),
-            shutting_down: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(()),
         });
-        crate::messaging::start_maintenance(&app);
-        crate::control::start_expiry(&app);
-        if app.config().gateway.enabled {
+        if enabled {
             // Before the first accept: `service.enabled` comes before any
             // connection event of this run.
-            app.lifecycle
+            app.gateway
+                .lifecycle
                 .record_service(true, ServiceReason::Start)
                 .await?;
         }
@@ -366,39 +317,44 @@ impl Server {
     pub async fn shutdown(self) {
         let app = self.app;
         let cfg = app.config();
-        let was_accepting = app.accepting_connections();
-        app.shutting_down.store(true, Ordering::Release);
+        let gw = &app.gateway;
+        let was_accepting = gw.accepting_connections();
+        gw.begin_shutdown();
         if was_accepting {
             // Durable before anything else of the shutdown, so it is sent
             // by the flush below or, if the receiver is down, after the next start.
             app.record_service(false, ServiceReason::Shutdown).await;
         }
-        let asked = app.drain_all(CloseReason::Shutdown, SHUTDOWN_MESSAGE);
+        let asked = app
+            .delivery
+            .close_all(CloseReason::Shutdown, SHUTDOWN_MESSAGE);
         tracing::info!(
             connections = asked,
             "shutting down: closing every connection"
         );
-        app.sessions.close();
-        if tokio::time::timeout(cfg.shutdown.drain_timeout, app.sessions.wait())
+        gw.sessions().close();
+        if tokio::time::timeout(cfg.shutdown.drain_timeout, gw.sessions().wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                remaining = app.sessions.len(),
+                remaining = gw.sessions().len(),
                 "drain timeout passed before every close handshake completed"
             );
         }
-        // Sessions still registered did not get to record their close: record it for them.
-        let info = CloseInfo {
-            reason: CloseReason::Shutdown,
-            code: CloseReason::Shutdown.code(),
-            message: "the gateway shut down before the close handshake completed".into(),
-        };
-        for s in app.registry.all() {
-            if s.is_opened() {
-                let _ = app.lifecycle.record_close(&s.connection_id, &info).await;
-            }
-            app.registry.remove(&s);
+        // Sessions still registered did not get to record their close, and
+        // closes storage did not take yet are tried once more; what is left
+        // is closed out by the next start's crash recovery.
+        let flush = tokio::time::timeout(cfg.shutdown.outbox_flush_timeout, gw.close_remaining());
+        match flush.await {
+            Ok(0) => {}
+            Ok(left) => tracing::warn!(
+                left,
+                "storage did not take some connection closes; they are recorded at the next start"
+            ),
+            Err(_) => tracing::warn!(
+                "recording the last connection closes timed out; what is left is recorded at the next start"
+            ),
         }
         self.stop_accepting.cancel();
         let _ = self.accept_task.await;

@@ -6,6 +6,12 @@
 //! Where the codes come from: protocol.md (the auth-frame table, refusals
 //! before the upgrade, close codes), api.md (conventions, groups, control,
 //! the plugin key-value store) and webhooks.md (the admin `enable` call).
+//!
+//! Not here: `storage_unavailable` (`503` with `Retry-After` on the API, an
+//! `error` frame on a socket, close 1013 for an open that could not be
+//! recorded) needs a database that goes away, which SQLite never does. Its
+//! mapping is unit-tested in the host (`http/error.rs`); end to end it
+//! belongs to a test that restarts a PostgreSQL server under load.
 
 use plugboard_tests::raw::{http_request, RawClient, RawResponse};
 use plugboard_tests::receiver::SECRET;

@@ -325,3 +325,38 @@ async fn a_postgres_restart_under_load_loses_nothing_acknowledged_and_heals_with
         }
     }
 }
+
+#[test]
+fn a_sqlite_database_from_a_newer_gateway_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        // What a later gateway leaves behind: its schema version recorded.
+        let db = data.join("plugboard.db");
+        let status = Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import sqlite3; c = sqlite3.connect({:?}); c.execute('PRAGMA user_version = 99'); c.commit()",
+                db.display().to_string()
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let path = dir.path().join("plugboard.toml");
+    std::fs::write(&path, "").unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("PLUGBOARD_DATA_DIR", &data)
+        .env("PLUGBOARD_SERVER__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("schema is at version 99, newer than this gateway knows (1)"),
+        "{stderr}"
+    );
+}

@@ -1,8 +1,10 @@
 //! The JSON frame protocol of `GET /v1/ws` (documented in `docs/protocol.md`).
 //!
 //! Every frame is a JSON object in a text message with a `type` field.
-//! This module parses client frames and builds server frames; it holds no
-//! state and touches no socket.
+//! This module parses client frames and builds server frames: the answers,
+//! and every [`Push`] the delivery seam hands a connection
+//! ([`push_frame`]). It is the one place domain values become wire text;
+//! it holds no state and touches no socket.
 //!
 //! It also holds the one size relation of server frames ([`frame_limit`]):
 //! the socket's write buffer is sized from it at the upgrade, pages
@@ -11,14 +13,17 @@
 //! written.
 
 use serde::de::{DeserializeOwned, IgnoredAny};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::config::Config;
+use crate::delivery::{ControlPush, Push};
 use crate::json::{self, MAX_DEPTH};
-use crate::messaging::conversations::ListQuery;
-use crate::messaging::SyncQuery;
+use crate::messaging::conversations::{ListPage, ListQuery};
+use crate::messaging::{render, SyncPage, SyncQuery};
+use crate::storage::controls::Priority;
+use crate::storage::messages::StoredMessage;
 
 /// The smallest limit on a server frame: 1 MiB, the largest message that
 /// common WebSocket clients accept by default (Python `websockets`, for one).
@@ -326,6 +331,85 @@ pub fn reply_frame(kind: &str, mut body: Value, id: Option<&Value>) -> String {
     with_id(body, id)
 }
 
+/// A frame of `kind` answering frame `id`, made of `body`'s fields.
+#[derive(Serialize)]
+struct Framed<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+fn framed<T: Serialize>(kind: &'static str, body: &T, id: Option<&Value>) -> String {
+    render::text_of(&Framed { kind, id, body })
+}
+
+/// The `messages` frame: a sync page answering frame `id`.
+pub fn messages_frame(page: &SyncPage, id: Option<&Value>) -> String {
+    framed("messages", page, id)
+}
+
+/// The `conversations` frame: a conversation page answering frame `id`.
+pub fn conversations_frame(page: &ListPage, id: Option<&Value>) -> String {
+    framed("conversations", page, id)
+}
+
+/// The frame of a push, as `viewer`'s connections get it.
+pub fn push_frame(push: &Push, viewer: &str) -> String {
+    match push {
+        Push::Message(m) => message_frame(m, viewer),
+        Push::ConversationChanged(body) => {
+            let mut frame = body.clone();
+            if let Some(obj) = frame.as_object_mut() {
+                obj.insert("type".into(), json!("conversations"));
+                obj.insert("event".into(), json!("changed"));
+            }
+            frame.to_string()
+        }
+        Push::Control(c) => control_frame(c),
+    }
+}
+
+/// The `message` frame of a committed message, for `viewer`.
+pub fn message_frame(m: &StoredMessage, viewer: &str) -> String {
+    render::text_of(&render::message_view(m, viewer, Some("message")))
+}
+
+#[derive(Serialize)]
+struct ControlFrame<'a> {
+    #[serde(rename = "type")]
+    frame_type: &'static str,
+    control_id: &'a str,
+    kind: &'a str,
+    payload: &'a RawValue,
+    priority: Priority,
+    receipt: bool,
+    persisted: bool,
+    created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    redelivery: bool,
+}
+
+/// The `control` frame, its payload embedded as stored.
+pub fn control_frame(c: &ControlPush) -> String {
+    render::text_of(&ControlFrame {
+        frame_type: "control",
+        control_id: &c.control_id,
+        kind: &c.kind,
+        payload: &c.payload,
+        priority: c.priority,
+        receipt: c.receipt,
+        persisted: c.persisted,
+        created_at: crate::rfc3339_ms(c.created_at),
+        expires_at: c.expires_at.map(crate::rfc3339_ms),
+        redelivery: c.redelivery,
+    })
+}
+
 /// `meta` frame answering an application `ping`.
 pub fn heartbeat_frame(id: Option<&Value>) -> String {
     with_id(
@@ -486,5 +570,53 @@ mod tests {
         // One item of the largest payload fits a page that echoes the largest id.
         let id = json!("x".repeat(cfg.gateway.max_message_size - 16));
         assert!(page_budget(limit, Some(&id)) >= (4 << 20) + ENVELOPE - 16);
+    }
+
+    #[test]
+    fn answers_are_framed_with_type_and_id_first_and_raw_items_kept() {
+        #[derive(Serialize)]
+        struct Page {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            channel_id: Option<String>,
+            items: Vec<Box<RawValue>>,
+            more: bool,
+        }
+        let page = Page {
+            channel_id: None,
+            items: vec![RawValue::from_string(r#"{"z": 1.50}"#.into()).unwrap()],
+            more: true,
+        };
+        assert_eq!(
+            framed("messages", &page, Some(&json!(7))),
+            r#"{"type":"messages","id":7,"items":[{"z": 1.50}],"more":true}"#
+        );
+        assert_eq!(
+            framed("messages", &page, None),
+            r#"{"type":"messages","items":[{"z": 1.50}],"more":true}"#
+        );
+    }
+
+    #[test]
+    fn pushes_render_as_their_frames() {
+        let changed = Push::ConversationChanged(json!({"version": 3, "removed": []}));
+        assert_eq!(
+            push_frame(&changed, "alice"),
+            r#"{"event":"changed","removed":[],"type":"conversations","version":3}"#
+        );
+        let control = Push::Control(ControlPush {
+            control_id: "ctl_1".into(),
+            kind: "k".into(),
+            payload: RawValue::from_string(r#"{"a": 1}"#.into()).unwrap(),
+            priority: Priority::High,
+            receipt: true,
+            persisted: false,
+            created_at: 0,
+            expires_at: None,
+            redelivery: false,
+        });
+        assert_eq!(
+            push_frame(&control, "alice"),
+            r#"{"type":"control","control_id":"ctl_1","kind":"k","payload":{"a": 1},"priority":"high","receipt":true,"persisted":false,"created_at":"1970-01-01T00:00:00.000Z"}"#
+        );
     }
 }

@@ -1,11 +1,13 @@
 //! The registry of live sessions on this node, partitioned by user.
 //!
-//! It answers "which sockets does this user have here" for fan-out, kicks and
-//! the multi-device policy, and lets a drain reach every connection: the
-//! admitted sessions, and the upgrades still waiting for their `auth` frame
-//! (which have no user yet, so they are kept apart, by a number). It holds
-//! no durable state: the session rows in storage are the record; this is the
-//! routing table. Sessions are sharded by user id so no lock is global.
+//! It answers "which sockets does this user have here" for the delivery seam
+//! (`local::LocalDelivery`: fan-out, pushes, kicks) and the multi-device
+//! policy, and lets a drain reach every connection: the admitted sessions,
+//! and the upgrades still waiting for their `auth` frame (which have no user
+//! yet, so they are kept apart, by a number). It holds no durable state: the
+//! session rows in storage are the record; this is the routing table.
+//! Sessions are sharded by user id so no lock is global. Only the gateway
+//! holds it; everyone else goes through [`crate::delivery::Delivery`].
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -13,12 +15,11 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::lifecycle::CloseReason;
 use crate::config::{DeviceLimitPolicy, DevicesConfig, SameDevicePolicy};
+use crate::delivery::{CloseReason, Connection};
 
 const SHARDS: usize = 64;
 
@@ -140,6 +141,19 @@ impl LiveSession {
     pub fn is_opened(&self) -> bool {
         self.opened.load(Ordering::Acquire)
     }
+
+    /// The session as the delivery seam lists it.
+    pub fn view(&self) -> Connection {
+        Connection {
+            connection_id: self.connection_id.clone(),
+            user_id: self.user_id.clone(),
+            device_id: self.device_id.clone(),
+            remote_addr: self.remote_addr.clone(),
+            opened_at: crate::rfc3339_ms(self.admitted_at),
+            open: self.is_opened(),
+            queued_frames: self.queued(),
+        }
+    }
 }
 
 /// The receiving ends of a session's queues, owned by its task.
@@ -148,18 +162,6 @@ pub struct Queues {
     pub normal: mpsc::Receiver<Message>,
     /// Drained before `normal`.
     pub urgent: mpsc::Receiver<Message>,
-}
-
-/// A session as shown by `GET /admin/connections`.
-#[derive(Debug, Serialize)]
-pub struct SessionView {
-    pub connection_id: String,
-    pub user_id: String,
-    pub device_id: String,
-    pub remote_addr: String,
-    pub opened_at: String,
-    pub open: bool,
-    pub queued_frames: usize,
 }
 
 /// Why a new session was not admitted.
@@ -370,18 +372,6 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    pub fn view(session: &LiveSession) -> SessionView {
-        SessionView {
-            connection_id: session.connection_id.clone(),
-            user_id: session.user_id.clone(),
-            device_id: session.device_id.clone(),
-            remote_addr: session.remote_addr.clone(),
-            opened_at: crate::rfc3339_ms(session.admitted_at),
-            open: session.is_opened(),
-            queued_frames: session.queued(),
-        }
     }
 }
 

@@ -9,7 +9,8 @@
 //! `close_timeout` passes. tungstenite only queues its close and pong
 //! replies, so the task reads to the end instead of stopping at the first
 //! close frame; after a protocol error, when tungstenite reads no more, the
-//! socket's [`Tap`] reads on to the client's close.
+//! socket's [`Tap`] reads on to the client's close. A connection upgraded
+//! without a token gets here through [`super::auth_frame`] first.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
@@ -25,14 +26,15 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::lifecycle::{CloseInfo, CloseReason};
+use super::lifecycle::{CloseReason, Closed};
 use super::protocol::{self, ClientFrame};
 use super::registry::{CloseCommand, LiveSession, Queues};
 use super::wire::Tap;
-use crate::auth::verify_token;
-use crate::messaging::{self, conversations, MessagingError, SendRequest};
-use crate::server::App;
+use super::Gateway;
+use crate::events::CloseInfo;
+use crate::messaging::{MessagingError, SendRequest};
 use crate::storage::messages::RowChange;
+use crate::storage::StorageError;
 
 pub type WsStream = WebSocketStream<Tap<TokioIo<Upgraded>>>;
 
@@ -48,7 +50,7 @@ pub struct Admitted {
 }
 
 /// How the main loop ended.
-enum End {
+pub(super) enum End {
     /// The client sent a close frame.
     Client { code: u16, reason: String },
     /// The server decided to close (request, timer).
@@ -67,7 +69,7 @@ enum End {
 
 /// Runs an admitted session until it is closed. The caller already did
 /// the upgrade and authentication; nothing is recorded before this.
-pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
+pub async fn run(gw: Arc<Gateway>, mut ws: WsStream, adm: Admitted) {
     let Admitted {
         live,
         mut outbound,
@@ -76,7 +78,7 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
         displaces,
     } = adm;
     let started = StdInstant::now();
-    if let Err(e) = app
+    if let Err(e) = gw
         .lifecycle
         .record_open(
             &live.connection_id,
@@ -86,23 +88,17 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
         )
         .await
     {
-        tracing::error!(connection_id = %live.connection_id, error = %e, "cannot record open connection; refusing it");
-        app.registry.remove(&live);
-        app.metrics.handshake_failed("storage_error");
-        let cfg = app.config();
-        let _ = send(
-            &mut ws,
-            close_message(1011, "storage unavailable"),
-            cfg.gateway.write_timeout,
-        )
-        .await;
-        drain(&mut ws, cfg.gateway.close_timeout).await;
-        return;
+        gw.registry.remove(&live);
+        return refuse_unrecorded(&gw, &mut ws, &live, e).await;
     }
     live.mark_opened();
     // Persisted controls waiting for this user go out once the loop runs.
-    tokio::spawn(crate::control::deliver_pending(app.clone(), live.clone()));
-    app.metrics
+    tokio::spawn(
+        gw.control
+            .clone()
+            .deliver_pending(live.user_id.clone(), live.connection_id.clone()),
+    );
+    gw.metrics
         .open_latency_seconds
         .observe(started.elapsed().as_secs_f64());
     tracing::info!(
@@ -119,7 +115,7 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
         );
     }
 
-    let cfg = app.config();
+    let cfg = gw.config();
     let connect = protocol::connect_frame(
         &live.connection_id,
         &live.user_id,
@@ -159,7 +155,7 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
                 }
                 _ = sleep_until(next_ping) => {
                     // Heartbeat settings are read at each ping, so a reload applies to live connections.
-                    let g = app.config().gateway.clone();
+                    let g = gw.config().gateway.clone();
                     let now = Instant::now();
                     if pong_deadline.is_none() {
                         pong_deadline = Some(now + g.pong_timeout);
@@ -171,13 +167,13 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
                 }
                 frame = outbound.urgent.recv() => {
                     let Some(frame) = frame else { continue };
-                    if let Err(end) = send(&mut ws, frame, app.config().gateway.write_timeout).await {
+                    if let Err(end) = send(&mut ws, frame, gw.config().gateway.write_timeout).await {
                         break end;
                     }
                 }
                 frame = outbound.normal.recv() => {
                     let Some(frame) = frame else { continue };
-                    if let Err(end) = send(&mut ws, frame, app.config().gateway.write_timeout).await {
+                    if let Err(end) = send(&mut ws, frame, gw.config().gateway.write_timeout).await {
                         break end;
                     }
                 }
@@ -188,7 +184,7 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
                         Some(Ok(msg)) => {
                             // Any frame is a sign of life.
                             pong_deadline = None;
-                            if let Err(end) = handle_message(&app, &live, &mut ws, msg).await {
+                            if let Err(end) = handle_message(&gw, &live, &mut ws, msg).await {
                                 break end;
                             }
                         }
@@ -210,20 +206,23 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
         code,
         message: message.clone(),
     };
-    match app.lifecycle.record_close(&live.connection_id, &info).await {
-        Ok(true) => tracing::info!(
+    match gw.lifecycle.close(&live.connection_id, info).await {
+        Closed::Recorded => tracing::info!(
             connection_id = %live.connection_id, user_id = %live.user_id,
             reason = reason.as_str(), code, detail = %message, "connection closed"
         ),
-        Ok(false) => tracing::debug!(connection_id = %live.connection_id, "close already recorded"),
-        Err(e) => tracing::error!(
-            connection_id = %live.connection_id, error = %e,
-            "cannot record closed connection; it will be closed out at the next start"
+        Closed::AlreadyClosed => {
+            tracing::debug!(connection_id = %live.connection_id, "close already recorded")
+        }
+        Closed::Queued(e) => tracing::error!(
+            connection_id = %live.connection_id, user_id = %live.user_id,
+            reason = reason.as_str(), code, error = %e,
+            "cannot record closed connection yet; it is recorded once storage takes it"
         ),
     }
-    app.registry.remove(&live);
+    gw.registry.remove(&live);
 
-    let g = app.config().gateway.clone();
+    let g = gw.config().gateway.clone();
     match end {
         End::Client { .. } => {}
         End::Server { reason, message } => {
@@ -243,28 +242,28 @@ pub async fn run(app: Arc<App>, mut ws: WsStream, adm: Admitted) {
 
 /// Handles one frame from an open connection.
 async fn handle_message(
-    app: &App,
+    gw: &Gateway,
     live: &LiveSession,
     ws: &mut WsStream,
     msg: Message,
 ) -> Result<(), End> {
-    let write_timeout = app.config().gateway.write_timeout;
+    let write_timeout = gw.config().gateway.write_timeout;
     match msg {
         Message::Text(text) => {
             let reply = match protocol::parse_client_frame(text.as_str()) {
                 Ok(frame) => {
                     let limit = frame_limit(ws);
                     let id = frame.id().cloned();
-                    handle_frame(app, live, frame, limit).await.map(|reply| {
+                    handle_frame(gw, live, frame, limit).await.map(|reply| {
                         if reply.len() <= limit {
                             return reply;
                         }
-                        app.metrics.frame_error("frame_too_large");
+                        gw.metrics.frame_error("frame_too_large");
                         protocol::frame_too_large(reply.len(), limit, id.as_ref())
                     })
                 }
                 Err(e) => {
-                    app.metrics.frame_error(e.code);
+                    gw.metrics.frame_error(e.code);
                     Some(protocol::error_frame(e.code, &e.message, e.id.as_ref()))
                 }
             };
@@ -274,7 +273,7 @@ async fn handle_message(
             }
         }
         Message::Binary(_) => {
-            app.metrics.frame_error("binary_not_supported");
+            gw.metrics.frame_error("binary_not_supported");
             let reply = protocol::error_frame(
                 "binary_not_supported",
                 "binary frames are not supported: send JSON in text frames",
@@ -293,13 +292,14 @@ async fn handle_message(
 /// Answers one parsed client frame (`None`: no answer). Pages are cut to
 /// fit `limit`, the largest frame this connection can write.
 async fn handle_frame(
-    app: &App,
+    gw: &Gateway,
     live: &LiveSession,
     frame: ClientFrame,
     limit: usize,
 ) -> Option<String> {
-    let count = |k: &str| app.metrics.frames_received.get_or_create(&kind(k)).inc();
-    let failed = |e: MessagingError, id: Option<&serde_json::Value>| error_reply(app, e, id);
+    let metrics = &gw.metrics;
+    let count = |k: &str| metrics.frames_received.get_or_create(&kind(k)).inc();
+    let failed = |e: MessagingError, id: Option<&serde_json::Value>| error_reply(gw, e, id);
     let user = live.user_id.as_str();
     let device = Some(live.device_id.as_str());
     Some(match frame {
@@ -309,7 +309,7 @@ async fn handle_frame(
         }
         ClientFrame::Auth { id, .. } => {
             count("auth");
-            app.metrics.frame_error("already_authenticated");
+            metrics.frame_error("already_authenticated");
             protocol::error_frame(
                 "already_authenticated",
                 "this connection is already authenticated",
@@ -327,41 +327,39 @@ async fn handle_frame(
                 client_msg_id: frame.client_msg_id.as_deref(),
                 origin: Some(live.connection_id.clone()),
             };
-            match messaging::send(app, req).await {
+            match gw.messaging.send(req).await {
                 Ok(ack) => {
                     let outcome = if ack.duplicate { "duplicate" } else { "sent" };
-                    app.metrics.message("ws", outcome);
+                    metrics.message("ws", outcome);
                     protocol::reply_frame("sendack", ack.json(), id.as_ref())
                 }
                 Err(e) => {
-                    app.metrics.message("ws", e.code());
+                    metrics.message("ws", e.code());
                     failed(e, id.as_ref())
                 }
             }
         }
-        ClientFrame::Ack { frame, .. } => {
+        ClientFrame::Ack { frame, id } => {
             count("ack");
-            app.metrics
+            metrics
                 .messages_acked
                 .inc_by(frame.message_ids.len().max(frame.version.map_or(0, |_| 1)) as u64);
-            if let Some(control_id) = &frame.control_id {
-                crate::control::ack(app, live, control_id).await;
-            }
-            return None;
+            let control_id = frame.control_id.as_deref()?;
+            return ack_control(gw, live, control_id, id.as_ref()).await;
         }
         ClientFrame::Sync { query, id } => {
             count("sync");
             let budget = protocol::page_budget(limit, id.as_ref());
-            match messaging::sync_page(app, user, &query, budget).await {
-                Ok(page) => page.frame(id.as_ref()),
+            match gw.messaging.sync_page(user, &query, budget).await {
+                Ok(page) => protocol::messages_frame(&page, id.as_ref()),
                 Err(e) => failed(e, id.as_ref()),
             }
         }
         ClientFrame::SyncConversations { query, id } => {
             count("sync_conversations");
             let budget = protocol::page_budget(limit, id.as_ref());
-            match conversations::list_page(app, user, device, &query, budget).await {
-                Ok(page) => page.frame(id.as_ref()),
+            match gw.messaging.list_page(user, device, &query, budget).await {
+                Ok(page) => protocol::conversations_frame(&page, id.as_ref()),
                 Err(e) => failed(e, id.as_ref()),
             }
         }
@@ -369,7 +367,7 @@ async fn handle_frame(
             count("read");
             let change = RowChange::Read(frame.seq);
             let (kind, channel) = (&frame.channel_type, &frame.channel_id);
-            return Some(change_conversation(app, live, kind, channel, change, id).await);
+            return Some(change_conversation(gw, live, kind, channel, change, id).await);
         }
         ClientFrame::RemoveConversation { frame, hide, id } => {
             let (label, change) = if hide {
@@ -379,11 +377,11 @@ async fn handle_frame(
             };
             count(label);
             let (kind, channel) = (&frame.channel_type, &frame.channel_id);
-            return Some(change_conversation(app, live, kind, channel, change, id).await);
+            return Some(change_conversation(gw, live, kind, channel, change, id).await);
         }
         ClientFrame::Unknown { kind: k, id } => {
             count("unknown");
-            app.metrics.frame_error("unknown_type");
+            metrics.frame_error("unknown_type");
             protocol::error_frame(
                 "unknown_type",
                 &format!("frame type `{k}` is not supported by this gateway"),
@@ -395,7 +393,7 @@ async fn handle_frame(
 
 /// Answers `read`, `hide_conversation` and `delete_conversation`.
 async fn change_conversation(
-    app: &App,
+    gw: &Gateway,
     live: &LiveSession,
     kind: &str,
     channel: &str,
@@ -404,16 +402,77 @@ async fn change_conversation(
 ) -> String {
     let device = Some(live.device_id.as_str());
     let origin = Some(live.connection_id.as_str());
-    match conversations::change(app, &live.user_id, device, origin, kind, channel, change).await {
+    let user = &live.user_id;
+    match gw
+        .messaging
+        .change(user, device, origin, kind, channel, change)
+        .await
+    {
         Ok(body) => protocol::reply_frame("conversations", body, id.as_ref()),
-        Err(e) => error_reply(app, e, id.as_ref()),
+        Err(e) => error_reply(gw, e, id.as_ref()),
+    }
+}
+
+/// Records the receipt of an `ack` naming a control. An `ack` has no
+/// answer, except an `error` frame `storage_unavailable` when storage could
+/// not take the receipt (the client acks again); other failures are only
+/// logged.
+async fn ack_control(
+    gw: &Gateway,
+    live: &LiveSession,
+    control_id: &str,
+    id: Option<&serde_json::Value>,
+) -> Option<String> {
+    let (user, device, connection) = (&live.user_id, &live.device_id, &live.connection_id);
+    match gw.control.ack(user, device, connection, control_id).await {
+        Ok(_) => None,
+        Err(e) if e.is_unavailable() => {
+            tracing::warn!(control_id, error = %e, "storage unavailable: a control receipt was refused");
+            gw.metrics.frame_error(crate::unavailable::CODE);
+            let message = crate::unavailable::MESSAGE;
+            Some(protocol::error_frame(crate::unavailable::CODE, message, id))
+        }
+        Err(e) => {
+            tracing::error!(control_id, error = %e, "cannot record a control receipt");
+            None
+        }
     }
 }
 
 /// The `error` frame answering a refused messaging request, counted.
-fn error_reply(app: &App, e: MessagingError, id: Option<&serde_json::Value>) -> String {
-    app.metrics.frame_error(e.code());
+fn error_reply(gw: &Gateway, e: MessagingError, id: Option<&serde_json::Value>) -> String {
+    gw.metrics.frame_error(e.code());
     protocol::error_frame(e.code(), &e.public_message(), id)
+}
+
+/// Refuses a connection whose open storage did not record (nothing was
+/// written, so it never opened): counted and told why. Storage that is
+/// unavailable gets an `error` frame `storage_unavailable` and close 1013
+/// (try again later); any other failure close 1011.
+async fn refuse_unrecorded(gw: &Gateway, ws: &mut WsStream, live: &LiveSession, e: StorageError) {
+    tracing::error!(connection_id = %live.connection_id, error = %e, "cannot record open connection; refusing it");
+    let g = gw.config().gateway.clone();
+    if e.is_unavailable() {
+        gw.metrics.handshake_failed(crate::unavailable::CODE);
+        let frame =
+            protocol::error_frame(crate::unavailable::CODE, crate::unavailable::MESSAGE, None);
+        let _ = send(ws, Message::text(frame), g.write_timeout).await;
+        let _ = send(
+            ws,
+            close_message(1013, "storage unavailable"),
+            g.write_timeout,
+        )
+        .await;
+    } else {
+        gw.metrics.handshake_failed("storage_error");
+        let _ = send(
+            ws,
+            close_message(1011, "storage unavailable"),
+            g.write_timeout,
+        )
+        .await;
+    }
+    drain(ws, g.close_timeout).await;
 }
 
 fn kind(k: &str) -> crate::metrics::FrameLabel {
@@ -422,7 +481,7 @@ fn kind(k: &str) -> crate::metrics::FrameLabel {
     }
 }
 
-fn map_error(e: WsError) -> End {
+pub(super) fn map_error(e: WsError) -> End {
     match e {
         WsError::Capacity(c) => End::Violation {
             reason: CloseReason::MessageTooBig,
@@ -463,7 +522,7 @@ fn frame_limit(ws: &WsStream) -> usize {
 /// frame built after a reload raised a payload limit past what this
 /// connection was opened with) is replaced by an `error` frame: a frame the
 /// server built never ends the connection.
-async fn send(ws: &mut WsStream, msg: Message, limit: Duration) -> Result<(), End> {
+pub(super) async fn send(ws: &mut WsStream, msg: Message, limit: Duration) -> Result<(), End> {
     let room = frame_limit(ws);
     let msg = match msg {
         Message::Text(t) if t.len() > room => {
@@ -520,176 +579,6 @@ fn instant_of_unix(secs: u64) -> Instant {
     let now_ms = crate::now_ms().max(0) as u64;
     let at_ms = secs.saturating_mul(1000);
     Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms))
-}
-
-/// For a connection upgraded without a token: waits for an `auth` frame
-/// within `gateway.auth_timeout`, then admits and runs the session. An
-/// attempt that fails here never opened: it is logged and counted, and no
-/// lifecycle event is written. While it waits, the connection is listed in
-/// the registry, so a drain (shutdown, or a reload that disables the
-/// service) tells it and closes it like every other connection.
-pub async fn authenticate_then_run(
-    app: Arc<App>,
-    mut ws: WsStream,
-    remote: String,
-    query_device: Option<String>,
-) {
-    let cfg = app.config();
-    let mut pending = app.registry.add_pending();
-    // A drain that looked at the registry before this connection was listed
-    // had already set its state: looking here catches it.
-    if let Some((reason, message)) = app.drain_reason() {
-        return refuse_drained(&app, &mut ws, &remote, reason, message.into()).await;
-    }
-    let waited = timeout(cfg.gateway.auth_timeout, async {
-        tokio::select! {
-            biased;
-            cmd = &mut pending.close => Err(cmd),
-            first = first_auth_frame(&mut ws) => Ok(first),
-        }
-    })
-    .await;
-    let token = match waited {
-        Err(_) => {
-            return refuse(
-                &app,
-                &mut ws,
-                &remote,
-                1008,
-                "auth_timeout",
-                "no auth frame before the deadline".into(),
-            )
-            .await
-        }
-        Ok(Err(cmd)) => {
-            let (reason, message) = match cmd {
-                Ok(c) => (c.reason, c.message),
-                Err(_) => (
-                    CloseReason::ServerError,
-                    "the registry dropped this connection".into(),
-                ),
-            };
-            return refuse_drained(&app, &mut ws, &remote, reason, message).await;
-        }
-        Ok(Ok(Err(("closed_before_auth", _, message)))) => {
-            app.metrics.handshake_failed("closed_before_auth");
-            tracing::info!(remote = %remote, detail = %message, "connection attempt ended before auth");
-            return;
-        }
-        Ok(Ok(Err((reason, code, message)))) => {
-            return refuse(&app, &mut ws, &remote, code, reason, message).await
-        }
-        Ok(Ok(Ok(token))) => token,
-    };
-    if let Some((reason, message)) = app.drain_reason() {
-        return refuse_drained(&app, &mut ws, &remote, reason, message.into()).await;
-    }
-    let secrets = app.secrets();
-    let claims = match verify_token(&token, secrets.jwt_secret.as_bytes(), cfg.auth.token_leeway) {
-        Ok(c) => c,
-        Err(e @ crate::auth::TokenError::Expired) => {
-            return refuse(&app, &mut ws, &remote, 1008, "token_expired", e.to_string()).await
-        }
-        Err(e) => return refuse(&app, &mut ws, &remote, 1008, "bad_token", e.to_string()).await,
-    };
-    if claims.sub == cfg.messaging.system_user {
-        let message = super::upgrade::system_user_refused(&claims.sub);
-        return refuse(&app, &mut ws, &remote, 1008, "bad_token", message).await;
-    }
-    let device = claims
-        .device
-        .clone()
-        .or(query_device)
-        .unwrap_or_else(|| "default".into());
-    // From here the registry knows it as a session (`admit` re-checks the drain).
-    drop(pending);
-    match app.admit(&claims.sub, &device, &remote, claims.exp) {
-        Ok(adm) => run(app, ws, adm).await,
-        Err(rejected) => refuse(&app, &mut ws, &remote, 1008, "device_policy", rejected.0).await,
-    }
-}
-
-/// Why waiting for the `auth` frame failed: the reason (for the metric and
-/// the `error` frame), the close code and the message.
-type AuthFailure = (&'static str, u16, String);
-
-/// Reads until the first text frame and returns the token of the `auth`
-/// frame it must be.
-async fn first_auth_frame(ws: &mut WsStream) -> Result<String, AuthFailure> {
-    let left = || {
-        (
-            "closed_before_auth",
-            1006,
-            "the client left before authenticating".to_string(),
-        )
-    };
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) => {
-                return match protocol::parse_client_frame(text.as_str()) {
-                    Ok(ClientFrame::Auth { token, .. }) => Ok(token),
-                    Ok(_) => Err((
-                        "auth_required",
-                        1008,
-                        "the first frame must be an `auth` frame".to_string(),
-                    )),
-                    Err(e) => Err(("malformed_auth", 1008, e.message)),
-                };
-            }
-            Some(Ok(Message::Binary(_))) => {
-                return Err((
-                    "malformed_auth",
-                    1008,
-                    "binary frames are not supported".to_string(),
-                ))
-            }
-            Some(Err(e)) => {
-                return Err(match map_error(e) {
-                    End::Violation { reason, message } => (reason.as_str(), reason.code(), message),
-                    _ => left(),
-                })
-            }
-            Some(Ok(Message::Close(_))) | None => return Err(left()),
-            Some(Ok(_)) => continue,
-        }
-    }
-}
-
-/// Refuses a connection that was waiting for its `auth` frame when a drain
-/// began: the `meta` frame an open connection gets for the same drain
-/// (`disable` or `shutdown`), the `error` frame `service_unavailable` that
-/// answers an `auth` frame, and the drain's close code (1012 or 1001).
-async fn refuse_drained(
-    app: &App,
-    ws: &mut WsStream,
-    remote: &str,
-    reason: CloseReason,
-    message: String,
-) {
-    let code = reason.code();
-    if let Some(event) = reason.meta_event() {
-        let frame = protocol::closing_frame(event, reason.as_str(), code, &message);
-        let _ = send(ws, Message::text(frame), app.config().gateway.write_timeout).await;
-    }
-    refuse(app, ws, remote, code, "service_unavailable", message).await;
-}
-
-/// Refuses a connection that never opened: counted, logged, told why, closed.
-async fn refuse(
-    app: &App,
-    ws: &mut WsStream,
-    remote: &str,
-    code: u16,
-    reason: &'static str,
-    message: String,
-) {
-    app.metrics.handshake_failed(reason);
-    tracing::info!(remote = %remote, reason, detail = %message, "connection attempt refused before open");
-    let g = app.config().gateway.clone();
-    let frame = protocol::error_frame(reason, &message, None);
-    let _ = send(ws, Message::text(frame), g.write_timeout).await;
-    let _ = send(ws, close_message(code, &message), g.write_timeout).await;
-    drain(ws, g.close_timeout).await;
 }
 
 #[cfg(test)]

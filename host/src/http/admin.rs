@@ -11,10 +11,10 @@ use serde_json::{json, Value};
 
 use super::{ApiBytes, ApiError, ApiPath, ApiQuery, BodyKind, Route};
 use crate::config::ConfigError;
-use crate::gateway::Registry;
 use crate::outbox::Enable;
 use crate::plugins::PluginError;
 use crate::server::App;
+use crate::storage::StorageError;
 
 pub fn routes() -> Vec<Route> {
     let plugin = "/admin/plugins/{name}";
@@ -77,13 +77,7 @@ async fn kv_get(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     kv_target(&app, &name, &key)?;
-    match app
-        .storage
-        .kv
-        .kv_get(&name, &key)
-        .await
-        .map_err(ApiError::internal)?
-    {
+    match app.storage.kv.kv_get(&name, &key).await? {
         Some(value) => Ok((
             [(http::header::CONTENT_TYPE, "application/octet-stream")],
             value,
@@ -116,12 +110,12 @@ async fn kv_put(
         Ok(()) => Ok(Json(
             json!({ "plugin": name, "key": key, "bytes": body.len() }),
         )),
-        Err(crate::storage::StorageError::Quota(m)) => Err(ApiError::new(
+        Err(StorageError::Quota(m)) => Err(ApiError::new(
             http::StatusCode::INSUFFICIENT_STORAGE,
             "quota_exceeded",
             m,
         )),
-        Err(e) => Err(ApiError::internal(e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -131,11 +125,7 @@ async fn kv_delete(
     ApiPath((name, key)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     kv_target(&app, &name, &key)?;
-    app.storage
-        .kv
-        .kv_delete(&name, &key)
-        .await
-        .map_err(ApiError::internal)?;
+    app.storage.kv.kv_delete(&name, &key).await?;
     Ok(Json(json!({ "plugin": name, "key": key, "deleted": true })))
 }
 
@@ -149,7 +139,11 @@ async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
             "invalid_config",
             format!("{e:#}"),
         )),
-        Err(e) => Err(ApiError::internal(format!("{e:#}"))),
+        // Registering a new webhook endpoint needs storage.
+        Err(e) => match e.downcast_ref::<StorageError>() {
+            Some(s) if s.is_unavailable() => Err(ApiError::storage(s)),
+            _ => Err(ApiError::internal(format!("{e:#}"))),
+        },
     }
 }
 
@@ -157,26 +151,20 @@ async fn connections(
     State(app): State<Arc<App>>,
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> Json<Value> {
-    let mut sessions: Vec<_> = match q.get("user_id") {
-        Some(u) => app.registry.user_sessions(u),
-        None => app.registry.all(),
-    }
-    .iter()
-    .map(|s| Registry::view(s))
-    .collect();
+    let mut sessions = app.delivery.online(q.get("user_id").map(String::as_str));
     sessions.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
     Json(json!({ "count": sessions.len(), "connections": sessions }))
 }
 
-async fn webhooks(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({ "endpoints": app.outbox.views().await }))
+async fn webhooks(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "endpoints": app.outbox.views().await? })))
 }
 
 async fn enable(
     State(app): State<Arc<App>>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match app.outbox.enable(&name).await.map_err(ApiError::internal)? {
+    match app.outbox.enable(&name).await? {
         Enable::Enabled => Ok(Json(json!({ "name": name, "enabled": true }))),
         Enable::StillDisabledInConfig => Err(ApiError::new(
             http::StatusCode::CONFLICT,
@@ -193,14 +181,9 @@ async fn retry_failed(
     State(app): State<Arc<App>>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let n = app
-        .outbox
-        .retry_failed(&name)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| {
-            ApiError::not_found(format!("no webhook endpoint `{name}` in the config"))
-        })?;
+    let n = app.outbox.retry_failed(&name).await?.ok_or_else(|| {
+        ApiError::not_found(format!("no webhook endpoint `{name}` in the config"))
+    })?;
     Ok(Json(json!({ "name": name, "requeued": n })))
 }
 

@@ -8,7 +8,7 @@ use http::Method;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiPath, BodyKind, OptionalJson, Route};
-use crate::gateway::CloseReason;
+use crate::delivery::CloseReason;
 use crate::server::App;
 use crate::storage::SessionRecord;
 
@@ -56,15 +56,10 @@ async fn kick(
     // No body kicks every device of the user.
     let req = body.unwrap_or_default();
     let message = req.reason.unwrap_or_else(|| "kicked by the server".into());
-    let mut kicked = Vec::new();
-    for s in app.registry.user_sessions(&uid) {
-        if req.device_id.as_deref().is_some_and(|d| d != s.device_id) {
-            continue;
-        }
-        if s.request_close(CloseReason::Kicked, message.clone()) {
-            kicked.push(s.connection_id.clone());
-        }
-    }
+    let device = req.device_id.as_deref();
+    let kicked = app
+        .delivery
+        .kick_user(&uid, device, CloseReason::Kicked, &message);
     tracing::info!(user_id = %uid, count = kicked.len(), "kick requested through the API");
     Ok(Json(KickResponse {
         user_id: uid,
@@ -105,12 +100,7 @@ async fn presence(
     ApiPath(uid): ApiPath<String>,
 ) -> Result<Json<PresenceResponse>, ApiError> {
     crate::messaging::check_id("uid", &uid)?;
-    let (p, sessions) = app
-        .storage
-        .sessions
-        .presence(&uid)
-        .await
-        .map_err(ApiError::internal)?;
+    let (p, sessions) = app.storage.sessions.presence(&uid).await?;
     Ok(Json(PresenceResponse {
         user_id: uid,
         online: p.connections > 0,

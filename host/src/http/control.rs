@@ -1,5 +1,5 @@
 //! `POST /v1/control` (API key): the guards in front of
-//! [`crate::control::submit`] — a request budget per API key (token
+//! [`crate::control::Control::submit`] — a request budget per API key (token
 //! bucket, `429` with `Retry-After`), and, when `control.require_signature`
 //! is set, an HMAC-SHA256 signature over the timestamp and the body with
 //! replay protection.
@@ -214,7 +214,7 @@ async fn handle(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Response,
         .take(key, cfg.control.rate_limit, cfg.control.rate_burst)
     {
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut resp = refuse(
+        return Err(refuse(
             app,
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -223,10 +223,7 @@ async fn handle(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Response,
                 cfg.control.rate_limit, cfg.control.rate_burst
             ),
         )
-        .into_response();
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-        return Ok(resp);
+        .retry_after(secs));
     }
     if cfg.control.require_signature {
         verify(app, headers, body)?;
@@ -234,8 +231,8 @@ async fn handle(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Response,
     // Parsed only after the signature is checked: the signature covers the
     // raw bytes, and an unsigned body is not worth parsing.
     let parsed: ControlBody = super::parse_json(headers, body)?;
-    match crate::control::submit(app, parsed).await {
-        Ok((status, answer)) => Ok((status, Json(answer)).into_response()),
+    match app.control.submit(parsed).await {
+        Ok(answer) => Ok((StatusCode::OK, Json(answer)).into_response()),
         Err(e) => {
             let refusal = match &e {
                 crate::control::ControlError::Rejected { .. } => Some("rejected"),

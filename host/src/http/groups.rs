@@ -136,7 +136,7 @@ fn result<T>(r: GroupResult<T>, gid: &str) -> Result<T, ApiError> {
 }
 
 fn storage(e: crate::storage::StorageError) -> ApiError {
-    ApiError::internal(e)
+    ApiError::storage(&e)
 }
 
 #[derive(Debug, Deserialize)]

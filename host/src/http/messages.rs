@@ -14,8 +14,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, BodyKind, OptionalJson, Route};
-use crate::messaging::conversations::{self, ListQuery};
-use crate::messaging::{self, check_id, SendRequest, SyncQuery};
+use crate::gateway::protocol;
+use crate::messaging::conversations::ListQuery;
+use crate::messaging::{check_id, SendRequest, SyncQuery};
 use crate::server::App;
 use crate::storage::messages::RowChange;
 
@@ -87,7 +88,7 @@ async fn send(
         client_msg_id: body.client_msg_id.as_deref(),
         origin: None,
     };
-    match messaging::send(&app, req).await {
+    match app.messaging.send(req).await {
         Ok(ack) => {
             app.metrics
                 .message("api", if ack.duplicate { "duplicate" } else { "sent" });
@@ -115,7 +116,14 @@ async fn messages(
     ApiQuery(q): ApiQuery<SyncQuery>,
 ) -> Result<Json<Value>, ApiError> {
     check_id("uid", &uid)?;
-    Ok(Json(messaging::sync(&app, &uid, &q).await?))
+    let page = app.messaging.sync_page(&uid, &q, page_budget(&app)).await?;
+    Ok(Json(page.json()?))
+}
+
+/// The bytes of items an answer's page may hold: as much as a client
+/// connection's page (the API answers in pages of the same size).
+fn page_budget(app: &App) -> usize {
+    protocol::page_budget(protocol::frame_limit(&app.config()), None)
 }
 
 async fn list(
@@ -124,7 +132,11 @@ async fn list(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     check_id("uid", &uid)?;
-    Ok(Json(conversations::list(&app, &uid, None, &q).await?))
+    let page = app
+        .messaging
+        .list_page(&uid, None, &q, page_budget(&app))
+        .await?;
+    Ok(Json(page.json()?))
 }
 
 /// `POST …/read`: the body may name the sequence number read up to.
@@ -143,8 +155,10 @@ async fn change(
     change: RowChange,
 ) -> Result<Json<Value>, ApiError> {
     check_id("uid", uid)?;
-    let body =
-        conversations::change(app, uid, None, None, channel_type, channel_id, change).await?;
+    let body = app
+        .messaging
+        .change(uid, None, None, channel_type, channel_id, change)
+        .await?;
     Ok(Json(body))
 }
 

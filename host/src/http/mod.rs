@@ -4,17 +4,24 @@
 //! Each surface lists its routes as [`Route`]s (an [`Endpoint`] — method,
 //! path, credentials, body — with its handler); [`router`] mounts them and
 //! [`endpoints`] lists the same table, so the route list a test walks is the
-//! router itself. [`ApiError`] is the one error type at the edge: every
-//! error, including every extractor rejection, a wrong method (`405` with
-//! `Allow`), an unknown route and a body that arrives too slowly (`408`),
-//! answers `{"error": {"code", "message"}}` with a stable `code`.
+//! router itself. [`ApiError`] ([`error`]) is the one error type at the
+//! edge: every error, including every extractor rejection, a wrong method
+//! (`405` with `Allow`), an unknown route and a body that arrives too
+//! slowly (`408`), answers `{"error": {"code", "message"}}` with a stable
+//! `code`; the domains' errors become it there and nowhere else.
+//!
+//! Handlers hold the whole [`App`] as their state, but reach the domains
+//! only through its services (`app.messaging`, `app.control`,
+//! `app.gateway`, `app.delivery`); nothing below this module knows HTTP.
 
 pub mod admin;
 pub mod api;
 pub mod control;
+pub mod error;
 pub mod groups;
 pub mod messages;
 pub mod ops;
+pub mod ws;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,69 +33,13 @@ use axum::handler::Handler;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter};
-use axum::{Json, Router};
+use axum::Router;
 use futures_util::StreamExt;
 use http::{HeaderMap, Method, StatusCode};
-use serde_json::json;
+
+pub use error::ApiError;
 
 use crate::server::App;
-
-/// An error answered to an HTTP client.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn not_found(what: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    /// Well-formed JSON with a missing, mistyped or unknown field.
-    pub fn unprocessable(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_request", message)
-    }
-
-    pub fn internal(err: impl std::fmt::Display) -> ApiError {
-        tracing::error!(error = %err, "internal error answering an API request");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the gateway log",
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut resp = (
-            self.status,
-            Json(json!({ "error": { "code": self.code, "message": self.message } })),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                http::header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer"),
-            );
-        }
-        resp
-    }
-}
 
 /// Whether the request says its body is JSON (`application/json` or
 /// `application/<something>+json`, any parameters).
@@ -331,7 +282,7 @@ fn surfaces() -> Vec<(Access, Vec<Route>)> {
             access: Access::WebSocket,
             body: BodyKind::None,
         },
-        handler: axum::routing::any(crate::gateway::upgrade::handler),
+        handler: axum::routing::any(ws::handler),
     };
     let api = [
         api::routes(),

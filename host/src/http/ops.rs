@@ -28,7 +28,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// service is accepting (not disabled, not draining).
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let storage_ok = app.storage.health.check().await.is_ok();
-    let reason = app.not_accepting_reason();
+    let reason = app.gateway.not_accepting_reason();
     let ready = storage_ok && reason.is_none();
     let status = if ready {
         StatusCode::OK
@@ -46,8 +46,9 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 /// Every metric, in the format the `Accept` header prefers (OpenMetrics or
 /// Prometheus text 0.0.4, see [`crate::metrics::Format::negotiate`]).
 async fn metrics(State(app): State<Arc<App>>, headers: http::HeaderMap) -> Response {
-    // Refreshes the outbox gauges from storage.
-    app.outbox.views().await;
+    // Refreshes the outbox gauges from storage; while it is unavailable
+    // they keep their last values and the rest is served as usual.
+    let _ = app.outbox.views().await;
     let accept = headers
         .get(http::header::ACCEPT)
         .and_then(|v| v.to_str().ok());

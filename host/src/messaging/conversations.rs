@@ -15,13 +15,11 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
-use super::{channel_type, check_id, render, MessagingError};
+use super::{channel_type, check_id, render, Messaging, MessagingError};
 use crate::config::OnError;
-use crate::gateway::protocol;
+use crate::delivery::{Lane, Push};
 use crate::plugins::bindings::exports::plugboard::plugin::conversation_filter as cf;
-use crate::server::App;
 use crate::storage::messages::{
     Channel, ChannelType, ConversationRow, LastMessage, RowChange, RowState, StoredMessage,
     SyncRefused,
@@ -69,14 +67,10 @@ fn decode_cursor(text: &str) -> Result<Cursor, MessagingError> {
 }
 
 /// One page of a conversation sync, cut to a byte budget. It is written as
-/// the `conversations` frame ([`ListPage::frame`]) or as the server API's
+/// the `conversations` frame (by `gateway::protocol`) or as the server API's
 /// answer ([`ListPage::json`]).
 #[derive(Debug, Serialize)]
 pub struct ListPage {
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    frame_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<Value>,
     version: u64,
     /// Live conversations, each a raw view (with its messages as stored).
     conversations: Vec<Box<RawValue>>,
@@ -86,13 +80,6 @@ pub struct ListPage {
 }
 
 impl ListPage {
-    /// The `conversations` frame answering frame `id`.
-    pub fn frame(mut self, id: Option<&Value>) -> String {
-        self.frame_type = Some("conversations");
-        self.id = id.cloned();
-        render::text_of(&self)
-    }
-
     /// The answer of `GET /v1/users/{uid}/conversations`. The API answers a
     /// JSON value, so the last messages' payloads are read again here; one
     /// that does not read is an error, never `null`.
@@ -102,19 +89,6 @@ impl ListPage {
             reason: e.to_string(),
         })
     }
-}
-
-/// Answers one page of `user`'s conversation sync as the server API's JSON
-/// (the `conversations` frame without `type` and `id`), in pages of the
-/// same size a client connection gets.
-pub async fn list(
-    app: &App,
-    user: &str,
-    device: Option<&str>,
-    q: &ListQuery,
-) -> Result<Value, MessagingError> {
-    let budget = protocol::page_budget(protocol::frame_limit(&app.config()), None);
-    list_page(app, user, device, q, budget).await?.json()
 }
 
 /// One entry of a page, in channel-key order.
@@ -139,23 +113,24 @@ impl Entry {
     }
 }
 
-/// Answers one page of `user`'s conversation sync: at most `limit` rows
-/// and, beside that, at most `budget` bytes of entries. The entries are
-/// taken in key order while they fit; the page then ends with `more` and a
-/// cursor after the last one taken. The first entry is always taken, its
-/// last messages cut (oldest first) until it fits, so a page always moves on.
-pub async fn list_page(
-    app: &App,
-    user: &str,
-    device: Option<&str>,
-    q: &ListQuery,
-    budget: usize,
-) -> Result<ListPage, MessagingError> {
-    let started = std::time::Instant::now();
-    let cfg = app.config();
-    let c = &cfg.conversations;
-    let cursor = q.cursor.as_deref().map(decode_cursor).transpose()?;
-    let since = match (&cursor, q.since_version) {
+impl Messaging {
+    /// Answers one page of `user`'s conversation sync: at most `limit` rows
+    /// and, beside that, at most `budget` bytes of entries. The entries are
+    /// taken in key order while they fit; the page then ends with `more` and a
+    /// cursor after the last one taken. The first entry is always taken, its
+    /// last messages cut (oldest first) until it fits, so a page always moves on.
+    pub async fn list_page(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        q: &ListQuery,
+        budget: usize,
+    ) -> Result<ListPage, MessagingError> {
+        let started = std::time::Instant::now();
+        let cfg = self.config.load();
+        let c = &cfg.conversations;
+        let cursor = q.cursor.as_deref().map(decode_cursor).transpose()?;
+        let since = match (&cursor, q.since_version) {
         (Some(cur), Some(s)) if s != cur.s => {
             return Err(MessagingError::BadRequest(format!(
                 "`since_version` {s} differs from the cursor's ({}); leave it out when passing a cursor",
@@ -165,114 +140,112 @@ pub async fn list_page(
         (Some(cur), _) => cur.s,
         (None, s) => s.unwrap_or(0),
     };
-    let limit = q.limit.unwrap_or(c.default_limit).clamp(1, c.max_limit);
-    let last_n = q
-        .last_messages
-        .unwrap_or(c.default_last_messages)
-        .min(c.max_last_messages);
-    let page = app
-        .storage
-        .messages
-        .conversations(
-            user,
-            since,
-            cursor.as_ref().map(|c| c.h),
-            cursor.map(|c| c.k),
-            limit,
-            last_n,
-        )
-        .await?
-        .map_err(|e| match e {
-            SyncRefused::ResetRequired { current } => {
-                MessagingError::ResetRequired { since, current }
-            }
-            _ => MessagingError::BadRequest("conversation sync refused".into()),
-        })?;
-    let mut entries = Vec::with_capacity(page.rows.len());
-    let mut live = Vec::new();
-    for (row, messages) in page.rows.into_iter().zip(page.messages) {
-        let reason = match row.state {
-            RowState::Live => {
-                live.push((row, messages));
-                continue;
-            }
-            RowState::Hidden => "hidden",
-            RowState::Deleted => "deleted",
-        };
-        entries.push(Entry {
-            key: row.channel.key.clone(),
-            item: Item::Removed(render::removed_json(&row, reason)),
-        });
-    }
-    let (kept, dropped) = apply_filters(app, user, device, live).await?;
-    // A full sync starts from nothing, so what the filter hid needs no mention.
-    if since > 0 {
-        entries.extend(dropped.iter().map(|r| Entry {
-            key: r.channel.key.clone(),
-            item: Item::Removed(render::removed_json(r, "filtered")),
-        }));
-    }
-    let views: Vec<Option<Vec<Box<RawValue>>>> = kept
-        .iter()
-        .map(|(_, messages)| {
-            (last_n > 0).then(|| {
-                messages
-                    .iter()
-                    .map(|m| render::message_raw(m, user))
-                    .collect()
+        let limit = q.limit.unwrap_or(c.default_limit).clamp(1, c.max_limit);
+        let last_n = q
+            .last_messages
+            .unwrap_or(c.default_last_messages)
+            .min(c.max_last_messages);
+        let page = self
+            .messages
+            .conversations(
+                user,
+                since,
+                cursor.as_ref().map(|c| c.h),
+                cursor.map(|c| c.k),
+                limit,
+                last_n,
+            )
+            .await?
+            .map_err(|e| match e {
+                SyncRefused::ResetRequired { current } => {
+                    MessagingError::ResetRequired { since, current }
+                }
+                _ => MessagingError::BadRequest("conversation sync refused".into()),
+            })?;
+        let mut entries = Vec::with_capacity(page.rows.len());
+        let mut live = Vec::new();
+        for (row, messages) in page.rows.into_iter().zip(page.messages) {
+            let reason = match row.state {
+                RowState::Live => {
+                    live.push((row, messages));
+                    continue;
+                }
+                RowState::Hidden => "hidden",
+                RowState::Deleted => "deleted",
+            };
+            entries.push(Entry {
+                key: row.channel.key.clone(),
+                item: Item::Removed(render::removed_json(&row, reason)),
+            });
+        }
+        let (kept, dropped) = self.apply_filters(user, device, live).await?;
+        // A full sync starts from nothing, so what the filter hid needs no mention.
+        if since > 0 {
+            entries.extend(dropped.iter().map(|r| Entry {
+                key: r.channel.key.clone(),
+                item: Item::Removed(render::removed_json(r, "filtered")),
+            }));
+        }
+        let views: Vec<Option<Vec<Box<RawValue>>>> = kept
+            .iter()
+            .map(|(_, messages)| {
+                (last_n > 0).then(|| {
+                    messages
+                        .iter()
+                        .map(|m| render::message_raw(m, user))
+                        .collect()
+                })
             })
-        })
-        .collect();
-    for (i, (row, _)) in kept.iter().enumerate() {
-        entries.push(Entry {
-            key: row.channel.key.clone(),
-            item: Item::Live(i, render::conversation_raw(row, views[i].as_deref())),
+            .collect();
+        for (i, (row, _)) in kept.iter().enumerate() {
+            entries.push(Entry {
+                key: row.channel.key.clone(),
+                item: Item::Live(i, render::conversation_raw(row, views[i].as_deref())),
+            });
+        }
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        // The entry opening the page is always taken: cut to fit when it is too large.
+        if let Some(Entry {
+            item: Item::Live(i, raw),
+            ..
+        }) = entries.first_mut()
+        {
+            if let Some(messages) = views[*i].as_deref().filter(|_| raw.get().len() > budget) {
+                *raw = conversation_fitting(&kept[*i].0, messages, budget);
+            }
+        }
+        let keep = render::fitting(entries.iter().map(Entry::size), budget);
+        let next_key = if keep < entries.len() {
+            entries.truncate(keep);
+            entries.last().map(|e| e.key.clone())
+        } else {
+            page.next_key
+        };
+        let next = next_key.map(|k| {
+            encode_cursor(&Cursor {
+                h: page.version,
+                s: since,
+                k,
+            })
         });
-    }
-    entries.sort_by(|a, b| a.key.cmp(&b.key));
-    // The entry opening the page is always taken: cut to fit when it is too large.
-    if let Some(Entry {
-        item: Item::Live(i, raw),
-        ..
-    }) = entries.first_mut()
-    {
-        if let Some(messages) = views[*i].as_deref().filter(|_| raw.get().len() > budget) {
-            *raw = conversation_fitting(&kept[*i].0, messages, budget);
+        let (mut conversations, mut removed) = (Vec::new(), Vec::new());
+        for e in entries {
+            match e.item {
+                Item::Live(_, raw) => conversations.push(raw),
+                Item::Removed(r) => removed.push(r),
+            }
         }
-    }
-    let keep = render::fitting(entries.iter().map(Entry::size), budget);
-    let next_key = if keep < entries.len() {
-        entries.truncate(keep);
-        entries.last().map(|e| e.key.clone())
-    } else {
-        page.next_key
-    };
-    let next = next_key.map(|k| {
-        encode_cursor(&Cursor {
-            h: page.version,
-            s: since,
-            k,
+        self.metrics
+            .conversation_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(ListPage {
+            version: page.version,
+            conversations,
+            removed,
+            more: next.is_some(),
+            cursor: next,
         })
-    });
-    let (mut conversations, mut removed) = (Vec::new(), Vec::new());
-    for e in entries {
-        match e.item {
-            Item::Live(_, raw) => conversations.push(raw),
-            Item::Removed(r) => removed.push(r),
-        }
     }
-    app.metrics
-        .conversation_sync_seconds
-        .observe(started.elapsed().as_secs_f64());
-    Ok(ListPage {
-        frame_type: None,
-        id: None,
-        version: page.version,
-        conversations,
-        removed,
-        more: next.is_some(),
-        cursor: next,
-    })
 }
 
 /// A live conversation's view with as many of its newest `messages` (raw
@@ -364,151 +337,147 @@ fn cut_chars(mut text: String, chars: usize) -> String {
 
 type Kept = Vec<(ConversationRow, Vec<StoredMessage>)>;
 
-/// Runs the filter chain in order. A failing plugin is skipped when its
-/// policy is fail-open; fail-closed refuses the whole answer.
-async fn apply_filters(
-    app: &App,
-    user: &str,
-    device: Option<&str>,
-    mut rows: Kept,
-) -> Result<(Kept, Vec<ConversationRow>), MessagingError> {
-    let mut dropped = Vec::new();
-    if rows.is_empty() {
-        return Ok((rows, dropped));
-    }
-    let chain = app.plugins.chain("conversation-filter");
-    if chain.is_empty() {
-        return Ok((rows, dropped));
-    }
-    let viewer = cf::Viewer {
-        user_id: user.to_string(),
-        device_id: device.map(str::to_string),
-    };
-    let preview_chars = app.config().messaging.preview_chars;
-    for name in chain {
+impl Messaging {
+    /// Runs the filter chain in order. A failing plugin is skipped when its
+    /// policy is fail-open; fail-closed refuses the whole answer.
+    async fn apply_filters(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        mut rows: Kept,
+    ) -> Result<(Kept, Vec<ConversationRow>), MessagingError> {
+        let mut dropped = Vec::new();
         if rows.is_empty() {
-            break;
+            return Ok((rows, dropped));
         }
-        let input: Vec<cf::Conversation> = rows.iter().map(|(r, _)| to_wit(r)).collect();
-        let answer = match app.plugins.filter(&name, &viewer, &input).await {
-            Ok(verdicts) => check_rewrites(&verdicts).map(|()| verdicts),
-            Err(failure) => Err(failure.to_string()),
+        let chain = self.plugins.chain("conversation-filter");
+        if chain.is_empty() {
+            return Ok((rows, dropped));
+        }
+        let viewer = cf::Viewer {
+            user_id: user.to_string(),
+            device_id: device.map(str::to_string),
         };
-        match answer {
-            Ok(verdicts) => {
-                let mut next = Vec::with_capacity(rows.len());
-                for ((mut row, messages), verdict) in rows.into_iter().zip(verdicts) {
-                    match verdict {
-                        cf::Verdict::Keep => next.push((row, messages)),
-                        cf::Verdict::Drop => dropped.push(row),
-                        cf::Verdict::Rewrite(c) => {
-                            apply_rewrite(&mut row, c, preview_chars);
-                            next.push((row, messages));
+        let preview_chars = self.config.load().messaging.preview_chars;
+        for name in chain {
+            if rows.is_empty() {
+                break;
+            }
+            let input: Vec<cf::Conversation> = rows.iter().map(|(r, _)| to_wit(r)).collect();
+            let answer = match self.plugins.filter(&name, &viewer, &input).await {
+                Ok(verdicts) => check_rewrites(&verdicts).map(|()| verdicts),
+                Err(failure) => Err(failure.to_string()),
+            };
+            match answer {
+                Ok(verdicts) => {
+                    let mut next = Vec::with_capacity(rows.len());
+                    for ((mut row, messages), verdict) in rows.into_iter().zip(verdicts) {
+                        match verdict {
+                            cf::Verdict::Keep => next.push((row, messages)),
+                            cf::Verdict::Drop => dropped.push(row),
+                            cf::Verdict::Rewrite(c) => {
+                                apply_rewrite(&mut row, c, preview_chars);
+                                next.push((row, messages));
+                            }
                         }
                     }
+                    rows = next;
                 }
-                rows = next;
-            }
-            Err(failure) => match app.plugins.on_error(&name, "conversation-filter") {
-                OnError::FailOpen => {
-                    tracing::warn!(plugin = %name, user_id = %user, error = %failure,
+                Err(failure) => match self.plugins.on_error(&name, "conversation-filter") {
+                    OnError::FailOpen => {
+                        tracing::warn!(plugin = %name, user_id = %user, error = %failure,
                         "conversation filter failed; fail-open: the list goes on unfiltered by it");
-                }
-                OnError::FailClosed => {
-                    tracing::warn!(plugin = %name, user_id = %user, error = %failure,
+                    }
+                    OnError::FailClosed => {
+                        tracing::warn!(plugin = %name, user_id = %user, error = %failure,
                         "conversation filter failed; fail-closed: the list is refused");
-                    return Err(MessagingError::FilterFailed {
-                        plugin: name,
-                        reason: failure,
-                    });
-                }
-            },
-        }
-    }
-    Ok((rows, dropped))
-}
-
-/// Applies a change to one of `user`'s conversations, tells the user's
-/// other connections, and answers the change (JSON as a `conversations`
-/// frame body).
-pub async fn change(
-    app: &App,
-    user: &str,
-    device: Option<&str>,
-    origin: Option<&str>,
-    kind: &str,
-    channel_id: &str,
-    change: RowChange,
-) -> Result<Value, MessagingError> {
-    let kind = channel_type(kind)?;
-    check_id("channel_id", channel_id)?;
-    let channel = Channel::addressed(user, kind, channel_id);
-    let Some(row) = app
-        .storage
-        .messages
-        .change_conversation(user, channel, change)
-        .await?
-    else {
-        return Err(MessagingError::UnknownConversation {
-            user: user.to_string(),
-            kind: kind.as_str(),
-            id: channel_id.to_string(),
-        });
-    };
-    let body = change_body(app, user, device, row.clone()).await?;
-    // Every other device learns the new state; a filter failure there only
-    // skips the push (those devices see it at their next sync).
-    let others: Vec<_> = app
-        .registry
-        .user_sessions(user)
-        .into_iter()
-        .filter(|s| Some(s.connection_id.as_str()) != origin)
-        .collect();
-    if !others.is_empty() {
-        if let Ok(mut push) = change_body(app, user, None, row).await {
-            if let Some(obj) = push.as_object_mut() {
-                obj.insert("type".into(), json!("conversations"));
-                obj.insert("event".into(), json!("changed"));
-            }
-            let frame = Message::text(push.to_string());
-            for s in others {
-                let _ = s.push(frame.clone());
+                        return Err(MessagingError::FilterFailed {
+                            plugin: name,
+                            reason: failure,
+                        });
+                    }
+                },
             }
         }
+        Ok((rows, dropped))
     }
-    Ok(body)
-}
 
-async fn change_body(
-    app: &App,
-    user: &str,
-    device: Option<&str>,
-    row: ConversationRow,
-) -> Result<Value, MessagingError> {
-    let version = row.version;
-    let (conversations, removed) = match row.state {
-        RowState::Live => {
-            let (kept, dropped) = apply_filters(app, user, device, vec![(row, Vec::new())]).await?;
-            (
-                kept.iter()
-                    .map(|(r, _)| render::conversation_json(r))
-                    .collect::<Vec<_>>(),
-                dropped
-                    .iter()
-                    .map(|r| render::removed_json(r, "filtered"))
-                    .collect::<Vec<_>>(),
-            )
+    /// Applies a change to one of `user`'s conversations, tells the user's
+    /// other connections, and answers the change (JSON as a `conversations`
+    /// frame body).
+    pub async fn change(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        origin: Option<&str>,
+        kind: &str,
+        channel_id: &str,
+        change: RowChange,
+    ) -> Result<Value, MessagingError> {
+        let kind = channel_type(kind)?;
+        check_id("channel_id", channel_id)?;
+        let channel = Channel::addressed(user, kind, channel_id);
+        let Some(row) = self
+            .messages
+            .change_conversation(user, channel, change)
+            .await?
+        else {
+            return Err(MessagingError::UnknownConversation {
+                user: user.to_string(),
+                kind: kind.as_str(),
+                id: channel_id.to_string(),
+            });
+        };
+        let body = self.change_body(user, device, row.clone()).await?;
+        // Every other device learns the new state; a filter failure there only
+        // skips the push (those devices see it at their next sync).
+        let others = self
+            .delivery
+            .online(Some(user))
+            .iter()
+            .any(|c| Some(c.connection_id.as_str()) != origin);
+        if others {
+            if let Ok(push) = self.change_body(user, None, row).await {
+                let push = Push::ConversationChanged(push);
+                self.delivery.to_user(user, &push, Lane::Normal, origin);
+            }
         }
-        RowState::Hidden => (vec![], vec![render::removed_json(&row, "hidden")]),
-        RowState::Deleted => (vec![], vec![render::removed_json(&row, "deleted")]),
-    };
-    Ok(json!({
-        "version": version,
-        "conversations": conversations,
-        "removed": removed,
-        "more": false,
-        "cursor": null,
-    }))
+        Ok(body)
+    }
+
+    async fn change_body(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        row: ConversationRow,
+    ) -> Result<Value, MessagingError> {
+        let version = row.version;
+        let (conversations, removed) = match row.state {
+            RowState::Live => {
+                let (kept, dropped) = self
+                    .apply_filters(user, device, vec![(row, Vec::new())])
+                    .await?;
+                (
+                    kept.iter()
+                        .map(|(r, _)| render::conversation_json(r))
+                        .collect::<Vec<_>>(),
+                    dropped
+                        .iter()
+                        .map(|r| render::removed_json(r, "filtered"))
+                        .collect::<Vec<_>>(),
+                )
+            }
+            RowState::Hidden => (vec![], vec![render::removed_json(&row, "hidden")]),
+            RowState::Deleted => (vec![], vec![render::removed_json(&row, "deleted")]),
+        };
+        Ok(json!({
+            "version": version,
+            "conversations": conversations,
+            "removed": removed,
+            "more": false,
+            "cursor": null,
+        }))
+    }
 }
 
 #[cfg(test)]

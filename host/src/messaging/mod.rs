@@ -3,38 +3,54 @@
 //!
 //! A send goes one way: validate → one storage transaction (sequence,
 //! version, message, members' conversation rows, `message.created` event) →
-//! fan-out queued on the writer in commit order → answer (`sendack`). Fan-out
-//! never touches storage again, and nothing is answered before the commit.
+//! on the writer, in commit order, the message is handed to the delivery
+//! seam's ordered fan-out → answer (`sendack`). Fan-out never touches
+//! storage again, and nothing is answered before the commit.
 //!
 //! Conversation lists go: storage page by version and cursor → the
-//! `conversation-filter` chain with the viewer → JSON (see [`conversations`]).
+//! `conversation-filter` chain with the viewer → a page value (see
+//! [`conversations`]); a change is pushed to the user's other connections
+//! through [`Delivery`].
 //!
-//! This module is not the frame parser ([`crate::gateway::protocol`]) nor
-//! the HTTP routes ([`crate::http`]); both call into it.
+//! Everything goes through the [`Messaging`] service, which holds only what
+//! these flows use. This module is not the frame parser or renderer
+//! ([`crate::gateway::protocol`]) nor the HTTP routes ([`crate::http`]);
+//! both call into it, and it calls neither: its answers are values (pages,
+//! acks) and its refusals [`MessagingError`]s, which the edges render.
 
 pub mod conversations;
-pub mod fanout;
 pub mod render;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::gateway::protocol;
-use crate::http::ApiError;
+use crate::config;
+use crate::delivery::Delivery;
 use crate::json::{self, TooDeep, MAX_DEPTH};
-use crate::server::App;
+use crate::metrics::Metrics;
+use crate::outbox::Wakeup;
+use crate::plugins::PluginRegistry;
 use crate::storage::messages::{
     Channel, ChannelType, MessagePage, MessageRange, NewMessage, SendRejected, StoredMessage,
     SyncRefused,
 };
-use crate::storage::{NewEvent, StorageError};
+use crate::storage::{MessageStore, StorageError};
 
-pub use fanout::{Delivery, Fanout};
+/// What the messaging flows use: the config in force, the message store,
+/// the delivery seam, the conversation-filter chain, metrics, and the
+/// webhook workers' wake-up. Shared as `Arc<Messaging>`.
+pub struct Messaging {
+    config: config::Handle,
+    messages: Arc<dyn MessageStore>,
+    delivery: Arc<dyn Delivery>,
+    plugins: Arc<PluginRegistry>,
+    metrics: Arc<Metrics>,
+    wakeup: Wakeup,
+}
 
 /// Why a messaging request was refused. Each has a stable code, used both
 /// in `error` frames and in API errors.
@@ -69,8 +85,10 @@ pub enum MessagingError {
 }
 
 impl MessagingError {
+    /// The stable code of `error` frames and API errors.
     pub fn code(&self) -> &'static str {
         match self {
+            MessagingError::Storage(e) if e.is_unavailable() => crate::unavailable::CODE,
             MessagingError::BadRequest(_) => "bad_request",
             MessagingError::PayloadTooLarge { .. } => "payload_too_large",
             MessagingError::TooDeep(_) => "too_deep",
@@ -83,26 +101,13 @@ impl MessagingError {
         }
     }
 
-    fn status(&self) -> StatusCode {
-        match self {
-            MessagingError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            MessagingError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            MessagingError::TooDeep(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            MessagingError::UnknownGroup(_) | MessagingError::UnknownConversation { .. } => {
-                StatusCode::NOT_FOUND
-            }
-            MessagingError::NotMember { .. } => StatusCode::FORBIDDEN,
-            MessagingError::ResetRequired { .. } => StatusCode::GONE,
-            MessagingError::FilterFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            MessagingError::Unreadable { .. } | MessagingError::Storage(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        }
-    }
-
     /// The text shown to a client: internals stay in the log.
     pub fn public_message(&self) -> String {
         match self {
+            MessagingError::Storage(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "storage is unavailable; a messaging request was refused");
+                crate::unavailable::MESSAGE.into()
+            }
             MessagingError::Storage(e) => {
                 tracing::error!(error = %e, "storage failed while handling a messaging request");
                 "internal error; see the gateway log".into()
@@ -113,13 +118,6 @@ impl MessagingError {
             }
             other => other.to_string(),
         }
-    }
-}
-
-impl From<MessagingError> for ApiError {
-    fn from(e: MessagingError) -> ApiError {
-        let message = e.public_message();
-        ApiError::new(e.status(), e.code(), message)
     }
 }
 
@@ -213,113 +211,108 @@ pub fn preview_of(payload: &str, chars: usize) -> String {
     }
 }
 
-/// Validates, commits and fans out one message.
-pub async fn send(app: &App, req: SendRequest<'_>) -> Result<SendAck, MessagingError> {
-    let cfg = app.config();
-    let m = &cfg.messaging;
-    let kind = channel_type(req.channel_type)?;
-    check_id("channel_id", req.channel_id)?;
-    if let Some(cid) = req.client_msg_id {
-        if cid.is_empty() || cid.len() > 128 {
-            return Err(MessagingError::BadRequest(
-                "`client_msg_id` must be 1 to 128 bytes".into(),
-            ));
+impl Messaging {
+    pub fn new(
+        config: config::Handle,
+        messages: Arc<dyn MessageStore>,
+        delivery: Arc<dyn Delivery>,
+        plugins: Arc<PluginRegistry>,
+        metrics: Arc<Metrics>,
+        wakeup: Wakeup,
+    ) -> Messaging {
+        Messaging {
+            config,
+            messages,
+            delivery,
+            plugins,
+            metrics,
+            wakeup,
         }
     }
-    let payload = req.payload.get();
-    if payload.len() > m.max_payload_size {
-        return Err(MessagingError::PayloadTooLarge {
-            size: payload.len(),
-            limit: m.max_payload_size,
-        });
-    }
-    // The one nesting check of every path that sends (frames, the API):
-    // whatever is accepted must read back inside every envelope.
-    json::check_depth(payload, MAX_DEPTH)?;
-    // The `message.created` event holds the payload as a value; it is read
-    // here, before anything is written, so a payload that would not read
-    // back is refused instead of becoming `null` in the event.
-    let payload_value: Value = serde_json::from_str(payload)
-        .map_err(|e| MessagingError::BadRequest(format!("`payload` does not read back: {e}")))?;
-    if kind == ChannelType::Person && req.channel_id == m.system_user && !req.system {
-        return Err(MessagingError::BadRequest(format!(
-            "`{}` is the system user (messaging.system_user); it cannot be messaged",
-            m.system_user
-        )));
-    }
-    let channel = Channel::addressed(&req.sender, kind, req.channel_id);
-    let new = NewMessage {
-        id: crate::new_id("msg"),
-        channel: channel.clone(),
-        sender: req.sender.clone(),
-        system: req.system,
-        client_msg_id: req.client_msg_id.map(str::to_string),
-        payload: req.payload.to_owned(),
-        preview: preview_of(payload, m.preview_chars),
-        created_at: crate::now_ms(),
-        max_members: m.max_group_members,
-    };
-    let recipient = req.channel_id.to_string();
-    let event = Box::new(move |msg: &StoredMessage| NewEvent {
-        id: crate::new_id("evt"),
-        event_type: "message.created".into(),
-        order_key: msg.channel.key.clone(),
-        created_at: msg.created_at,
-        data: message_event_data(msg, &recipient, payload_value),
-    });
-    let queue = app.fanout.queue_for(&channel.key);
-    let origin = req.origin.clone();
-    let on_append = Box::new(move |a: &crate::storage::messages::Appended| {
-        let _ = queue.send(Delivery {
-            appended: a.clone(),
-            origin,
-        });
-    });
-    let started = Instant::now();
-    let result = app
-        .storage
-        .messages
-        .append_message(new, event, on_append)
-        .await?;
-    app.metrics
-        .message_commit_seconds
-        .observe(started.elapsed().as_secs_f64());
-    match result {
-        Ok(a) => {
-            if !a.duplicate {
-                app.outbox.wake();
-            }
-            Ok(SendAck {
-                channel_id: a.message.channel.id_for(&req.sender),
-                duplicate: a.duplicate,
-                message: a.message,
-            })
-        }
-        Err(SendRejected::UnknownGroup) => {
-            Err(MessagingError::UnknownGroup(req.channel_id.to_string()))
-        }
-        Err(SendRejected::NotMember) => Err(MessagingError::NotMember {
-            user: req.sender,
-            group: req.channel_id.to_string(),
-        }),
-    }
-}
 
-/// The `data` of a `message.created` event; `payload` is the message's
-/// payload read as a value.
-fn message_event_data(m: &StoredMessage, channel_id: &str, payload: Value) -> Value {
-    json!({
-        "message_id": m.id,
-        "channel_type": m.channel.kind,
-        "channel_id": channel_id,
-        "sender": m.sender,
-        "system": m.system,
-        "seq": m.seq,
-        "version": m.version,
-        "client_msg_id": m.client_msg_id,
-        "payload": payload,
-        "created_at": crate::rfc3339_ms(m.created_at),
-    })
+    /// Validates, commits and fans out one message.
+    pub async fn send(&self, req: SendRequest<'_>) -> Result<SendAck, MessagingError> {
+        let cfg = self.config.load();
+        let m = &cfg.messaging;
+        let kind = channel_type(req.channel_type)?;
+        check_id("channel_id", req.channel_id)?;
+        if let Some(cid) = req.client_msg_id {
+            if cid.is_empty() || cid.len() > 128 {
+                return Err(MessagingError::BadRequest(
+                    "`client_msg_id` must be 1 to 128 bytes".into(),
+                ));
+            }
+        }
+        let payload = req.payload.get();
+        if payload.len() > m.max_payload_size {
+            return Err(MessagingError::PayloadTooLarge {
+                size: payload.len(),
+                limit: m.max_payload_size,
+            });
+        }
+        // The one nesting check of every path that sends (frames, the API):
+        // whatever is accepted must read back inside every envelope.
+        json::check_depth(payload, MAX_DEPTH)?;
+        // The `message.created` event holds the payload as a value; it is read
+        // here, before anything is written, so a payload that would not read
+        // back is refused instead of becoming `null` in the event.
+        let payload_value: Value = serde_json::from_str(payload).map_err(|e| {
+            MessagingError::BadRequest(format!("`payload` does not read back: {e}"))
+        })?;
+        if kind == ChannelType::Person && req.channel_id == m.system_user && !req.system {
+            return Err(MessagingError::BadRequest(format!(
+                "`{}` is the system user (messaging.system_user); it cannot be messaged",
+                m.system_user
+            )));
+        }
+        let channel = Channel::addressed(&req.sender, kind, req.channel_id);
+        let new = NewMessage {
+            id: crate::new_id("msg"),
+            channel,
+            sender: req.sender.clone(),
+            system: req.system,
+            client_msg_id: req.client_msg_id.map(str::to_string),
+            payload: req.payload.to_owned(),
+            preview: preview_of(payload, m.preview_chars),
+            created_at: crate::now_ms(),
+            max_members: m.max_group_members,
+        };
+        let recipient = req.channel_id.to_string();
+        let event = Box::new(move |msg: &StoredMessage| {
+            crate::events::message_created(msg, &recipient, payload_value)
+        });
+        // Runs on the writer right after the commit, in commit order: the
+        // seam keeps that order per channel.
+        let delivery = self.delivery.clone();
+        let origin = req.origin.clone();
+        let on_append = Box::new(move |a: &crate::storage::messages::Appended| {
+            delivery.fan_out(a.clone(), origin);
+        });
+        let started = Instant::now();
+        let result = self.messages.append_message(new, event, on_append).await?;
+        self.metrics
+            .message_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(a) => {
+                if !a.duplicate {
+                    self.wakeup.wake();
+                }
+                Ok(SendAck {
+                    channel_id: a.message.channel.id_for(&req.sender),
+                    duplicate: a.duplicate,
+                    message: a.message,
+                })
+            }
+            Err(SendRejected::UnknownGroup) => {
+                Err(MessagingError::UnknownGroup(req.channel_id.to_string()))
+            }
+            Err(SendRejected::NotMember) => Err(MessagingError::NotMember {
+                user: req.sender,
+                group: req.channel_id.to_string(),
+            }),
+        }
+    }
 }
 
 /// A message sync request: exactly one of the three positions.
@@ -338,14 +331,10 @@ pub struct SyncQuery {
 }
 
 /// One page of a message sync, cut to a byte budget. It is written as the
-/// `messages` frame ([`SyncPage::frame`]) or as the server API's answer
+/// `messages` frame (by `gateway::protocol`) or as the server API's answer
 /// ([`SyncPage::json`]).
 #[derive(Debug, Serialize)]
 pub struct SyncPage {
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    frame_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     channel_type: Option<ChannelType>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -362,13 +351,6 @@ pub struct SyncPage {
 }
 
 impl SyncPage {
-    /// The `messages` frame answering frame `id`.
-    pub fn frame(mut self, id: Option<&Value>) -> String {
-        self.frame_type = Some("messages");
-        self.id = id.cloned();
-        render::text_of(&self)
-    }
-
     /// The answer of `GET /v1/users/{uid}/messages`. The API answers a JSON
     /// value, so each payload is read again here; one that does not read
     /// (stored before the nesting limit existed) is an error, never `null`.
@@ -394,151 +376,144 @@ fn unreadable_id(items: &[Box<RawValue>]) -> String {
         .unwrap_or_default()
 }
 
-/// Answers a message sync for `user` as the server API's JSON (the
-/// `messages` frame without `type` and `id`), in pages of the same size a
-/// client connection gets.
-pub async fn sync(app: &App, user: &str, q: &SyncQuery) -> Result<Value, MessagingError> {
-    let budget = protocol::page_budget(protocol::frame_limit(&app.config()), None);
-    sync_page(app, user, q, budget).await?.json()
-}
-
-/// Answers a message sync for `user`: at most `limit` messages and, beside
-/// that, at most `budget` bytes of message views (at least one message, so a
-/// page always moves on). A page cut short says `more` with the cursor to
-/// go on from.
-pub async fn sync_page(
-    app: &App,
-    user: &str,
-    q: &SyncQuery,
-    budget: usize,
-) -> Result<SyncPage, MessagingError> {
-    let cfg = app.config();
-    let limit = q
-        .limit
-        .unwrap_or(cfg.messaging.sync_default_limit)
-        .clamp(1, cfg.messaging.sync_max_limit);
-    let positions = [
-        q.after_seq.is_some(),
-        q.before_seq.is_some(),
-        q.after_version.is_some(),
-    ]
-    .iter()
-    .filter(|x| **x)
-    .count();
-    if positions != 1 {
-        return Err(MessagingError::BadRequest(
-            "name exactly one of `after_seq`, `before_seq` (with a channel) or `after_version`"
-                .into(),
-        ));
-    }
-    let channel = match (&q.channel_type, &q.channel_id) {
-        (Some(t), Some(id)) => {
-            check_id("channel_id", id)?;
-            Some(Channel::addressed(user, channel_type(t)?, id))
-        }
-        (None, None) => None,
-        _ => {
-            return Err(MessagingError::BadRequest(
-                "`channel_type` and `channel_id` go together".into(),
-            ))
-        }
-    };
-    let range = match (&channel, q.after_seq, q.before_seq, q.after_version) {
-        (Some(c), Some(seq), _, _) => MessageRange::After {
-            channel: c.clone(),
-            seq,
-        },
-        (Some(c), _, Some(seq), _) => MessageRange::Before {
-            channel: c.clone(),
-            seq,
-        },
-        (None, _, _, Some(version)) => MessageRange::UserAfter { version },
-        (None, _, _, _) => {
-            return Err(MessagingError::BadRequest(
-                "`after_seq` and `before_seq` need `channel_type` and `channel_id`".into(),
-            ))
-        }
-        (Some(_), _, _, _) => {
-            return Err(MessagingError::BadRequest(
-                "`after_version` syncs every conversation: leave out the channel".into(),
-            ))
-        }
-    };
-    let page: MessagePage = app
-        .storage
-        .messages
-        .messages(user, range.clone(), limit)
-        .await?
-        .map_err(|e| refused(e, user, channel.as_ref(), q.after_version.unwrap_or(0)))?;
-    let mut stored = page.messages;
-    let mut items: Vec<Box<RawValue>> = stored
+impl Messaging {
+    /// Answers a message sync for `user`: at most `limit` messages and, beside
+    /// that, at most `budget` bytes of message views (at least one message, so a
+    /// page always moves on). A page cut short says `more` with the cursor to
+    /// go on from.
+    pub async fn sync_page(
+        &self,
+        user: &str,
+        q: &SyncQuery,
+        budget: usize,
+    ) -> Result<SyncPage, MessagingError> {
+        let cfg = self.config.load();
+        let limit = q
+            .limit
+            .unwrap_or(cfg.messaging.sync_default_limit)
+            .clamp(1, cfg.messaging.sync_max_limit);
+        let positions = [
+            q.after_seq.is_some(),
+            q.before_seq.is_some(),
+            q.after_version.is_some(),
+        ]
         .iter()
-        .map(|m| render::message_raw(m, user))
-        .collect();
-    // History pages keep the messages nearest the cursor: the newest, at the end.
-    let backwards = matches!(range, MessageRange::Before { .. });
-    let sizes = items.iter().map(|m| m.get().len());
-    let keep = if backwards {
-        render::fitting(sizes.rev(), budget)
-    } else {
-        render::fitting(sizes, budget)
-    };
-    let cut = keep < items.len();
-    if backwards {
-        let from = items.len() - keep;
-        items.drain(..from);
-        stored.drain(..from);
-    } else {
-        items.truncate(keep);
-        stored.truncate(keep);
-    }
-    let mut out = SyncPage {
-        frame_type: None,
-        id: None,
-        channel_type: channel.as_ref().map(|c| c.kind),
-        channel_id: channel.as_ref().map(|c| c.id_for(user)),
-        messages: items,
-        more: page.more || cut,
-        next_after_seq: None,
-        next_before_seq: None,
-        next_after_version: None,
-    };
-    // Where the next page starts, in the same direction.
-    match range {
-        MessageRange::After { seq, .. } => {
-            out.next_after_seq = Some(stored.last().map(|m| m.seq).unwrap_or(seq));
+        .filter(|x| **x)
+        .count();
+        if positions != 1 {
+            return Err(MessagingError::BadRequest(
+                "name exactly one of `after_seq`, `before_seq` (with a channel) or `after_version`"
+                    .into(),
+            ));
         }
-        MessageRange::Before { seq, .. } => {
-            out.next_before_seq = Some(stored.first().map(|m| m.seq).unwrap_or(seq));
-        }
-        MessageRange::UserAfter { version } => {
-            out.next_after_version = Some(stored.last().map(|m| m.version).unwrap_or(version));
-        }
-    }
-    Ok(out)
-}
-
-/// Starts the task that prunes old conversation tombstones.
-pub fn start_maintenance(app: &Arc<App>) {
-    let weak = Arc::downgrade(app);
-    tokio::spawn(async move {
-        loop {
-            let Some(app) = weak.upgrade() else { return };
-            let c = app.config().conversations.clone();
-            let horizon = crate::now_ms() - c.tombstone_retention.as_millis() as i64;
-            match app.storage.messages.prune_conversations(horizon).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    app.metrics.conversations_pruned.inc_by(n as u64);
-                    tracing::debug!(count = n, "pruned deleted-conversation tombstones");
-                }
-                Err(StorageError::Closed) => return,
-                Err(e) => tracing::warn!(error = %e, "pruning conversation tombstones failed"),
+        let channel = match (&q.channel_type, &q.channel_id) {
+            (Some(t), Some(id)) => {
+                check_id("channel_id", id)?;
+                Some(Channel::addressed(user, channel_type(t)?, id))
             }
-            drop(app);
-            tokio::time::sleep(c.prune_interval).await;
+            (None, None) => None,
+            _ => {
+                return Err(MessagingError::BadRequest(
+                    "`channel_type` and `channel_id` go together".into(),
+                ))
+            }
+        };
+        let range = match (&channel, q.after_seq, q.before_seq, q.after_version) {
+            (Some(c), Some(seq), _, _) => MessageRange::After {
+                channel: c.clone(),
+                seq,
+            },
+            (Some(c), _, Some(seq), _) => MessageRange::Before {
+                channel: c.clone(),
+                seq,
+            },
+            (None, _, _, Some(version)) => MessageRange::UserAfter { version },
+            (None, _, _, _) => {
+                return Err(MessagingError::BadRequest(
+                    "`after_seq` and `before_seq` need `channel_type` and `channel_id`".into(),
+                ))
+            }
+            (Some(_), _, _, _) => {
+                return Err(MessagingError::BadRequest(
+                    "`after_version` syncs every conversation: leave out the channel".into(),
+                ))
+            }
+        };
+        let page: MessagePage = self
+            .messages
+            .messages(user, range.clone(), limit)
+            .await?
+            .map_err(|e| refused(e, user, channel.as_ref(), q.after_version.unwrap_or(0)))?;
+        let mut stored = page.messages;
+        let mut items: Vec<Box<RawValue>> = stored
+            .iter()
+            .map(|m| render::message_raw(m, user))
+            .collect();
+        // History pages keep the messages nearest the cursor: the newest, at the end.
+        let backwards = matches!(range, MessageRange::Before { .. });
+        let sizes = items.iter().map(|m| m.get().len());
+        let keep = if backwards {
+            render::fitting(sizes.rev(), budget)
+        } else {
+            render::fitting(sizes, budget)
+        };
+        let cut = keep < items.len();
+        if backwards {
+            let from = items.len() - keep;
+            items.drain(..from);
+            stored.drain(..from);
+        } else {
+            items.truncate(keep);
+            stored.truncate(keep);
         }
-    });
+        let mut out = SyncPage {
+            channel_type: channel.as_ref().map(|c| c.kind),
+            channel_id: channel.as_ref().map(|c| c.id_for(user)),
+            messages: items,
+            more: page.more || cut,
+            next_after_seq: None,
+            next_before_seq: None,
+            next_after_version: None,
+        };
+        // Where the next page starts, in the same direction.
+        match range {
+            MessageRange::After { seq, .. } => {
+                out.next_after_seq = Some(stored.last().map(|m| m.seq).unwrap_or(seq));
+            }
+            MessageRange::Before { seq, .. } => {
+                out.next_before_seq = Some(stored.first().map(|m| m.seq).unwrap_or(seq));
+            }
+            MessageRange::UserAfter { version } => {
+                out.next_after_version = Some(stored.last().map(|m| m.version).unwrap_or(version));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts the task that prunes old conversation tombstones, every
+    /// `conversations.prune_interval` while the service exists. A failed pass
+    /// (storage unavailable, say) is logged and tried again at the next one.
+    pub fn start_maintenance(self: &Arc<Self>) {
+        let weak: Weak<Messaging> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(this) = weak.upgrade() else { return };
+                let c = this.config.load().conversations.clone();
+                let horizon = crate::now_ms() - c.tombstone_retention.as_millis() as i64;
+                match this.messages.prune_conversations(horizon).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        this.metrics.conversations_pruned.inc_by(n as u64);
+                        tracing::debug!(count = n, "pruned deleted-conversation tombstones");
+                    }
+                    Err(StorageError::Closed) => return,
+                    Err(e) => tracing::warn!(error = %e, "pruning conversation tombstones failed"),
+                }
+                drop(this);
+                tokio::time::sleep(c.prune_interval).await;
+            }
+        });
+    }
 }
 
 #[cfg(test)]

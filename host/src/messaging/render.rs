@@ -62,11 +62,6 @@ pub fn raw_of<T: Serialize>(view: &T) -> Box<RawValue> {
     RawValue::from_string(text_of(view)).expect("serde_json writes JSON")
 }
 
-/// The `message` frame pushed to `viewer`'s connections.
-pub fn message_frame(m: &StoredMessage, viewer: &str) -> String {
-    text_of(&message_view(m, viewer, Some("message")))
-}
-
 /// One message of a page for `viewer`, as raw JSON.
 pub fn message_raw(m: &StoredMessage, viewer: &str) -> Box<RawValue> {
     raw_of(&message_view(m, viewer, None))

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{OutboxConfig, WebhookConfig};
 use crate::metrics::{EndpointLabel, Metrics};
-use crate::storage::{OutboxStore, StorageError};
+use crate::storage::{EndpointState, OutboxStore, StorageError};
 
 /// Wakes the delivery workers when new events were committed. Waking is
 /// level-triggered (a counter in a watch channel), so a wake-up that comes
@@ -288,8 +288,10 @@ impl Outbox {
             .map(|w| (w.disabled.clone(), w.config.load().enabled))
     }
 
-    /// State and counts of every configured endpoint; also refreshes the gauges.
-    pub async fn views(&self) -> Vec<EndpointView> {
+    /// State and counts of every configured endpoint; also refreshes the
+    /// gauges. Storage that is unavailable is an error (the counts are
+    /// unknown); any other failure to read an endpoint shows it empty.
+    pub async fn views(&self) -> Result<Vec<EndpointView>, StorageError> {
         let configs: Vec<(WebhookConfig, bool)> = {
             let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
             let mut v: Vec<_> = workers
@@ -307,14 +309,11 @@ impl Outbox {
         let mut out = Vec::new();
         let mut depth = 0;
         for (cfg, runtime_disabled) in configs {
-            let state = self
-                .shared
-                .storage
-                .endpoint_state(&cfg.name)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+            let state = match self.shared.storage.endpoint_state(&cfg.name).await {
+                Ok(state) => state.unwrap_or_default(),
+                Err(e) if e.is_unavailable() => return Err(e),
+                Err(_) => EndpointState::default(),
+            };
             let label = EndpointLabel {
                 endpoint: cfg.name.clone(),
             };
@@ -341,7 +340,7 @@ impl Outbox {
             });
         }
         self.shared.metrics.outbox_depth.set(depth);
-        out
+        Ok(out)
     }
 
     /// Waits until every enabled endpoint has nothing due or in flight, or

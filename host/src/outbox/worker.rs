@@ -6,6 +6,13 @@
 //! settle the outcome in storage, and sleep until the next wake-up, the next
 //! due retry, or a new event. Up to `outbox.max_in_flight` requests run at
 //! once, each for different users.
+//!
+//! While storage is unavailable the worker does not spin or stop: it waits
+//! with a growing backoff (up to the idle period), ignoring wake-ups, and
+//! picks up where the queue stands once storage answers again. Nothing is
+//! lost meanwhile: events are in storage or were never written, and a
+//! delivery whose outcome could not be settled is sent again after its
+//! lease lapses (at-least-once).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,10 +28,13 @@ use super::Shared;
 use crate::config::{OnError, OutboxConfig, WebhookConfig};
 use crate::metrics::{EndpointLabel, EndpointOutcomeLabel};
 use crate::plugins::bindings::exports::plugboard::plugin::webhook_formatter as wf;
-use crate::storage::{ClaimedEvent, EndpointState, Settlement};
+use crate::storage::{ClaimedEvent, EndpointState, Settlement, StorageError};
+use crate::unavailable::Backoff;
 
 /// Longest the worker sleeps without checking storage.
 const MAX_IDLE: Duration = Duration::from_secs(5);
+/// The first wait after storage was found unavailable; doubling up to `MAX_IDLE`.
+const OUTAGE_FIRST: Duration = Duration::from_millis(100);
 /// Outbox rows considered per fan-out step.
 const FANOUT_STEP: usize = 1000;
 
@@ -50,7 +60,10 @@ pub(crate) async fn run(
     let mut wake = shared.wakeup.subscribe();
     let mut inflight: JoinSet<()> = JoinSet::new();
     let mut linger_until: Option<tokio::time::Instant> = None;
+    let mut outage = Backoff::new(OUTAGE_FIRST, MAX_IDLE);
     loop {
+        // Set by a step that found storage unavailable.
+        let mut unavailable: Option<StorageError> = None;
         // Reap every finished request: `len` counts them until joined, and
         // the select below joins at most one per turn, so under a stream of
         // wake-ups finished requests would hold their slots.
@@ -70,6 +83,10 @@ pub(crate) async fn run(
             {
                 Ok(n) if n == FANOUT_STEP => continue,
                 Ok(_) => break,
+                Err(e) if e.is_unavailable() => {
+                    unavailable = Some(e);
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(endpoint = %name, error = %e, "webhook fan-out failed");
                     break;
@@ -83,7 +100,7 @@ pub(crate) async fn run(
             idle = linger_until
                 .unwrap()
                 .saturating_duration_since(tokio::time::Instant::now());
-        } else if cfg.enabled && !disabled.load(Ordering::Acquire) {
+        } else if unavailable.is_none() && cfg.enabled && !disabled.load(Ordering::Acquire) {
             linger_until = None;
             let per_request = cfg.batch_max.max(1);
             // One claim for every free request slot: while the storage
@@ -115,21 +132,46 @@ pub(crate) async fn run(
                             ));
                         }
                     }
+                    Err(e) if e.is_unavailable() => unavailable = Some(e),
                     Err(e) => {
                         tracing::error!(endpoint = %name, error = %e, "cannot claim deliveries");
                     }
                 }
             }
-            if let Ok(Some(next)) = shared.storage.deliveries_next_due(&name).await {
-                let wait = (next - crate::now_ms()).max(0) as u64;
-                idle = idle.min(Duration::from_millis(wait));
+            match shared.storage.deliveries_next_due(&name).await {
+                Ok(Some(next)) => {
+                    let wait = (next - crate::now_ms()).max(0) as u64;
+                    idle = idle.min(Duration::from_millis(wait));
+                }
+                Ok(None) => {}
+                Err(e) if e.is_unavailable() => unavailable = Some(e),
+                Err(_) => {}
             }
         }
+        // While storage is unavailable: wait longer each time, and let no
+        // wake-up cut the wait short.
+        let backing_off = match unavailable {
+            Some(e) => {
+                idle = outage.failed();
+                if outage.failures() == 1 {
+                    tracing::warn!(endpoint = %name, error = %e,
+                        "storage unavailable: webhook delivery waits for it and tries again");
+                }
+                true
+            }
+            None => {
+                if outage.failures() > 0 {
+                    tracing::info!(endpoint = %name, "storage answers again: webhook delivery resumes");
+                    outage.reset();
+                }
+                false
+            }
+        };
         // 3. Wait for something to do.
         tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
-            changed = wake.changed() => {
+            changed = wake.changed(), if !backing_off => {
                 if changed.is_err() {
                     break;
                 }

@@ -39,6 +39,12 @@ impl From<rusqlite::Error> for StorageError {
 /// `next_at` of a delivery row waiting behind an earlier one of its key.
 const NOT_HEAD: i64 = i64::MAX;
 
+/// The schema version this binary writes, recorded in `PRAGMA user_version`.
+/// The schema is created with `IF NOT EXISTS` statements and brought up to
+/// date by [`migrate`] (columns added since the first release); a database
+/// recording a higher version was written by a newer gateway and is refused.
+const SCHEMA_VERSION: i64 = 1;
+
 /// Most writes grouped into one transaction.
 const MAX_BATCH: usize = 1024;
 
@@ -145,10 +151,24 @@ impl SqliteStorage {
             message: e.to_string(),
         };
         let writer = open_connection(path).map_err(open_err)?;
+        let found: i64 = writer
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if found > SCHEMA_VERSION {
+            return Err(StorageError::Open {
+                target: path.display().to_string(),
+                message: format!(
+                    "the database schema is at version {found}, newer than this gateway knows ({SCHEMA_VERSION}); run a gateway of that version or newer"
+                ),
+            });
+        }
         writer.execute_batch(SCHEMA).map_err(open_err)?;
         writer.execute_batch(messages::SCHEMA).map_err(open_err)?;
         writer.execute_batch(controls::SCHEMA).map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
+        writer
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(open_err)?;
         // Leases held by a previous process are void: make those deliveries due now.
         writer
             .execute(

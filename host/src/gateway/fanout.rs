@@ -1,13 +1,17 @@
-//! Fan-out: queues a committed message to every live connection of its
-//! channel's members on this node. It never touches storage.
+//! Fan-out shards: queue committed messages to every live connection of
+//! their channel's members on this node, one channel's messages in order.
 //!
 //! Order: the storage writer hands each committed message to the shard of
 //! its channel right after the commit, on the writer thread, in commit
-//! order; each shard is one task working through its queue in order. So
-//! every recipient sees a channel's messages in sequence order, whoever
-//! sent them. A frame that cannot be queued (a slow or closing connection)
-//! is dropped and counted: the message is stored, and the client catches up
-//! with `sync` when it reconnects.
+//! order (through [`crate::delivery::Delivery::fan_out`]); each shard is
+//! one task working through its queue in order. So every recipient sees a
+//! channel's messages in sequence order, whoever sent them. A frame that
+//! cannot be queued (a slow or closing connection) is dropped and counted:
+//! the message is stored, and the client catches up with `sync`.
+//!
+//! It never touches storage. The shard queues are unbounded because the
+//! writer must not wait; what bounds them is the writer's own pace, and
+//! each shard hands frames on to bounded per-connection queues at once.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -16,21 +20,21 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::render;
-use crate::gateway::Registry;
+use super::protocol;
+use super::registry::Registry;
 use crate::metrics::Metrics;
 use crate::storage::messages::{Appended, ChannelType};
 
 /// One committed message to deliver.
-pub struct Delivery {
+pub struct Job {
     pub appended: Appended,
     /// The connection that sent it (it gets a `sendack`, not the message).
     pub origin: Option<String>,
 }
 
-/// The shards; cheap to clone a sender from.
+/// The shards.
 pub struct Fanout {
-    shards: Vec<mpsc::UnboundedSender<Delivery>>,
+    shards: Vec<mpsc::UnboundedSender<Job>>,
 }
 
 impl Fanout {
@@ -46,39 +50,38 @@ impl Fanout {
         Fanout { shards }
     }
 
-    /// The queue of a channel's shard (handed to the storage writer).
-    pub fn queue_for(&self, channel_key: &str) -> mpsc::UnboundedSender<Delivery> {
+    /// Queues a job on its channel's shard.
+    pub fn queue(&self, job: Job) {
         let mut h = DefaultHasher::new();
-        channel_key.hash(&mut h);
-        self.shards[(h.finish() as usize) % self.shards.len()].clone()
+        job.appended.message.channel.key.hash(&mut h);
+        let shard = &self.shards[(h.finish() as usize) % self.shards.len()];
+        // A send fails only once the shard task is gone (the runtime is
+        // shutting down): nobody is left to deliver to.
+        let _ = shard.send(job);
     }
 }
 
-async fn run(
-    mut rx: mpsc::UnboundedReceiver<Delivery>,
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
-) {
+async fn run(mut rx: mpsc::UnboundedReceiver<Job>, registry: Arc<Registry>, metrics: Arc<Metrics>) {
     let mut delivered = 0u64;
-    while let Some(d) = rx.recv().await {
-        let m = &d.appended.message;
+    while let Some(job) = rx.recv().await {
+        let m = &job.appended.message;
         // A group frame reads the same for every member; a person frame
         // names the other user, so it differs per side.
         let shared = match m.channel.kind {
-            ChannelType::Group => Some(Message::text(render::message_frame(m, ""))),
+            ChannelType::Group => Some(Message::text(protocol::message_frame(m, ""))),
             ChannelType::Person => None,
         };
-        for user in d.appended.members.iter() {
+        for user in job.appended.members.iter() {
             let sessions = registry.user_sessions(user);
             if sessions.is_empty() {
                 continue;
             }
             let frame = match &shared {
                 Some(f) => f.clone(),
-                None => Message::text(render::message_frame(m, user)),
+                None => Message::text(protocol::message_frame(m, user)),
             };
             for s in sessions {
-                if d.origin.as_deref() == Some(s.connection_id.as_str()) {
+                if job.origin.as_deref() == Some(s.connection_id.as_str()) {
                     continue;
                 }
                 match s.push(frame.clone()) {

@@ -1,0 +1,132 @@
+//! The single-node [`Delivery`]: this node's registry of live sessions and
+//! its ordered fan-out shards.
+//!
+//! A push is rendered here, once per user it goes to (person channels name
+//! the other user), by [`super::protocol::push_frame`], and queued on each
+//! connection's bounded queue of the push's lane; the session task writes
+//! it. A full queue closes that connection as a slow consumer (4004) and the
+//! push does not count as taken. Committed messages go through the fan-out
+//! shards ([`super::fanout`]), which keep each channel in commit order.
+
+use std::sync::Arc;
+
+use tokio_tungstenite::tungstenite::Message;
+
+use super::fanout::{Fanout, Job};
+use super::protocol;
+use super::registry::{LiveSession, Registry};
+use crate::delivery::{CloseReason, Connection, Delivery, Lane, Push};
+use crate::metrics::Metrics;
+use crate::storage::messages::Appended;
+
+/// Fan-out tasks; channels are spread over them by hash.
+const FANOUT_SHARDS: usize = 4;
+
+/// This node's sessions, as the rest of the gateway reaches them.
+pub struct LocalDelivery {
+    registry: Arc<Registry>,
+    fanout: Fanout,
+}
+
+impl LocalDelivery {
+    /// Starts the fan-out shards on the current runtime.
+    pub fn start(registry: Arc<Registry>, metrics: Arc<Metrics>) -> LocalDelivery {
+        let fanout = Fanout::start(registry.clone(), metrics, FANOUT_SHARDS);
+        LocalDelivery { registry, fanout }
+    }
+}
+
+/// Queues `frame` on `session`'s queue of `lane`; true when it was taken.
+fn queue(session: &LiveSession, frame: Message, lane: Lane) -> bool {
+    match lane {
+        Lane::Normal => session.push(frame).is_ok(),
+        Lane::Urgent => session.push_urgent(frame).is_ok(),
+    }
+}
+
+impl Delivery for LocalDelivery {
+    fn fan_out(&self, appended: Appended, origin: Option<String>) {
+        self.fanout.queue(Job { appended, origin });
+    }
+
+    fn to_user(&self, user: &str, push: &Push, lane: Lane, except: Option<&str>) -> usize {
+        let sessions: Vec<_> = self
+            .registry
+            .user_sessions(user)
+            .into_iter()
+            .filter(|s| Some(s.connection_id.as_str()) != except)
+            .collect();
+        if sessions.is_empty() {
+            return 0;
+        }
+        let frame = Message::text(protocol::push_frame(push, user));
+        sessions
+            .iter()
+            .filter(|s| queue(s, frame.clone(), lane))
+            .count()
+    }
+
+    fn to_connection(&self, user: &str, connection_id: &str, push: &Push, lane: Lane) -> bool {
+        let Some(session) = self
+            .registry
+            .user_sessions(user)
+            .into_iter()
+            .find(|s| s.connection_id == connection_id)
+        else {
+            return false;
+        };
+        queue(
+            &session,
+            Message::text(protocol::push_frame(push, user)),
+            lane,
+        )
+    }
+
+    fn kick_user(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        reason: CloseReason,
+        message: &str,
+    ) -> Vec<String> {
+        self.registry
+            .user_sessions(user)
+            .into_iter()
+            .filter(|s| device.is_none_or(|d| d == s.device_id))
+            .filter(|s| s.request_close(reason, message))
+            .map(|s| s.connection_id.clone())
+            .collect()
+    }
+
+    fn kick_connection(
+        &self,
+        user: &str,
+        connection_id: &str,
+        reason: CloseReason,
+        message: &str,
+    ) -> bool {
+        self.registry
+            .user_sessions(user)
+            .iter()
+            .find(|s| s.connection_id == connection_id)
+            .is_some_and(|s| s.request_close(reason, message))
+    }
+
+    fn close_all(&self, reason: CloseReason, message: &str) -> usize {
+        let sessions = self
+            .registry
+            .all()
+            .iter()
+            .filter(|s| s.request_close(reason, message))
+            .count();
+        sessions + self.registry.close_pending(reason, message)
+    }
+
+    fn online(&self, user: Option<&str>) -> Vec<Connection> {
+        let sessions = match user {
+            Some(u) => self.registry.user_sessions(u),
+            None => self.registry.all(),
+        };
+        sessions.iter().map(|s| s.view()).collect()
+    }
+}

@@ -690,6 +690,10 @@ pub(crate) struct PgStats {
     pub(crate) wal_syncs: f64,
     pub(crate) commits: f64,
     pub(crate) rollbacks: f64,
+    /// Rows inserted, updated and deleted in the database.
+    pub(crate) inserted: f64,
+    pub(crate) updated: f64,
+    pub(crate) deleted: f64,
 }
 
 impl PgStats {
@@ -701,10 +705,13 @@ impl PgStats {
         let bytes = later.wal_bytes - self.wal_bytes;
         let per_s = |x: f64| thousands(x / secs.max(1e-9));
         format!(
-            "PostgreSQL (pg_stat_*, published about once a second): {} commits ({}/s), {} rollbacks; WAL {} records, {:.1} MiB ({:.1} MiB/s), {} writes, {} fsyncs ({}/s, {:.2} per commit)",
+            "PostgreSQL (pg_stat_*, published about once a second): {} commits ({}/s), {} rollbacks; rows {} inserted, {} updated, {} deleted; WAL {} records, {:.1} MiB ({:.1} MiB/s), {} writes, {} fsyncs ({}/s, {:.2} per commit)",
             thousands(commits),
             per_s(commits),
             thousands(later.rollbacks - self.rollbacks),
+            thousands(later.inserted - self.inserted),
+            thousands(later.updated - self.updated),
+            thousands(later.deleted - self.deleted),
             thousands(later.wal_records - self.wal_records),
             bytes / 1048576.0,
             bytes / 1048576.0 / secs.max(1e-9),
@@ -912,7 +919,8 @@ impl Storage {
         let row = self
             .psql(
                 gw,
-                "SELECT w.wal_records, w.wal_bytes, w.wal_write, w.wal_sync, d.xact_commit, d.xact_rollback \
+                "SELECT w.wal_records, w.wal_bytes, w.wal_write, w.wal_sync, d.xact_commit, d.xact_rollback, \
+                 d.tup_inserted, d.tup_updated, d.tup_deleted \
                  FROM pg_stat_wal w, pg_stat_database d WHERE d.datname = current_database()",
             )
             .await?;
@@ -922,13 +930,16 @@ impl Storage {
             .map(|x| x.trim().parse::<f64>())
             .collect::<Result<_, _>>()
             .ok()?;
-        (v.len() == 6).then(|| PgStats {
+        (v.len() == 9).then(|| PgStats {
             wal_records: v[0],
             wal_bytes: v[1],
             wal_writes: v[2],
             wal_syncs: v[3],
             commits: v[4],
             rollbacks: v[5],
+            inserted: v[6],
+            updated: v[7],
+            deleted: v[8],
         })
     }
 }

@@ -13,6 +13,9 @@
 use plugboard::config::{StorageBackend, StorageConfig};
 use plugboard::storage::Backend;
 
+mod controls;
+mod kv;
+mod outbox;
 mod sessions;
 
 /// The engines a test runs on.

@@ -89,6 +89,20 @@ pub async fn run(gw: Arc<Gateway>, mut ws: WsStream, adm: Admitted) {
         .await
     {
         gw.registry.remove(&live);
+        if matches!(e, StorageError::Commit(_)) {
+            // The commit's answer was lost: the open may have been recorded.
+            // A queued close writes `connection.closed` if it was, and
+            // nothing if it was not, so the lifecycle stays exactly-once.
+            gw.lifecycle.queue_close(
+                &live.connection_id,
+                CloseInfo {
+                    reason: CloseReason::ServerError,
+                    code: CloseReason::ServerError.code(),
+                    message: "the open could not be confirmed by storage".to_string(),
+                },
+                crate::now_ms(),
+            );
+        }
         return refuse_unrecorded(&gw, &mut ws, &live, e).await;
     }
     live.mark_opened();

@@ -370,8 +370,9 @@ impl Outbox {
         }
     }
 
-    /// Stops every worker. In-flight requests are abandoned; their leases
-    /// lapse and they are sent again after the next start.
+    /// Stops every worker. In-flight requests are abandoned; they are sent
+    /// again once their leases end (SQLite also voids leases when it next
+    /// opens; PostgreSQL, shared with live processes, does not).
     pub async fn stop(&self) {
         self.maintenance.cancel();
         let handles: Vec<WorkerHandle> = {

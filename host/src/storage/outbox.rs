@@ -14,9 +14,16 @@
 //!   commit).
 //! - **Only the oldest pending delivery per (endpoint, order key) is due.**
 //!   A claim never returns a delivery while an older one of its key is
-//!   pending, failed or in flight, so per-user order holds across retries,
-//!   batches and concurrent workers; two concurrent claims never return the
-//!   same delivery.
+//!   pending or in flight, so per-user order holds across retries, batches
+//!   and concurrent workers; two concurrent claims never return the same
+//!   delivery. A delivery settled as failed is set aside (the next of its
+//!   key becomes due); put back by `endpoint_retry_failed`, it is pending
+//!   again and due once the key's current head is settled.
+//! - **A lease ends at its time**: a claimed delivery still pending at
+//!   `lease_until` is due again, so a worker that died holds nothing for
+//!   long. Whether leases are also voided when the storage opens is the
+//!   engine's: SQLite does (one process owns the file), PostgreSQL does
+//!   not (another live process may hold them).
 
 use std::sync::Arc;
 

@@ -20,11 +20,32 @@
 //!   (or path) runs it second;
 //! - delivery claims are writes (they take a lease), so two workers never
 //!   claim one delivery, and the head-of-key rule holds;
+//! - an endpoint's fan-out reads and moves its cursor in one write, so two
+//!   processes fanning out one endpoint never copy an event twice (the
+//!   deliveries primary key, with `ON CONFLICT DO NOTHING`, backs it up);
 //! - idempotency keys and client message ids are checked and inserted under
-//!   the lock (unique indexes back them up).
+//!   the lock (unique indexes back them up);
+//! - a control target's state moves with `UPDATE … WHERE state IN (…)
+//!   RETURNING`, so each move, and its event, happens once.
+//!
+//! Exactly-once close (`DELETE … RETURNING`), idempotency keys and control
+//! moves would hold on row locks and unique indexes alone; sequences, the
+//! outbox order, cursors and fan-out, claims and presence need the lock.
 //!
 //! The lock is held for one batch: a process's writes are batched, so the
 //! cost of serialising is one commit per batch per process.
+//!
+//! **Leases are not voided at start.** The SQLite engine, the only process
+//! on its file, makes every leased delivery due when it opens. Here another
+//! live process may hold those leases, so none is voided: a lease ends at
+//! its `lease_until` (the worker's lease is the request timeout plus 5 s),
+//! and then any process's claim takes the delivery, still the head of its
+//! key. What a process that died had in flight is sent again at most one
+//! lease later instead of at once. Leases and retry times are in the
+//! callers' clocks: processes sharing a database need clocks that agree to
+//! well within that 5 s margin (NTP), or a process whose clock runs ahead
+//! takes over leases early and sends an event a second time (webhook
+//! receivers already deduplicate by event id: delivery is at-least-once).
 //!
 //! **Reads** run on pooled connections beside the writer, each read
 //! operation in one `REPEATABLE READ` read-only transaction when it takes
@@ -137,16 +158,33 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     }
     match e.code() {
         // Class 08: connection exceptions; 57P0x: the server is shutting
-        // down, crashed or starting; 53300: too many connections.
+        // down, crashed or starting; 53300: too many connections; 57014 /
+        // 55P03: `statement_timeout` / `lock_timeout` passed (the server or
+        // the write lock is overloaded); 25006: a read-only server (a
+        // standby, during a failover). Each may pass by itself.
         Some(code) => {
             code.code().starts_with("08")
                 || *code == SqlState::ADMIN_SHUTDOWN
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
                 || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::QUERY_CANCELED
+                || *code == SqlState::LOCK_NOT_AVAILABLE
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION
         }
-        // No server answer at all: an I/O error on the socket.
-        None => e.as_db_error().is_none(),
+        // No server code: unavailable only when the cause is the socket
+        // (connecting, reading, writing); a client-side error (a missing
+        // row, a type that does not convert) is the operation's own.
+        None => {
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                if cause.is::<std::io::Error>() {
+                    return true;
+                }
+                source = cause.source();
+            }
+            false
+        }
     }
 }
 
@@ -211,6 +249,8 @@ impl PostgresStorage {
                 .await
                 .map_err(|e| open_err(e.to_string()))?;
         }
+        // Unlike SQLite's open, no delivery lease is voided here: another
+        // live process may hold it. Leases end at their time (module doc).
         let (urgent, urgent_rx) = mpsc::unbounded_channel();
         let (normal, normal_rx) = mpsc::unbounded_channel();
         tokio::spawn(writer_loop(pool.clone(), urgent_rx, normal_rx, metrics));
@@ -451,8 +491,9 @@ pub(crate) async fn insert_events(
     let stmt = t
         .prepare_cached(
             "INSERT INTO outbox (id, type, order_key, created_at, data)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])
-             WITH ORDINALITY AS e(id, type, order_key, created_at, data, n) ORDER BY n",
+             SELECT e.id, e.type, e.order_key, e.created_at, e.data
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])
+             WITH ORDINALITY AS e(id, type, order_key, created_at, data, n) ORDER BY e.n",
         )
         .await?;
     t.execute(&stmt, &[&ids, &types, &keys, &times, &data])

@@ -1126,7 +1126,12 @@ async fn rate_run(
         },
         if targets == 1 { "" } else { "s" }
     );
-    let label = run_label(storage, engine, &run);
+    // Side by side, on three lines: the engine, the kind, the targets.
+    let label = if storage.both() {
+        run_label(storage, engine, &run.replacen(", ", "\n", 1))
+    } else {
+        run.clone()
+    };
     let tag = log_tag(storage, engine, "rate");
     let mut r = RateResult {
         label: label.clone(),

@@ -14,7 +14,9 @@ use plugboard::config::{StorageBackend, StorageConfig};
 use plugboard::storage::Backend;
 
 mod controls;
+mod groups;
 mod kv;
+mod messages;
 mod outbox;
 mod sessions;
 

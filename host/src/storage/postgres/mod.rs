@@ -6,11 +6,21 @@
 //! as many as are waiting in one transaction, each inside its own savepoint
 //! so one failing write does not undo the others, commits once, and only
 //! then answers them: durability costs one commit per batch, not per write.
+//! The savepoint commands between two jobs go out in one message with the
+//! next job's first statement (the connection pipelines them; the server
+//! runs them in order), so they cost no round trip of their own; a batch
+//! whose savepoint bookkeeping fails is rolled back and fails every job,
+//! since committing an aborted transaction would roll it back silently.
 //!
 //! **Order across processes.** Every write transaction first takes one
 //! transaction-scoped advisory lock ([`WRITE_LOCK`]), so write transactions
 //! of all processes run one after another and commit in the order they took
-//! the lock. That single rule gives each contract property:
+//! the lock. They run at `READ COMMITTED` whatever the database's default:
+//! each statement sees every transaction that committed before the lock
+//! was granted (PostgreSQL makes a commit visible before it releases the
+//! transaction's locks), where a `REPEATABLE READ` snapshot would be taken
+//! by the lock statement itself, before the wait. That single rule gives
+//! each contract property:
 //! - a channel's sequence numbers and the version counter are read and
 //!   advanced under the lock, so they follow commit order;
 //! - outbox `seq` values (a `bigserial`) are drawn under the lock, so a
@@ -98,8 +108,13 @@ pub type TxFuture<'a, R> =
     Pin<Box<dyn Future<Output = std::result::Result<R, tokio_postgres::Error>> + Send + 'a>>;
 
 type Completion = Box<dyn FnOnce(std::result::Result<(), StorageError>) + Send>;
+/// Runs a job's statements (inside the savepoint the batch opened for it);
+/// answers whether they succeeded, and how to answer the job once the
+/// batch's fate is known.
 type RunJob = Box<
-    dyn for<'a> FnOnce(&'a Transaction<'a>) -> Pin<Box<dyn Future<Output = Completion> + Send + 'a>>
+    dyn for<'a> FnOnce(
+            &'a Transaction<'a>,
+        ) -> Pin<Box<dyn Future<Output = (bool, Completion)> + Send + 'a>>
         + Send,
 >;
 
@@ -311,8 +326,9 @@ impl PostgresStorage {
         let failed = answer.clone();
         let run: RunJob = Box::new(move |t: &Transaction<'_>| {
             Box::pin(async move {
-                let result = in_savepoint(t, f).await;
-                Box::new(move |commit: std::result::Result<(), StorageError>| {
+                let result = f(t).await.map_err(map_err);
+                let ok = result.is_ok();
+                let completion = Box::new(move |commit: std::result::Result<(), StorageError>| {
                     let out = match (result, commit) {
                         (Err(e), _) => Err(e),
                         (Ok(_), Err(e)) => Err(e),
@@ -324,7 +340,8 @@ impl PostgresStorage {
                     if let Some(tx) = answer.lock().unwrap_or_else(|p| p.into_inner()).take() {
                         let _ = tx.send(out);
                     }
-                }) as Completion
+                }) as Completion;
+                (ok, completion)
             })
         });
         let fail = Box::new(move |e: StorageError| {
@@ -358,25 +375,6 @@ impl PostgresStorage {
         let out = f(&t).await.map_err(map_err)?;
         t.commit().await.map_err(map_err)?;
         Ok(out)
-    }
-}
-
-/// Runs one job inside a savepoint of the batch's transaction, so its
-/// failure undoes only its own writes.
-async fn in_savepoint<'a, R, F>(t: &'a Transaction<'a>, f: F) -> Result<R>
-where
-    F: FnOnce(&'a Transaction<'a>) -> TxFuture<'a, R>,
-{
-    t.batch_execute("SAVEPOINT job").await.map_err(map_err)?;
-    match f(t).await {
-        Ok(v) => {
-            t.batch_execute("RELEASE job").await.map_err(map_err)?;
-            Ok(v)
-        }
-        Err(e) => {
-            let _ = t.batch_execute("ROLLBACK TO job; RELEASE job").await;
-            Err(map_err(e))
-        }
     }
 }
 
@@ -429,6 +427,13 @@ async fn writer_loop(
     }
 }
 
+/// Savepoint commands sent before a job: the first job's, and after a job
+/// that succeeded or failed (its writes undone, and the savepoint released
+/// either way, so savepoints never nest).
+const FIRST_SAVEPOINT: &str = "SAVEPOINT job";
+const AFTER_SUCCESS: &str = "RELEASE job; SAVEPOINT job";
+const AFTER_FAILURE: &str = "ROLLBACK TO job; RELEASE job; SAVEPOINT job";
+
 /// One transaction: the write lock, every job in its savepoint, one commit,
 /// then every job's answer in order.
 async fn run_batch(pool: &Pool, batch: Vec<Job>) -> std::result::Result<(), StorageError> {
@@ -442,7 +447,12 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>) -> std::result::Result<(), Stor
         Ok(c) => c,
         Err(e) => return fail_all(batch, map_pool_err(e)),
     };
-    let t = match conn.transaction().await {
+    let t = match conn
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()
+        .await
+    {
         Ok(t) => t,
         Err(e) => return fail_all(batch, map_err(e)),
     };
@@ -453,8 +463,37 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>) -> std::result::Result<(), Stor
         return fail_all(batch, map_err(e));
     }
     let mut completions = Vec::with_capacity(batch.len());
-    for job in batch {
-        completions.push((job.run)(&t).await);
+    let mut savepoint = FIRST_SAVEPOINT;
+    let mut broken = None;
+    let mut jobs = batch.into_iter();
+    for job in jobs.by_ref() {
+        // The savepoint commands and the job's statements in one flight:
+        // polled together, the commands are queued first.
+        let (bookkeeping, (ok, completion)) =
+            futures_util::future::join(t.batch_execute(savepoint), (job.run)(&t)).await;
+        completions.push(completion);
+        if let Err(e) = bookkeeping {
+            broken = Some(e);
+            break;
+        }
+        savepoint = if ok { AFTER_SUCCESS } else { AFTER_FAILURE };
+    }
+    // The commit releases the last savepoint; a failed last job is undone
+    // first.
+    if broken.is_none() && savepoint == AFTER_FAILURE {
+        if let Err(e) = t.batch_execute("ROLLBACK TO job").await {
+            broken = Some(e);
+        }
+    }
+    if let Some(e) = broken {
+        // The transaction is aborted: nothing of the batch is kept, and no
+        // job may be told otherwise.
+        let e = map_err(e);
+        let _ = t.rollback().await;
+        for c in completions {
+            c(Err(clone_err(&e)));
+        }
+        return fail_all(jobs.collect(), e);
     }
     let commit = t.commit().await.map_err(|e| {
         if is_unavailable(&e) {
@@ -480,8 +519,31 @@ pub(crate) async fn insert_events(
     t: &Transaction<'_>,
     events: &[NewEvent],
 ) -> std::result::Result<(), tokio_postgres::Error> {
-    if events.is_empty() {
-        return Ok(());
+    match events {
+        [] => return Ok(()),
+        // The common case (a message, an open, a close) without the array
+        // plan: a third cheaper on the server.
+        [e] => {
+            let stmt = t
+                .prepare_cached(
+                    "INSERT INTO outbox (id, type, order_key, created_at, data)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .await?;
+            t.execute(
+                &stmt,
+                &[
+                    &e.id,
+                    &e.event_type,
+                    &e.order_key,
+                    &e.created_at,
+                    &e.data.to_string(),
+                ],
+            )
+            .await?;
+            return Ok(());
+        }
+        _ => {}
     }
     let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();

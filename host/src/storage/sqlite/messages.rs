@@ -283,6 +283,11 @@ fn tombstone_rows(
     Ok(())
 }
 
+/// Each user id of `members` once.
+fn distinct_users(members: &[Member]) -> std::collections::HashSet<&str> {
+    members.iter().map(|m| m.user_id.as_str()).collect()
+}
+
 fn insert_members(
     conn: &Connection,
     group_id: &str,
@@ -503,7 +508,13 @@ impl MessageStore for SqliteStorage {
                          ORDER BY seq LIMIT ?3"
                     ))?
                     .query_map(
-                        params![channel.key, *seq as i64, limit as i64 + 1],
+                        // Past i64::MAX nothing is after: clamped, not wrapped
+                        // to a negative seq that everything is after.
+                        params![
+                            channel.key,
+                            (*seq).min(i64::MAX as u64) as i64,
+                            limit as i64 + 1
+                        ],
                         message_from_row,
                     )?
                     .collect::<rusqlite::Result<_>>()?
@@ -714,7 +725,8 @@ impl GroupStore for SqliteStorage {
             if group_exists(conn, &group.group_id)? {
                 return Ok(GroupResult::Exists);
             }
-            if max_members > 0 && members.len() > max_members {
+            // Users count, not entries: a user named twice is one member.
+            if max_members > 0 && distinct_users(&members).len() > max_members {
                 return Ok(GroupResult::TooManyMembers { limit: max_members });
             }
             conn.prepare_cached(
@@ -804,8 +816,8 @@ impl GroupStore for SqliteStorage {
             }
             if max_members > 0 {
                 let mut fresh = 0usize;
-                for m in &members {
-                    if !is_member(conn, &gid, &m.user_id)? {
+                for user in distinct_users(&members) {
+                    if !is_member(conn, &gid, user)? {
                         fresh += 1;
                     }
                 }

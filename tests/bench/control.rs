@@ -659,7 +659,8 @@ async fn fan_rep(
         label: label.clone(),
         ..Rep::default()
     };
-    let label = flat(&label);
+    // For progress lines and notes, which name the engine already: the run.
+    let label = label.rsplit('\n').next().unwrap_or_default().to_string();
     let (url, body) = match kind {
         RepKind::Control { high } => (
             format!("{}/v1/control", ctx.base),

@@ -768,6 +768,34 @@ conformance! {
         assert_eq!(row.last_message.unwrap().seq, 30);
     }
 
+    async fn client_msg_ids_and_previews_may_hold_any_character(f) {
+        let b = &f.backend;
+        let c = Channel::person("alice", "bob");
+        let with_id = |id: &str, text: &str| {
+            let mut m = message(&c, "alice", text);
+            m.client_msg_id = Some(id.to_string());
+            let b = b.clone();
+            async move { b.messages.append_message(m, event(), no_hook()).await.unwrap().unwrap() }
+        };
+        // U+0000 (which PostgreSQL text cannot hold) and other controls.
+        let first = with_id("x\u{0}y", "a\u{0}b\u{1}").await;
+        assert!(!first.duplicate);
+        let row = row_of(b, "bob", &c).await.unwrap();
+        // The preview shows the same text (an engine may drop the U+0000).
+        assert_eq!(row.last_message.unwrap().preview.replace('\u{0}', ""), "ab\u{1}");
+        assert!(!with_id("x\u{0}z", "other").await.duplicate);
+        assert!(!with_id("x", "prefix").await.duplicate);
+        let again = with_id("x\u{0}y", "retry").await;
+        assert!(again.duplicate);
+        assert_eq!(again.message.id, first.message.id);
+        assert_eq!(again.message.client_msg_id.as_deref(), Some("x\u{0}y"));
+        let stored = history(b, "bob", &c).await;
+        assert_eq!(stored.len(), 3);
+        assert_eq!(stored[0].client_msg_id.as_deref(), Some("x\u{0}y"));
+        assert_eq!(stored[0].payload.get(), first.message.payload.get());
+        assert!(stored[0].payload.get().contains("\\u0000"));
+    }
+
     async fn rejected_appends_write_nothing(f) {
         let b = &f.backend;
         make_group(b, "g1", &["alice", "bob"]).await;

@@ -2,7 +2,7 @@
 //! own data folder, that tests can reload, signal, kill and restart.
 //!
 //! It stores on SQLite in its data folder, or, when the test run asks for it
-//! (`PLUGBOARD_TEST_STORAGE=postgres`) or a test forces it
+//! (`TEST_STORAGE=postgres`) or a test forces it
 //! ([`GatewayOptions::engine`]), on a database of its own on the test
 //! process's shared PostgreSQL server ([`crate::postgres::shared`]).
 
@@ -58,7 +58,9 @@ pub fn running_addrs() -> Vec<String> {
 }
 
 /// The environment variable that picks the storage engine of a test run.
-pub const STORAGE_ENV: &str = "PLUGBOARD_TEST_STORAGE";
+/// Not `PLUGBOARD_…`: the gateways the tests start inherit the environment,
+/// and read every `PLUGBOARD_*` variable as a config key.
+pub const STORAGE_ENV: &str = "TEST_STORAGE";
 
 /// The storage engine a test gateway runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +72,7 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// The engine of this test run, from `PLUGBOARD_TEST_STORAGE`: `sqlite`
+    /// The engine of this test run, from `TEST_STORAGE`: `sqlite`
     /// (also when unset or empty) or `postgres`; any other value panics.
     pub fn from_env() -> Engine {
         match std::env::var(STORAGE_ENV) {
@@ -459,7 +461,10 @@ impl Gateway {
 
     /// The gateway's log so far (stdout and stderr lines).
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
     }
 
     /// A client token for `user`, optionally for a device and with a lifetime.
@@ -786,6 +791,24 @@ impl Drop for Gateway {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // A failing test shows what its gateway logged, warnings and errors
+        // first: the cause is usually there.
+        if std::thread::panicking() {
+            let log = self.log();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- gateway {} (storage: {:?}): {} warning/error lines ---\n{}\n--- last lines ---\n{}",
+                self.addr,
+                self.engine(),
+                notable.len(),
+                notable.iter().take(60).copied().collect::<Vec<_>>().join("\n"),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
     }
 }

@@ -22,8 +22,13 @@
 //! message and upserts every member's conversation row (members read from
 //! `group_members` inside the statement: one statement for any group size),
 //! and [`super::insert_events`] with the `message.created` event built from
-//! the seq and version the first returned. Other writes are one statement
-//! each (two for a read receipt or hide: the row, then the update).
+//! the seq and version the first returned. A row change is two statements
+//! (the row with the read position and unread count it would get, then the
+//! update with its version); pruning is one.
+//!
+//! **Text.** PostgreSQL text cannot hold U+0000, which SQLite stores: client
+//! message ids are kept as their bytes (`bytea`), so any id deduplicates as
+//! it does on SQLite; a preview is stored without its U+0000 characters.
 //!
 //! **Reads** run in one `REPEATABLE READ` snapshot ([`PostgresStorage::read`]),
 //! their independent statements pipelined on the connection; a read of one
@@ -53,7 +58,7 @@ type Result2<T, E> = std::result::Result<T, E>;
 /// its own, found while converting rows.
 pub(super) type Checked<T> = std::result::Result<T, StorageError>;
 
-pub(super) type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
+type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
 
 const MESSAGE_COLUMNS: &str =
     "channel, type, id, sender, system, seq, version, client_msg_id, payload, created_at";
@@ -82,7 +87,12 @@ fn message_from_row(r: &Row, at: usize) -> Checked<StoredMessage> {
         system: r.get(at + 4),
         seq: r.get::<_, i64>(at + 5) as u64,
         version: r.get::<_, i64>(at + 6) as u64,
-        client_msg_id: r.get(at + 7),
+        client_msg_id: match r.get::<_, Option<&[u8]>>(at + 7) {
+            Some(bytes) => Some(String::from_utf8(bytes.to_vec()).map_err(|e| {
+                StorageError::Database(format!("messages.client_msg_id is not UTF-8: {e}"))
+            })?),
+            None => None,
+        },
         // Stored as JSON text; text that no longer reads is an error naming
         // the column, never a silent `null`.
         payload: RawValue::from_string(payload)
@@ -150,7 +160,7 @@ fn append_sql(kind: ChannelType) -> String {
     format!(
         "WITH dup AS (
              SELECT {MESSAGE_COLUMNS} FROM messages
-             WHERE $3::text IS NOT NULL AND sender = $2::text AND client_msg_id = $3::text
+             WHERE $3::bytea IS NOT NULL AND sender = $2::text AND client_msg_id = $3::bytea
          ),
          chk AS (SELECT {status} AS status),
          members AS ({members}),
@@ -168,7 +178,7 @@ fn append_sql(kind: ChannelType) -> String {
          m AS (
              INSERT INTO messages ({MESSAGE_COLUMNS})
              SELECT $1::text, $5::bigint, $6::text, $2::text, $4::boolean, s.last_seq, v.value,
-                    $3::text, $7::text, $8::bigint
+                    $3::bytea, $7::text, $8::bigint
              FROM s, v
          ),
          c AS (
@@ -204,16 +214,18 @@ async fn append(
     event: EventBuilder,
 ) -> PgResult<Checked<Result2<Appended, SendRejected>>> {
     let kind = m.channel.kind.code();
+    let cid = client_msg_id(&m);
+    let preview = storable(&m.preview);
     let common: [&(dyn ToSql + Sync); 9] = [
         &m.channel.key,
         &m.sender,
-        &m.client_msg_id,
+        &cid,
         &m.system,
         &kind,
         &m.id,
         &m.payload.get(),
         &m.created_at,
-        &m.preview,
+        &preview,
     ];
     let (row, persons) = match m.channel.kind {
         ChannelType::Group => {
@@ -284,12 +296,28 @@ async fn append(
     }
 }
 
+/// The client message id as stored: its bytes (`bytea`, since PostgreSQL
+/// text cannot hold U+0000 and the id is the sender's, whatever it holds).
+fn client_msg_id(m: &NewMessage) -> Option<&[u8]> {
+    m.client_msg_id.as_deref().map(str::as_bytes)
+}
+
+/// Display text as PostgreSQL text can hold it: without U+0000 (a preview
+/// shows nothing for it anyway).
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', ""))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
 /// The sender's earlier message with this client message id, as a duplicate.
 async fn find_duplicate(
     t: &Transaction<'_>,
     m: &NewMessage,
 ) -> PgResult<Option<Checked<Appended>>> {
-    let Some(cid) = &m.client_msg_id else {
+    let Some(cid) = client_msg_id(m) else {
         return Ok(None);
     };
     let stmt = t
@@ -297,7 +325,7 @@ async fn find_duplicate(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender = $1 AND client_msg_id = $2"
         ))
         .await?;
-    Ok(t.query_opt(&stmt, &[&m.sender, cid]).await?.map(|r| {
+    Ok(t.query_opt(&stmt, &[&m.sender, &cid]).await?.map(|r| {
         message_from_row(&r, 0).map(|message| Appended {
             message,
             duplicate: true,

@@ -82,13 +82,17 @@ fn claimed_from_row(r: &Row) -> ClaimedEvent {
 /// whose head was just settled (`done`, returning the keys) due at `$3`.
 /// `$1` endpoint, `$2` the settled seqs, `$4` [`NOT_HEAD`]. The statement
 /// sees the rows as they were before it, so the settled ones are left out
-/// by seq.
+/// by seq. `heads` is `MATERIALIZED` and looks each key up on its own: on
+/// a young table whose statistics say "one row", an inlined form was planned
+/// as a nested loop re-running the whole aggregate per pending row
+/// (quadratic; 90 ms per settle at 600 pending).
 const PROMOTE: &str = "
-    heads AS (
-        SELECT order_key, MIN(event_seq) AS seq FROM deliveries
-        WHERE endpoint = $1 AND state = 'pending'
-          AND order_key IN (SELECT order_key FROM done) AND event_seq <> ALL($2)
-        GROUP BY order_key),
+    heads AS MATERIALIZED (
+        SELECT k.order_key,
+               (SELECT MIN(x.event_seq) FROM deliveries x
+                WHERE x.endpoint = $1 AND x.order_key = k.order_key AND x.state = 'pending'
+                  AND x.event_seq <> ALL($2)) AS seq
+        FROM (SELECT DISTINCT order_key FROM done) k),
     promoted AS (
         UPDATE deliveries d SET next_at = $3 FROM heads h
         WHERE d.endpoint = $1 AND d.event_seq = h.seq AND d.next_at = $4)";
@@ -206,7 +210,7 @@ impl OutboxStore for PostgresStorage {
             Box::pin(async move {
                 let stmt = t
                     .prepare_cached(
-                        "WITH due AS (
+                        "WITH due AS MATERIALIZED (
                              SELECT d.event_seq, d.next_at, o.id, o.type, o.created_at, o.data
                              FROM deliveries d JOIN outbox o ON o.seq = d.event_seq
                              WHERE d.endpoint = $1 AND d.state = 'pending' AND d.next_at <= $2

@@ -28,7 +28,7 @@ CREATE TABLE messages (
     type          BIGINT NOT NULL,
     sender        TEXT NOT NULL,
     system        BOOLEAN NOT NULL,
-    client_msg_id TEXT,
+    client_msg_id BYTEA,                 -- the sender's id, byte for byte (text cannot hold U+0000)
     payload       TEXT NOT NULL,         -- JSON text, kept byte for byte
     created_at    BIGINT NOT NULL,
     version       BIGINT NOT NULL,

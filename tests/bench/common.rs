@@ -834,7 +834,7 @@ impl Storage {
         opts: GatewayOptions,
     ) -> anyhow::Result<GatewayOptions> {
         match engine {
-            // Set, so that PLUGBOARD_TEST_STORAGE in the environment does
+            // Set, so that TEST_STORAGE in the environment does
             // not move the gateway to the harness's non-durable server.
             Engine::Sqlite => Ok(opts.engine(Engine::Sqlite)),
             Engine::Postgres => {

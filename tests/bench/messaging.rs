@@ -1054,6 +1054,10 @@ async fn load_run(
         }
     }
 
+    // The receiver counts over the whole program (earlier gateways' events
+    // too): this run's message.created events are those after this.
+    let hooks_base = t.hooks.map_or(0, Hooks::messages);
+    let run_hooks = |h: &Hooks| h.messages().saturating_sub(hooks_base);
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + opts.warmup;
     let ctx = Arc::new(LoadCtx {
@@ -1086,7 +1090,7 @@ async fn load_run(
 
     sleep_until(measure_from).await;
     let cpu_a = CpuMark::take_with_db(t.pid, t.db_pid);
-    let hooks_a = t.hooks.map(Hooks::messages);
+    let hooks_a = t.hooks.map(run_hooks);
     let snap_a = match t.gateway {
         Some(gw) => snapshot(t.http, &format!("http://{}", gw.addr)).await,
         None => None,
@@ -1097,7 +1101,7 @@ async fn load_run(
     };
     sleep_until(ctx.stop).await;
     let cpu_b = CpuMark::take_with_db(t.pid, t.db_pid);
-    let hooks_b = t.hooks.map(Hooks::messages);
+    let hooks_b = t.hooks.map(run_hooks);
     let acked_at_stop = ctx.acked_total.load(Ordering::SeqCst);
     r.server_rss_mib = rss_mib(t.pid);
     let snap_b = match t.gateway {
@@ -1183,20 +1187,20 @@ async fn load_run(
         f.behind_secs = f.behind_at_stop as f64 / r.acked_rate().max(1e-9);
         let all = r.acked_total;
         let drain_from = Instant::now();
-        let at_drain = h.messages();
+        let at_drain = run_hooks(h);
         if !drain.is_zero() {
             eprintln!(
                 "[{log_label}] watching the webhook backlog drain ({} behind), {:?} at most",
                 all.saturating_sub(at_drain),
                 drain
             );
-            wait_for(drain, || h.messages() >= all).await;
+            wait_for(drain, || run_hooks(h) >= all).await;
         }
         if !drain.is_zero() {
             f.drain_watched = drain_from.elapsed();
         }
-        f.drain_events = h.messages() - at_drain;
-        f.behind_at_end = all.saturating_sub(h.messages());
+        f.drain_events = run_hooks(h) - at_drain;
+        f.behind_at_end = all.saturating_sub(run_hooks(h));
         r.hooks = Some(f);
     }
     for mut ws in held {

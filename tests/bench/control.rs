@@ -9,7 +9,7 @@
 //! ```
 //!
 //! `--help` lists every option. The defaults finish in about two minutes on
-//! a 2-core machine (about twice that with `--storage both`); `--quick` is a
+//! a 2-core machine (about three with `--storage both`); `--quick` is a
 //! smoke run with small sizes.
 //!
 //! Every gateway is the real binary started through the test harness, log

@@ -9,9 +9,10 @@
 //! ./target/release/bench-messaging [--quick] [--storage sqlite|postgres|both] [--pairs P] [--window W] [--duration SECS] ...
 //! ```
 //!
-//! `--help` lists every option. The defaults finish in about three minutes
-//! on a 2-core machine (twice that with `--storage both`); `--quick` is a
-//! smoke run with small sizes.
+//! `--help` lists every option. The defaults finish in under three minutes
+//! on a 2-core machine, `--storage both` included (a PostgreSQL gateway
+//! that cannot keep up takes longer, every wait being bounded); `--quick`
+//! is a smoke run with small sizes.
 //!
 //! Four measurements, each on a fresh gateway (the real binary started
 //! through the test harness, one webhook endpoint served by a tiny receiver

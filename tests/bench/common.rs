@@ -1,7 +1,8 @@
 //! What the benchmark programs share: machine and process figures, a
 //! `/metrics` snapshot and its differences, the in-process webhook
-//! receiver, client connections bound to 127.0.0.x sources, and figure
-//! formatting. Each program uses part of it.
+//! receiver, client connections bound to 127.0.0.x sources, the storage
+//! engines of a run (`--storage`, with the private PostgreSQL server),
+//! tables and figure formatting. Each program uses part of it.
 #![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeMap;
@@ -25,6 +26,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+use plugboard_tests::{Engine, Gateway, GatewayOptions, PgOptions, PgServer};
+
+use crate::cli::StorageArg;
 
 /// Nanoseconds since the clock every task of this process shares.
 /// The instant all nanosecond stamps count from.
@@ -420,20 +425,29 @@ pub(crate) fn thousands(n: f64) -> String {
     out
 }
 
-/// CPU used by the server and by this process over an interval.
+/// CPU used by the server, by this process and (on PostgreSQL) by the
+/// database server over an interval.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct CpuMark {
     pub(crate) at: Option<std::time::Instant>,
     pub(crate) server: Option<f64>,
     pub(crate) bench: Option<f64>,
+    /// Every process of the PostgreSQL server, when there is one.
+    pub(crate) db: Option<f64>,
 }
 
 impl CpuMark {
     pub(crate) fn take(server_pid: u32) -> CpuMark {
+        CpuMark::take_with_db(server_pid, None)
+    }
+
+    /// With the CPU of the PostgreSQL server whose postmaster is `db_pid`.
+    pub(crate) fn take_with_db(server_pid: u32, db_pid: Option<u32>) -> CpuMark {
         CpuMark {
             at: Some(std::time::Instant::now()),
             server: cpu_seconds(server_pid),
             bench: cpu_seconds(std::process::id()),
+            db: db_pid.and_then(server_tree_cpu_seconds),
         }
     }
 
@@ -443,19 +457,70 @@ impl CpuMark {
         (d(self.server, later.server), d(self.bench, later.bench))
     }
 
-    /// (server, bench) cores from `self` to `later`.
-    pub(crate) fn cores(&self, later: &CpuMark) -> (Option<f64>, Option<f64>) {
-        let Some(secs) = later
+    /// The database server's CPU seconds from `self` to `later`.
+    pub(crate) fn db_used(&self, later: &CpuMark) -> Option<f64> {
+        Some(later.db? - self.db?)
+    }
+
+    fn secs(&self, later: &CpuMark) -> Option<f64> {
+        later
             .at
             .zip(self.at)
             .map(|(b, a)| b.duration_since(a).as_secs_f64())
             .filter(|s| *s > 0.0)
-        else {
+    }
+
+    /// (server, bench) cores from `self` to `later`.
+    pub(crate) fn cores(&self, later: &CpuMark) -> (Option<f64>, Option<f64>) {
+        let Some(secs) = self.secs(later) else {
             return (None, None);
         };
         let (s, b) = self.used(later);
         (s.map(|x| x / secs), b.map(|x| x / secs))
     }
+
+    /// The database server's cores from `self` to `later`.
+    pub(crate) fn db_cores(&self, later: &CpuMark) -> Option<f64> {
+        Some(self.db_used(later)? / self.secs(later)?)
+    }
+}
+
+/// utime, stime, cutime and cstime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<(String, [f64; 4])> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, ppid 4, utime 14 … cstime 17.
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    Some((f.get(1)?.to_string(), [t(11)?, t(12)?, t(13)?, t(14)?]))
+}
+
+/// CPU seconds of a server and its children: the parent's own time and
+/// that of the children it has reaped (a backend that ended), plus the
+/// time of the children alive now (PostgreSQL's backends, its WAL writer,
+/// checkpointer and the rest).
+pub(crate) fn server_tree_cpu_seconds(parent: u32) -> Option<f64> {
+    let (_, [u, s, cu, cs]) = cpu_ticks(parent)?;
+    let mut ticks = u + s + cu + cs;
+    let wanted = parent.to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some((ppid, [u, s, _, _])) = cpu_ticks(pid) {
+            if ppid == wanted {
+                ticks += u + s;
+            }
+        }
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
 /// Counts what reaches the webhook endpoint; every request is answered 204.
@@ -515,4 +580,366 @@ pub(crate) async fn start_hooks() -> anyhow::Result<(Arc<Hooks>, String)> {
         }
     });
     Ok((hooks, format!("http://{addr}/hooks")))
+}
+
+// ---------------------------------------------------------------------------
+// Tables
+
+/// A column label on one line (the lines of a multi-line label joined).
+pub(crate) fn flat(label: &str) -> String {
+    label.replace('\n', ", ")
+}
+
+/// Prints a table: column labels, then rows of (name, cells, target). A
+/// label may have several lines (`\n`, e.g. the engine above the run);
+/// labels are aligned on their last line. Each column is as wide as its
+/// widest label line or cell. With `target_heading`, the last column holds
+/// each row's target.
+pub(crate) fn print_table(
+    labels: &[String],
+    rows: &[(String, Vec<String>, String)],
+    target_heading: Option<&str>,
+) {
+    let name_w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    let lines: Vec<Vec<&str>> = labels.iter().map(|l| l.split('\n').collect()).collect();
+    let depth = lines.iter().map(Vec::len).max().unwrap_or(1);
+    let widths: Vec<usize> = (0..labels.len())
+        .map(|c| {
+            lines[c]
+                .iter()
+                .map(|l| l.chars().count())
+                .chain(
+                    rows.iter()
+                        .filter_map(|r| r.1.get(c).map(|x| x.chars().count())),
+                )
+                .max()
+                .unwrap_or(8)
+        })
+        .collect();
+    let mut width = 0;
+    for d in 0..depth {
+        let mut header = format!("{:name_w$}", "");
+        for (c, l) in lines.iter().enumerate() {
+            // Aligned on the last line: shorter labels start lower.
+            let text = (d + l.len()).checked_sub(depth).map_or("", |i| l[i]);
+            header.push_str(&format!("  {text:>w$}", w = widths[c]));
+        }
+        if d + 1 == depth {
+            if let Some(t) = target_heading {
+                header.push_str(&format!("  {t}"));
+            }
+        }
+        width = width.max(header.chars().count());
+        println!("{}", header.trim_end());
+    }
+    println!("{}", "-".repeat(width));
+    for (name, cells, target) in rows {
+        let mut line = format!("{name:name_w$}");
+        for (c, cell) in cells.iter().enumerate() {
+            let w = widths.get(c).copied().unwrap_or(8);
+            line.push_str(&format!("  {cell:>w$}"));
+        }
+        if target_heading.is_some() {
+            line.push_str(&format!("  {target}"));
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Storage engines
+
+/// An engine's name in reports.
+pub(crate) fn engine_name(engine: Engine) -> &'static str {
+    match engine {
+        Engine::Sqlite => "SQLite",
+        Engine::Postgres => "PostgreSQL",
+    }
+}
+
+/// The private PostgreSQL server of a run, and what it runs with.
+pub(crate) struct PgBench {
+    pub(crate) server: PgServer,
+    /// The postmaster's process id, for the server's CPU.
+    pub(crate) postmaster: Option<u32>,
+    /// `server_version`.
+    pub(crate) version: String,
+    /// The settings the report names, as the server shows them.
+    pub(crate) settings: Vec<(&'static str, String)>,
+}
+
+/// The settings of the PostgreSQL server printed in the report.
+const PG_SETTINGS: [&str; 7] = [
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "wal_sync_method",
+    "shared_buffers",
+    "max_wal_size",
+    "max_connections",
+];
+
+/// Cumulative counters of the PostgreSQL server (`pg_stat_wal`) and of one
+/// database (`pg_stat_database`). The server publishes them about once a
+/// second, so a difference over a few seconds is approximate.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PgStats {
+    pub(crate) wal_records: f64,
+    pub(crate) wal_bytes: f64,
+    pub(crate) wal_writes: f64,
+    pub(crate) wal_syncs: f64,
+    pub(crate) commits: f64,
+    pub(crate) rollbacks: f64,
+    /// Rows inserted, updated and deleted in the database.
+    pub(crate) inserted: f64,
+    pub(crate) updated: f64,
+    pub(crate) deleted: f64,
+}
+
+impl PgStats {
+    /// What the server did from `self` to `later`, over `secs` seconds, as
+    /// one report line.
+    pub(crate) fn line(&self, later: &PgStats, secs: f64) -> String {
+        let commits = later.commits - self.commits;
+        let syncs = later.wal_syncs - self.wal_syncs;
+        let bytes = later.wal_bytes - self.wal_bytes;
+        let per_s = |x: f64| thousands(x / secs.max(1e-9));
+        format!(
+            "PostgreSQL (pg_stat_*, published about once a second): {} commits ({}/s), {} rollbacks; rows {} inserted, {} updated, {} deleted; WAL {} records, {:.1} MiB ({:.1} MiB/s), {} writes, {} fsyncs ({}/s, {:.2} per commit)",
+            thousands(commits),
+            per_s(commits),
+            thousands(later.rollbacks - self.rollbacks),
+            thousands(later.inserted - self.inserted),
+            thousands(later.updated - self.updated),
+            thousands(later.deleted - self.deleted),
+            thousands(later.wal_records - self.wal_records),
+            bytes / 1048576.0,
+            bytes / 1048576.0 / secs.max(1e-9),
+            thousands(later.wal_writes - self.wal_writes),
+            thousands(syncs),
+            per_s(syncs),
+            if commits > 0.0 { syncs / commits } else { 0.0 }
+        )
+    }
+}
+
+/// The storage engines of a run (`--storage`), with the PostgreSQL server
+/// when one of them is PostgreSQL.
+pub(crate) struct Storage {
+    pub(crate) engines: Vec<Engine>,
+    pub(crate) pg: Option<Arc<PgBench>>,
+}
+
+/// Runs `f` on a blocking thread; a panic (the harness's way of failing)
+/// becomes an error (its message is printed by the panic hook).
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow::anyhow!("{what} failed: {e}"))
+}
+
+impl Storage {
+    /// The engines of `arg`; for PostgreSQL, a private server started with
+    /// PostgreSQL's durable defaults (`PgOptions::durable`).
+    pub(crate) async fn start(arg: StorageArg) -> anyhow::Result<Storage> {
+        let engines = arg.engines();
+        let mut pg = None;
+        if engines.contains(&Engine::Postgres) {
+            eprintln!("starting a private PostgreSQL server (durable settings)");
+            let sql = format!(
+                "SELECT current_setting('server_version'), {}",
+                PG_SETTINGS
+                    .iter()
+                    .map(|n| format!("current_setting('{n}')"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let bench = blocking("starting PostgreSQL", move || {
+                let server = PgServer::start(PgOptions::durable());
+                let postmaster = std::fs::read_to_string(server.data_dir().join("postmaster.pid"))
+                    .ok()
+                    .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok());
+                let row = server.psql("postgres", &sql);
+                let mut values = row.trim().split('|').map(str::to_string);
+                let version = values.next().unwrap_or_default();
+                let settings = PG_SETTINGS.iter().copied().zip(values).collect();
+                PgBench {
+                    server,
+                    postmaster,
+                    version,
+                    settings,
+                }
+            })
+            .await?;
+            pg = Some(Arc::new(bench));
+        }
+        Ok(Storage { engines, pg })
+    }
+
+    /// Whether the run compares engines (`--storage both`).
+    pub(crate) fn both(&self) -> bool {
+        self.engines.len() > 1
+    }
+
+    /// The postmaster of the PostgreSQL server, on `engine` PostgreSQL.
+    pub(crate) fn db_pid(&self, engine: Engine) -> Option<u32> {
+        match engine {
+            Engine::Postgres => self.pg.as_ref()?.postmaster,
+            Engine::Sqlite => None,
+        }
+    }
+
+    /// A PostgreSQL setting as the server showed it.
+    pub(crate) fn pg_setting(&self, name: &str) -> Option<&str> {
+        let pg = self.pg.as_ref()?;
+        pg.settings
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// One line per engine, for the report's header.
+    pub(crate) fn header_lines(&self) -> Vec<String> {
+        self.engines
+            .iter()
+            .map(|&e| match (e, &self.pg) {
+                (Engine::Sqlite, _) => "storage, SQLite: the gateway's default engine, one file (data/plugboard.db) in each gateway's temp folder, WAL, synchronous=FULL".to_string(),
+                (Engine::Postgres, Some(pg)) => format!(
+                    "storage, PostgreSQL {}: a private server this benchmark started (initdb in {}, TCP on 127.0.0.1:{}), {}; a fresh database per gateway, dropped after it; the gateway's [storage] defaults (pool_size 16, statement_timeout 10s)",
+                    pg.version,
+                    pg.server
+                        .data_dir()
+                        .parent()
+                        .map_or("?".into(), |p| p.display().to_string()),
+                    pg.server.port(),
+                    pg.settings
+                        .iter()
+                        .map(|(n, v)| format!("{n}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                (Engine::Postgres, None) => "storage, PostgreSQL: no server".to_string(),
+            })
+            .collect()
+    }
+
+    /// `opts` for a gateway on `engine`: SQLite in its folder, or a fresh
+    /// database on the private server.
+    pub(crate) async fn options(
+        &self,
+        engine: Engine,
+        opts: GatewayOptions,
+    ) -> anyhow::Result<GatewayOptions> {
+        match engine {
+            // Set, so that TEST_STORAGE in the environment does
+            // not move the gateway to the harness's non-durable server.
+            Engine::Sqlite => Ok(opts.engine(Engine::Sqlite)),
+            Engine::Postgres => {
+                let pg = self
+                    .pg
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("no PostgreSQL server"))?;
+                let url =
+                    blocking("creating a database", move || pg.server.create_database()).await?;
+                Ok(opts.postgres_database(&url))
+            }
+        }
+    }
+
+    /// Starts a gateway with `opts` on `engine`. `Gateway::start` panics
+    /// when the gateway does not come up, which becomes an error.
+    pub(crate) async fn start_gateway(
+        &self,
+        engine: Engine,
+        opts: GatewayOptions,
+    ) -> anyhow::Result<Gateway> {
+        let opts = self.options(engine, opts).await?;
+        let url = opts.database_url.clone();
+        match tokio::spawn(Gateway::start(opts)).await {
+            Ok(gw) => Ok(gw),
+            Err(e) => {
+                if let Some(url) = url {
+                    self.drop_database(url).await;
+                }
+                Err(anyhow::anyhow!(
+                    "the gateway on {} did not start: {e}",
+                    engine_name(engine)
+                ))
+            }
+        }
+    }
+
+    async fn drop_database(&self, url: String) {
+        if let Some(pg) = self.pg.clone() {
+            let dropped = blocking("dropping a database", move || {
+                pg.server.try_drop_database(&url)
+            })
+            .await;
+            match dropped {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("dropping the gateway's database: {e}"),
+                Err(e) => eprintln!("{e:#}"),
+            }
+        }
+    }
+
+    /// Kills a gateway and drops its PostgreSQL database, if it has one.
+    pub(crate) async fn finish(&self, gw: Gateway) {
+        let url = gw.database_url().map(str::to_string);
+        gw.kill().await;
+        if let Some(url) = url {
+            self.drop_database(url).await;
+        }
+    }
+
+    /// `psql` on the gateway's database: its tuples-only output.
+    async fn psql(&self, gw: &Gateway, sql: &'static str) -> Option<String> {
+        let pg = self.pg.clone()?;
+        let url = gw.database_url()?.to_string();
+        blocking("psql", move || pg.server.psql(&url, sql))
+            .await
+            .ok()
+    }
+
+    /// `pg_database_size` of the gateway's database (`None` on SQLite).
+    pub(crate) async fn database_size(&self, gw: &Gateway) -> Option<u64> {
+        self.psql(gw, "SELECT pg_database_size(current_database())")
+            .await?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The server's WAL counters and the gateway's database's transaction
+    /// counters (`None` on SQLite).
+    pub(crate) async fn pg_stats(&self, gw: &Gateway) -> Option<PgStats> {
+        let row = self
+            .psql(
+                gw,
+                "SELECT w.wal_records, w.wal_bytes, w.wal_write, w.wal_sync, d.xact_commit, d.xact_rollback, \
+                 d.tup_inserted, d.tup_updated, d.tup_deleted \
+                 FROM pg_stat_wal w, pg_stat_database d WHERE d.datname = current_database()",
+            )
+            .await?;
+        let v: Vec<f64> = row
+            .trim()
+            .split('|')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .ok()?;
+        (v.len() == 9).then(|| PgStats {
+            wal_records: v[0],
+            wal_bytes: v[1],
+            wal_writes: v[2],
+            wal_syncs: v[3],
+            commits: v[4],
+            rollbacks: v[5],
+            inserted: v[6],
+            updated: v[7],
+            deleted: v[8],
+        })
+    }
 }

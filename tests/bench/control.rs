@@ -5,19 +5,37 @@
 //!
 //! ```text
 //! cargo build --release -p plugboard-tests --bin bench-control --bin gateway-under-test
-//! ./target/release/bench-control [--quick] [--users N] [--repeats R] [--in-flight C] [--duration SECS] ...
+//! ./target/release/bench-control [--quick] [--storage sqlite|postgres|both] [--users N] [--repeats R] [--in-flight C] [--duration SECS] ...
 //! ```
 //!
 //! `--help` lists every option. The defaults finish in about two minutes on
-//! a 2-core machine; `--quick` is a smoke run with small sizes.
+//! a 2-core machine (about three with `--storage both`); `--quick` is a
+//! smoke run with small sizes.
 //!
-//! Every gateway is the real binary started through the test harness,
-//! SQLite in a temporary folder, log level warn, one webhook endpoint for
-//! `control.*` and `message.created` events served by a tiny receiver in
-//! this process that answers 204 and counts them (unless `--no-webhooks`).
-//! Its `[control]` limiter is opened wide (`rate_limit = 100000.0`,
-//! `rate_burst = 100000`), so that the default 50 requests/s do not
-//! throttle the measurement.
+//! Every gateway is the real binary started through the test harness, log
+//! level warn, one webhook endpoint for `control.*` and `message.created`
+//! events served by a tiny receiver in this process that answers 204 and
+//! counts them (unless `--no-webhooks`). Its `[control]` limiter is opened
+//! wide (`rate_limit = 100000.0`, `rate_burst = 100000`), so that the
+//! default 50 requests/s do not throttle the measurement. It stores on
+//! `--storage`:
+//!
+//! - `sqlite` (the default): SQLite in the gateway's temporary folder (WAL,
+//!   `synchronous = FULL`);
+//! - `postgres`: a fresh database per gateway on a private PostgreSQL server
+//!   that this program starts first (`PgServer::start` with
+//!   `PgOptions::durable()`: PostgreSQL's defaults, `fsync` and
+//!   `synchronous_commit` on, a fair match for SQLite's `synchronous = FULL`),
+//!   over TCP on 127.0.0.1; the database is dropped after its gateway;
+//! - `both`: every measurement on SQLite, then on PostgreSQL, printed side by
+//!   side (a column per engine and run in each table).
+//!
+//! The header names the engines, PostgreSQL's version and the settings
+//! used. On PostgreSQL the figures add the server's CPU (all its processes)
+//! and, for the rate runs, its WAL and commit counters (`pg_stat_wal`,
+//! `pg_stat_database`); the data size at the end of a run is the SQLite
+//! database file and its WAL, or `pg_database_size` of the gateway's
+//! database (PostgreSQL's WAL is the server's and is not counted).
 //!
 //! 1. **Control fan-out.** N users (10,000 by default), one connection each
 //!    (client sockets bound to 127.0.0.2…127.0.0.9 in turn), all members of
@@ -61,7 +79,7 @@ use axum::body::Bytes;
 use clap::Parser;
 use futures_util::StreamExt;
 use plugboard_tests::gateway::{API_KEY, JWT_SECRET};
-use plugboard_tests::{Gateway, GatewayOptions};
+use plugboard_tests::{Engine, Gateway, GatewayOptions};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -69,6 +87,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
+use cli::StorageArg;
 use common::*;
 
 /// The limiter settings of every benchmark gateway.
@@ -112,6 +131,9 @@ struct Cli {
     /// Small sizes for a smoke run; options given with it still apply
     #[arg(long)]
     quick: bool,
+
+    #[command(flatten)]
+    storage: cli::StorageFlag,
 
     /// Online users, one connection each, all in one group, 1 to 1000000
     /// [default: 10000; --quick: 500]
@@ -210,6 +232,7 @@ struct Options {
     rate: bool,
     baseline: bool,
     quick: bool,
+    storage: StorageArg,
 }
 
 impl Default for Options {
@@ -231,6 +254,7 @@ impl Default for Options {
             rate: true,
             baseline: true,
             quick: false,
+            storage: StorageArg::Sqlite,
         }
     }
 }
@@ -289,6 +313,7 @@ impl From<Cli> for Options {
             rate: base.rate && !cli.no_rate,
             baseline: base.baseline && !cli.no_baseline,
             quick: base.quick,
+            storage: cli.storage.storage,
         }
     }
 }
@@ -321,11 +346,48 @@ fn main() -> std::process::ExitCode {
 // ---------------------------------------------------------------------------
 // Clock and process facts
 
-/// Bytes of a gateway's database file and of its write-ahead log.
-fn data_bytes(gw: &Gateway) -> (Option<u64>, Option<u64>) {
-    let data = gw.dir.path().join("data");
-    let size = |name: &str| std::fs::metadata(data.join(name)).ok().map(|m| m.len());
-    (size("plugboard.db"), size("plugboard.db-wal"))
+/// Bytes of a gateway's data: on SQLite its database file and its
+/// write-ahead log; on PostgreSQL `pg_database_size` of its database (the
+/// WAL is the server's, not the database's: `None`).
+async fn data_bytes(storage: &Storage, gw: &Gateway) -> (Option<u64>, Option<u64>) {
+    match gw.engine() {
+        Engine::Sqlite => {
+            let data = gw.dir.path().join("data");
+            let size = |name: &str| std::fs::metadata(data.join(name)).ok().map(|m| m.len());
+            (size("plugboard.db"), size("plugboard.db-wal"))
+        }
+        Engine::Postgres => (storage.database_size(gw).await, None),
+    }
+}
+
+/// A column label: the run ("persisted, 1 target") with one engine; the
+/// engine above it with `--storage both`.
+fn run_label(storage: &Storage, engine: Engine, run: &str) -> String {
+    if storage.both() {
+        format!("{}\n{run}", engine_name(engine))
+    } else {
+        run.to_string()
+    }
+}
+
+/// How a line of the report names an engine's figures: "SQLite: " with
+/// `--storage both`, nothing with one engine.
+fn engine_prefix(storage: &Storage, engine: Engine) -> String {
+    if storage.both() {
+        format!("{}: ", engine_name(engine))
+    } else {
+        String::new()
+    }
+}
+
+/// The tag of progress lines: "fan-out", or "fan-out, PostgreSQL" with
+/// `--storage both`.
+fn log_tag(storage: &Storage, engine: Engine, what: &str) -> String {
+    if storage.both() {
+        format!("{what}, {}", engine_name(engine))
+    } else {
+        what.to_string()
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -399,11 +461,16 @@ async fn wait_idle(http: &reqwest::Client, base: &str) -> Result<Duration, Strin
 // ---------------------------------------------------------------------------
 // Gateways
 
-/// A gateway with production heartbeat and auth deadline, quiet logs, the
-/// control limiter opened wide, and the webhook endpoint (unless
+/// A gateway on `engine` with production heartbeat and auth deadline, quiet
+/// logs, the control limiter opened wide, and the webhook endpoint (unless
 /// `--no-webhooks`). `Gateway::start` panics when the gateway does not come
 /// up, which is caught and reported.
-async fn start_gateway(hook_url: &str, opts: &Options) -> anyhow::Result<Gateway> {
+async fn start_gateway(
+    hook_url: &str,
+    opts: &Options,
+    storage: &Storage,
+    engine: Engine,
+) -> anyhow::Result<Gateway> {
     let config = format!(
         "[gateway]\nping_interval = \"25s\"\npong_timeout = \"10s\"\nauth_timeout = \"10s\"\n\
          [log]\nlevel = \"warn\"\n\
@@ -422,9 +489,7 @@ async fn start_gateway(hook_url: &str, opts: &Options) -> anyhow::Result<Gateway
             plugboard_tests::receiver::SECRET
         ));
     }
-    tokio::spawn(Gateway::start(gw_opts))
-        .await
-        .map_err(|e| anyhow::anyhow!("the gateway did not start: {e}"))
+    storage.start_gateway(engine, gw_opts).await
 }
 
 // ---------------------------------------------------------------------------
@@ -523,10 +588,12 @@ struct Rep {
     /// CPU from the request until the answer and the last client, in ms.
     server_cpu_ms: Option<f64>,
     bench_cpu_ms: Option<f64>,
+    /// The PostgreSQL server's, on PostgreSQL.
+    db_cpu_ms: Option<f64>,
 }
 
-#[derive(Default)]
 struct FanoutResult {
+    engine: Engine,
     users: usize,
     connected: usize,
     connect_failures: BTreeMap<String, usize>,
@@ -568,6 +635,10 @@ struct FanCtx<'a> {
     http: &'a reqwest::Client,
     base: String,
     gw: &'a Gateway,
+    /// The PostgreSQL server's postmaster, on PostgreSQL.
+    db_pid: Option<u32>,
+    /// "fan-out", with the engine when there are two.
+    tag: String,
     hooks: &'a Hooks,
     slots: Arc<Vec<Slot>>,
     /// `["cu00000", …]` as JSON text.
@@ -588,6 +659,8 @@ async fn fan_rep(
         label: label.clone(),
         ..Rep::default()
     };
+    // For progress lines and notes, which name the engine already: the run.
+    let label = label.rsplit('\n').next().unwrap_or_default().to_string();
     let (url, body) = match kind {
         RepKind::Control { high } => (
             format!("{}/v1/control", ctx.base),
@@ -610,7 +683,7 @@ async fn fan_rep(
     let delivered_before = ctx.hooks.delivered();
     let messages_before = ctx.hooks.messages();
     let snap_a = snapshot(ctx.http, &ctx.base).await;
-    let cpu_a = CpuMark::take(ctx.gw.pid());
+    let cpu_a = CpuMark::take_with_db(ctx.gw.pid(), ctx.db_pid);
     let t0 = now_ns();
     let sent = Instant::now();
     let answer = post_text(ctx.http, &url, body).await;
@@ -649,11 +722,12 @@ async fn fan_rep(
     } else {
         false
     };
-    let cpu_b = CpuMark::take(ctx.gw.pid());
+    let cpu_b = CpuMark::take_with_db(ctx.gw.pid(), ctx.db_pid);
     let snap_b = snapshot(ctx.http, &ctx.base).await;
     let (s, b) = cpu_a.used(&cpu_b);
     rep.server_cpu_ms = s.map(|x| x * 1e3);
     rep.bench_cpu_ms = b.map(|x| x * 1e3);
+    rep.db_cpu_ms = cpu_a.db_used(&cpu_b).map(|x| x * 1e3);
     if let (Some(a), Some(b)) = (&snap_a, &snap_b) {
         rep.storage = Some(StorageView::of(a, b));
     }
@@ -700,7 +774,8 @@ async fn fan_rep(
         }
     }
     eprintln!(
-        "[fan-out] {label}: answer after {}, last of {} clients after {}, webhooks after {}",
+        "[{}] {label}: answer after {}, last of {} clients after {}, webhooks after {}",
+        ctx.tag,
         ms_d(rep.api),
         rep.reached,
         ms_d(rep.last),
@@ -711,16 +786,29 @@ async fn fan_rep(
 
 async fn fanout(
     opts: &Options,
+    storage: &Storage,
+    engine: Engine,
     hooks: &Hooks,
     hook_url: &str,
     http: &reqwest::Client,
 ) -> FanoutResult {
     let n = opts.users;
     let mut r = FanoutResult {
+        engine,
         users: n,
-        ..FanoutResult::default()
+        connected: 0,
+        connect_failures: BTreeMap::new(),
+        connect_time: Duration::ZERO,
+        group_create: None,
+        idle_wait: None,
+        controls: Vec::new(),
+        high: None,
+        messages: Vec::new(),
+        server_rss_mib: None,
+        notes: Vec::new(),
     };
-    let gw = match start_gateway(hook_url, opts).await {
+    let tag = log_tag(storage, engine, "fan-out");
+    let gw = match start_gateway(hook_url, opts, storage, engine).await {
         Ok(gw) => gw,
         Err(e) => {
             r.notes.push(format!("{e:#}"));
@@ -730,7 +818,7 @@ async fn fanout(
     let base = format!("http://{}", gw.addr);
     let Ok(server) = gw.addr.parse::<SocketAddr>() else {
         r.notes.push(format!("bad gateway address {}", gw.addr));
-        gw.kill().await;
+        storage.finish(gw).await;
         return r;
     };
     let users: Vec<String> = (0..n).map(|i| format!("cu{i:05}")).collect();
@@ -752,7 +840,7 @@ async fn fanout(
     })
     .await
     .unwrap_or_default();
-    eprintln!("[fan-out] opening {n} client connections");
+    eprintln!("[{tag}] opening {n} client connections");
     let (conns, failures, took) =
         connect_many(server, urls, opts.concurrency, opts.sources, 0).await;
     r.connect_failures = failures;
@@ -820,7 +908,7 @@ async fn fanout(
         Err(e) => r.notes.push(format!("after the connects: {e}")),
     }
     eprintln!(
-        "[fan-out] {} connected in {:.1} s; the gateway was idle {} later",
+        "[{tag}] {} connected in {:.1} s; the gateway was idle {} later",
         r.connected,
         took.as_secs_f64(),
         ms_d(r.idle_wait)
@@ -830,6 +918,8 @@ async fn fanout(
         http,
         base,
         gw: &gw,
+        db_pid: storage.db_pid(engine),
+        tag,
         hooks,
         slots,
         users_json,
@@ -842,11 +932,12 @@ async fn fanout(
     // Controls and messages alternate, so that both see the same conditions.
     for k in 0..opts.repeats {
         let kind = RepKind::Control { high: false };
-        let rep = fan_rep(&ctx, kind, format!("control {k}"), 2 * k, &mut notes).await;
+        let label = run_label(storage, engine, &format!("control {k}"));
+        let rep = fan_rep(&ctx, kind, label, 2 * k, &mut notes).await;
         r.controls.push(rep);
         sleep(Duration::from_millis(300)).await;
         if opts.baseline && group_ok {
-            let label = format!("message {k}");
+            let label = run_label(storage, engine, &format!("message {k}"));
             let rep = fan_rep(&ctx, RepKind::Message, label, 2 * k + 1, &mut notes).await;
             r.messages.push(rep);
             sleep(Duration::from_millis(300)).await;
@@ -856,7 +947,7 @@ async fn fanout(
         fan_rep(
             &ctx,
             RepKind::Control { high: true },
-            "control, high".to_string(),
+            run_label(storage, engine, "control, high"),
             2 * opts.repeats,
             &mut notes,
         )
@@ -875,7 +966,7 @@ async fn fanout(
         r.notes
             .push(format!("{c} client connections ended early: {why}"));
     }
-    gw.kill().await;
+    storage.finish(gw).await;
     drop(held);
     r
 }
@@ -983,6 +1074,7 @@ async fn rate_worker(ctx: Arc<RateCtx>, http: reqwest::Client, index: usize) -> 
 
 struct RateResult {
     label: String,
+    engine: Engine,
     targets: usize,
     reliability: Reliability,
     in_flight: usize,
@@ -997,7 +1089,12 @@ struct RateResult {
     controls_counted: Option<f64>,
     server_cores: Option<f64>,
     bench_cores: Option<f64>,
-    /// The database file and its write-ahead log at the end.
+    /// The PostgreSQL server's processes, on PostgreSQL.
+    db_cores: Option<f64>,
+    /// PostgreSQL's counters over the measured window, on PostgreSQL.
+    pg_line: Option<String>,
+    /// The database file and its write-ahead log at the end (on
+    /// PostgreSQL: `pg_database_size`, no WAL).
     data_bytes: (Option<u64>, Option<u64>),
     /// Controls accepted over the whole run (warm-up included).
     controls_total: Option<u64>,
@@ -1015,12 +1112,14 @@ impl RateResult {
 
 async fn rate_run(
     opts: &Options,
+    storage: &Storage,
+    engine: Engine,
     hook_url: &str,
     http: &reqwest::Client,
     reliability: Reliability,
     targets: usize,
 ) -> RateResult {
-    let label = format!(
+    let run = format!(
         "{}, {targets} target{}",
         match reliability {
             Reliability::Persisted => "persisted",
@@ -1028,8 +1127,16 @@ async fn rate_run(
         },
         if targets == 1 { "" } else { "s" }
     );
+    // Side by side, on three lines: the engine, the kind, the targets.
+    let label = if storage.both() {
+        run_label(storage, engine, &run.replacen(", ", "\n", 1))
+    } else {
+        run.clone()
+    };
+    let tag = log_tag(storage, engine, "rate");
     let mut r = RateResult {
         label: label.clone(),
+        engine,
         targets,
         reliability,
         in_flight: opts.in_flight,
@@ -1043,11 +1150,13 @@ async fn rate_run(
         controls_counted: None,
         server_cores: None,
         bench_cores: None,
+        db_cores: None,
+        pg_line: None,
         data_bytes: (None, None),
         controls_total: None,
         notes: Vec::new(),
     };
-    let gw = match start_gateway(hook_url, opts).await {
+    let gw = match start_gateway(hook_url, opts, storage, engine).await {
         Ok(gw) => gw,
         Err(e) => {
             r.notes.push(format!("{e:#}"));
@@ -1055,8 +1164,9 @@ async fn rate_run(
         }
     };
     let base = format!("http://{}", gw.addr);
+    let db_pid = storage.db_pid(engine);
     eprintln!(
-        "[rate] {label}: {} requests in flight, {} s warm-up, {} s measured",
+        "[{tag}] {run}: {} requests in flight, {} s warm-up, {} s measured",
         opts.in_flight,
         opts.warmup.as_secs(),
         opts.duration.as_secs()
@@ -1085,11 +1195,17 @@ async fn rate_run(
         .collect();
     sleep_until(measure_from).await;
     let snap_a = snapshot(http, &base).await;
-    let cpu_a = CpuMark::take(gw.pid());
+    let pg_a = storage.pg_stats(&gw).await;
+    let cpu_a = CpuMark::take_with_db(gw.pid(), db_pid);
     sleep_until(stop).await;
-    let cpu_b = CpuMark::take(gw.pid());
+    let cpu_b = CpuMark::take_with_db(gw.pid(), db_pid);
     let snap_b = snapshot(http, &base).await;
+    let pg_b = storage.pg_stats(&gw).await;
     (r.server_cores, r.bench_cores) = cpu_a.cores(&cpu_b);
+    r.db_cores = cpu_a.db_cores(&cpu_b);
+    if let (Some(a), Some(b)) = (&pg_a, &pg_b) {
+        r.pg_line = Some(a.line(b, opts.duration.as_secs_f64()));
+    }
     if let (Some(a), Some(b)) = (&snap_a, &snap_b) {
         r.storage = Some(StorageView::of(a, b));
         r.controls_counted =
@@ -1119,15 +1235,15 @@ async fn rate_run(
         .await
         .map(|end| end.sum("plugboard_controls_total") as u64);
     r.lat.sort_unstable();
-    r.data_bytes = data_bytes(&gw);
+    r.data_bytes = data_bytes(storage, &gw).await;
     eprintln!(
-        "[rate] {label}: {} requests/s, {} target rows/s, p50 {}, p99 {}",
+        "[{tag}] {run}: {} requests/s, {} target rows/s, p50 {}, p99 {}",
         thousands(r.requests_per_sec()),
         thousands(r.rows_per_sec()),
         ms_ns(pct(&r.lat, 50.0)),
         ms_ns(pct(&r.lat, 99.0))
     );
-    gw.kill().await;
+    storage.finish(gw).await;
     r
 }
 
@@ -1140,29 +1256,11 @@ fn mib(bytes: u64) -> String {
 
 /// Prints a table: a header of column labels, rows of (name, cells).
 fn table(labels: &[String], rows: &[(String, Vec<String>)]) {
-    let name_w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
-    let col_w = labels
+    let rows: Vec<(String, Vec<String>, String)> = rows
         .iter()
-        .map(|l| l.chars().count())
-        .chain(
-            rows.iter()
-                .flat_map(|r| r.1.iter().map(|c| c.chars().count())),
-        )
-        .max()
-        .unwrap_or(8);
-    let mut header = format!("{:name_w$}", "");
-    for l in labels {
-        header.push_str(&format!("  {l:>col_w$}"));
-    }
-    println!("{header}");
-    println!("{}", "-".repeat(header.chars().count()));
-    for (name, cells) in rows {
-        let mut line = format!("{name:name_w$}");
-        for c in cells {
-            line.push_str(&format!("  {c:>col_w$}"));
-        }
-        println!("{}", line.trim_end());
-    }
+        .map(|(name, cells)| (name.clone(), cells.clone(), String::new()))
+        .collect();
+    print_table(labels, &rows, None);
 }
 
 /// "min … / median … / max …" of some durations.
@@ -1218,27 +1316,39 @@ fn rep_table(reps: &[&Rep]) {
     row("gateway CPU", &|r| {
         r.server_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms"))
     });
+    if reps.iter().any(|r| r.db_cpu_ms.is_some()) {
+        row("PostgreSQL CPU", &|r| {
+            r.db_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms"))
+        });
+    }
     row("bench CPU", &|r| {
         r.bench_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms"))
     });
     table(&labels, &rows);
 }
 
-fn report_fanout(opts: &Options, f: &FanoutResult) {
+fn report_fanout(opts: &Options, storage: &Storage, fans: &[FanoutResult]) {
+    let Some(f0) = fans.first() else { return };
     println!();
     println!(
         "-- control fan-out: {} online users (one connection each, {} connected), one POST /v1/control naming all of them --",
-        thousands(f.users as f64),
-        thousands(f.connected as f64)
+        thousands(f0.users as f64),
+        fans.iter()
+            .map(|f| format!("{}{}", engine_prefix(storage, f.engine), thousands(f.connected as f64)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!(
-        "connecting them took {:.1} s; the gateway's storage writer was idle {} later; group `fanout` ({} members, POST /v1/groups + members in batches of 1,000) {}",
-        f.connect_time.as_secs_f64(),
-        ms_d(f.idle_wait),
-        thousands(f.users as f64),
-        f.group_create
-            .map_or("not created".into(), |d| format!("created in {}", ms_d(Some(d))))
-    );
+    for f in fans {
+        println!(
+            "{}connecting them took {:.1} s; the gateway's storage writer was idle {} later; group `fanout` ({} members, POST /v1/groups + members in batches of 1,000) {}",
+            engine_prefix(storage, f.engine),
+            f.connect_time.as_secs_f64(),
+            ms_d(f.idle_wait),
+            thousands(f.users as f64),
+            f.group_create
+                .map_or("not created".into(), |d| format!("created in {}", ms_d(Some(d))))
+        );
+    }
     println!(
         "controls: online-only, normal priority (the last one: high); baseline: one message to the group through POST /v1/messages, to the same clients"
     );
@@ -1252,72 +1362,77 @@ fn report_fanout(opts: &Options, f: &FanoutResult) {
     );
     println!("storage and CPU: from the start of the request until the answer and the last client");
     println!();
-    let mut reps: Vec<&Rep> = f.controls.iter().collect();
-    if let Some(h) = &f.high {
-        reps.push(h);
+    let mut reps: Vec<&Rep> = Vec::new();
+    for f in fans {
+        reps.extend(f.controls.iter());
+        reps.extend(f.high.as_ref());
     }
     if reps.is_empty() {
         println!("(no control was sent)");
     } else {
         rep_table(&reps);
     }
-    if !f.messages.is_empty() {
+    let messages: Vec<&Rep> = fans.iter().flat_map(|f| f.messages.iter()).collect();
+    if !messages.is_empty() {
         println!();
-        let m: Vec<&Rep> = f.messages.iter().collect();
-        rep_table(&m);
+        rep_table(&messages);
     }
-    println!();
     let last = |reps: &[Rep]| reps.iter().filter_map(|r| r.last).collect::<Vec<_>>();
     let api = |reps: &[Rep]| reps.iter().filter_map(|r| r.api).collect::<Vec<_>>();
-    println!(
-        "control, normal priority: last client {}",
-        spread(last(&f.controls))
-    );
-    println!(
-        "                          HTTP answer {}",
-        spread(api(&f.controls))
-    );
-    if let Some(h) = &f.high {
+    for f in fans {
+        println!();
+        let prefix = engine_prefix(storage, f.engine);
+        let pad = " ".repeat(prefix.chars().count());
         println!(
-            "control, high priority:   last client {}, HTTP answer {}",
-            ms_d(h.last),
-            ms_d(h.api)
-        );
-    }
-    if !f.messages.is_empty() {
-        println!(
-            "baseline, group message:  last client {}",
-            spread(last(&f.messages))
+            "{prefix}control, normal priority: last client {}",
+            spread(last(&f.controls))
         );
         println!(
-            "                          HTTP answer {}",
-            spread(api(&f.messages))
+            "{pad}                          HTTP answer {}",
+            spread(api(&f.controls))
         );
-    }
-    let hooks: Vec<Duration> = f.controls.iter().filter_map(|r| r.hooks_done).collect();
-    if !hooks.is_empty() {
-        let mut h = hooks.clone();
-        h.sort_unstable();
-        let med = h[(h.len() - 1) / 2].as_secs_f64();
-        println!(
-            "webhooks: the {} control.delivered events of one control all delivered after {:.2} s (median), {} events/s",
-            thousands(f.connected as f64),
-            med,
-            thousands(f.connected as f64 / med.max(1e-9))
-        );
-    }
-    if let Some(m) = f.server_rss_mib {
-        println!("gateway RSS at the end: {m:.1} MiB");
-    }
-    for (why, n) in &f.connect_failures {
-        println!("  connect failed x{n}: {why}");
-    }
-    for n in &f.notes {
-        println!("  note: {n}");
+        if let Some(h) = &f.high {
+            println!(
+                "{pad}control, high priority:   last client {}, HTTP answer {}",
+                ms_d(h.last),
+                ms_d(h.api)
+            );
+        }
+        if !f.messages.is_empty() {
+            println!(
+                "{pad}baseline, group message:  last client {}",
+                spread(last(&f.messages))
+            );
+            println!(
+                "{pad}                          HTTP answer {}",
+                spread(api(&f.messages))
+            );
+        }
+        let hooks: Vec<Duration> = f.controls.iter().filter_map(|r| r.hooks_done).collect();
+        if !hooks.is_empty() {
+            let mut h = hooks.clone();
+            h.sort_unstable();
+            let med = h[(h.len() - 1) / 2].as_secs_f64();
+            println!(
+                "{pad}webhooks: the {} control.delivered events of one control all delivered after {:.2} s (median), {} events/s",
+                thousands(f.connected as f64),
+                med,
+                thousands(f.connected as f64 / med.max(1e-9))
+            );
+        }
+        if let Some(m) = f.server_rss_mib {
+            println!("{pad}gateway RSS at the end: {m:.1} MiB");
+        }
+        for (why, n) in &f.connect_failures {
+            println!("  {prefix}connect failed x{n}: {why}");
+        }
+        for n in &f.notes {
+            println!("  {prefix}note: {n}");
+        }
     }
 }
 
-fn report_rate(opts: &Options, runs: &[RateResult]) {
+fn report_rate(opts: &Options, storage: &Storage, runs: &[RateResult]) {
     println!();
     println!(
         "-- controls stored per second: every target offline (no client connected), {} requests in flight, warm-up {} s, measured {} s, a fresh gateway per run --",
@@ -1392,6 +1507,11 @@ fn report_rate(opts: &Options, runs: &[RateResult]) {
     row("server CPU (cores)", &|r| {
         r.server_cores.map_or("-".into(), |c| format!("{c:.2}"))
     });
+    if runs.iter().any(|r| r.db_cores.is_some()) {
+        row("PostgreSQL CPU (cores)", &|r| {
+            r.db_cores.map_or("-".into(), |c| format!("{c:.2}"))
+        });
+    }
     row("bench CPU (cores)", &|r| {
         r.bench_cores.map_or("-".into(), |c| format!("{c:.2}"))
     });
@@ -1403,17 +1523,23 @@ fn report_rate(opts: &Options, runs: &[RateResult]) {
         format!("{} / {}", f(r.data_bytes.0), f(r.data_bytes.1))
     });
     table(&labels, &rows);
+    if storage.pg.is_some() {
+        println!(
+            "(database on PostgreSQL: pg_database_size of the gateway's database; its WAL is the server's, not counted)"
+        );
+    }
     println!();
     for &k in &opts.targets {
-        let p = runs
-            .iter()
-            .find(|r| r.targets == k && r.reliability == Reliability::Persisted);
-        let o = runs
-            .iter()
-            .find(|r| r.targets == k && r.reliability == Reliability::Online);
-        if let Some(p) = p {
+        for &engine in &storage.engines {
+            let find = |rel: Reliability| {
+                runs.iter()
+                    .find(|r| r.engine == engine && r.targets == k && r.reliability == rel)
+            };
+            let (p, o) = (find(Reliability::Persisted), find(Reliability::Online));
+            let Some(p) = p else { continue };
             print!(
-                "{k} target{} per request: persisted {} req/s = {} rows/s",
+                "{}{k} target{} per request: persisted {} req/s = {} rows/s",
+                engine_prefix(storage, engine),
                 if k == 1 { "" } else { "s" },
                 thousands(p.requests_per_sec()),
                 thousands(p.rows_per_sec())
@@ -1429,13 +1555,16 @@ fn report_rate(opts: &Options, runs: &[RateResult]) {
         }
     }
     for r in runs {
+        let label = flat(&r.label);
+        if let Some(l) = &r.pg_line {
+            println!("  {label}: {l}");
+        }
         for (why, n) in &r.errors {
-            println!("  {}: {why} x{n}", r.label);
+            println!("  {label}: {why} x{n}");
         }
         if r.unexpected > 0 {
             println!(
-                "  {}: {} answers whose summary did not count every target as {}",
-                r.label,
+                "  {label}: {} answers whose summary did not count every target as {}",
                 r.unexpected,
                 match r.reliability {
                     Reliability::Persisted => "stored",
@@ -1444,7 +1573,7 @@ fn report_rate(opts: &Options, runs: &[RateResult]) {
             );
         }
         for n in &r.notes {
-            println!("  {}: note: {n}", r.label);
+            println!("  {label}: note: {n}");
         }
     }
 }
@@ -1459,6 +1588,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         "bench-control{}: {machine}; load average {load_start}",
         if opts.quick { " --quick" } else { "" }
     );
+    let storage = Storage::start(opts.storage).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(opts.in_flight.max(64))
         .build()?;
@@ -1466,21 +1596,29 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let fsync_start = fsync_probe().await;
 
-    let fan = if opts.fanout {
-        let f = fanout(&opts, &hooks, &hook_url, &http).await;
-        sleep(Duration::from_secs(1)).await;
-        Some(f)
-    } else {
-        None
-    };
+    let mut fans = Vec::new();
+    if opts.fanout {
+        for &engine in &storage.engines {
+            fans.push(fanout(&opts, &storage, engine, &hooks, &hook_url, &http).await);
+            sleep(Duration::from_secs(1)).await;
+        }
+    }
     let mut rates = Vec::new();
     if opts.rate {
+        let mut kinds = vec![Reliability::Persisted];
+        if opts.baseline {
+            kinds.push(Reliability::Online);
+        }
+        // Each kind of run on every engine in turn, so that the engines'
+        // runs of one kind are made close together.
         for &k in &opts.targets {
-            rates.push(rate_run(&opts, &hook_url, &http, Reliability::Persisted, k).await);
-            sleep(Duration::from_millis(500)).await;
-            if opts.baseline {
-                rates.push(rate_run(&opts, &hook_url, &http, Reliability::Online, k).await);
-                sleep(Duration::from_millis(500)).await;
+            for &reliability in &kinds {
+                for &engine in &storage.engines {
+                    let r =
+                        rate_run(&opts, &storage, engine, &hook_url, &http, reliability, k).await;
+                    rates.push(r);
+                    sleep(Duration::from_millis(500)).await;
+                }
             }
         }
     }
@@ -1495,8 +1633,9 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "disk: 4 KiB write + fsync in {} (where the gateways keep their data): {fsync_start} at the start, {fsync_end} at the end",
-        std::env::temp_dir().display()
+        "disk: 4 KiB write + fsync in {} (where the gateways{} keep their data): {fsync_start} at the start, {fsync_end} at the end",
+        std::env::temp_dir().display(),
+        if storage.pg.is_some() { " and the PostgreSQL server" } else { "" }
     );
     let args: Vec<String> = std::env::args().skip(1).collect();
     println!("command: {}", {
@@ -1505,7 +1644,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         c.join(" ")
     });
     println!(
-        "gateway: the real binary, SQLite (WAL, synchronous=FULL) in a temp folder, log warn, {}",
+        "gateway: the real binary, log warn, {}; a fresh gateway for each run",
         if opts.webhooks {
             format!(
                 "one webhook endpoint (events {HOOK_EVENTS}, batch_max {}) answered 204 by a receiver in this process",
@@ -1519,11 +1658,14 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         "[control] rate_limit = {RATE_LIMIT}, rate_burst = {RATE_BURST} (defaults 50/s and 100: opened so that the limiter does not throttle the measurement), max_targets = {}",
         opts.max_targets()
     );
-    if let Some(f) = &fan {
-        report_fanout(&opts, f);
+    for line in storage.header_lines() {
+        println!("{line}");
+    }
+    if !fans.is_empty() {
+        report_fanout(&opts, &storage, &fans);
     }
     if opts.rate {
-        report_rate(&opts, &rates);
+        report_rate(&opts, &storage, &rates);
     }
     let other = hooks.other.load(Ordering::Relaxed);
     if opts.webhooks {

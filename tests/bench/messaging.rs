@@ -6,16 +6,34 @@
 //!
 //! ```text
 //! cargo build --release -p plugboard-tests --bin bench-messaging --bin gateway-under-test
-//! ./target/release/bench-messaging [--quick] [--pairs P] [--window W] [--duration SECS] ...
+//! ./target/release/bench-messaging [--quick] [--storage sqlite|postgres|both] [--pairs P] [--window W] [--duration SECS] ...
 //! ```
 //!
-//! `--help` lists every option. The defaults finish in about three minutes
-//! on a 2-core machine; `--quick` is a smoke run with small sizes.
+//! `--help` lists every option. The defaults finish in under three minutes
+//! on a 2-core machine, `--storage both` included (a PostgreSQL gateway
+//! that cannot keep up takes longer, every wait being bounded); `--quick`
+//! is a smoke run with small sizes.
 //!
 //! Four measurements, each on a fresh gateway (the real binary started
-//! through the test harness, SQLite in a temporary folder, one webhook
-//! endpoint served by a tiny receiver in this process that answers 204 and
-//! counts events):
+//! through the test harness, one webhook endpoint served by a tiny receiver
+//! in this process that answers 204 and counts events). The gateways store
+//! on `--storage`:
+//!
+//! - `sqlite` (the default): SQLite in the gateway's temporary folder (WAL,
+//!   `synchronous = FULL`);
+//! - `postgres`: a fresh database per gateway on a private PostgreSQL server
+//!   that this program starts first (`PgServer::start` with
+//!   `PgOptions::durable()`: PostgreSQL's defaults, `fsync` and
+//!   `synchronous_commit` on, a fair match for SQLite's `synchronous = FULL`),
+//!   over TCP on 127.0.0.1; the database is dropped after its gateway;
+//! - `both`: every gateway measurement on SQLite, then on PostgreSQL, printed
+//!   side by side (a column per engine in each table); the paced runs of
+//!   both engines and of the baseline are at one rate, half the lowest
+//!   engine maximum.
+//!
+//! On PostgreSQL the figures add the server's CPU (all its processes) and
+//! its WAL and commit counters (`pg_stat_wal`, `pg_stat_database`). The
+//! header names the engines, PostgreSQL's version and the settings used.
 //!
 //! 1. **1:1 throughput and latency.** P sender connections each message
 //!    their own receiver connection (person channels), each sender keeping
@@ -26,8 +44,9 @@
 //!    process, in the payload; the receivers compute the delay) and
 //!    send→sendack latency. Then, on a fresh gateway, a paced run at half
 //!    the measured maximum (or at DESIGN's 15,000 msg/s when the maximum is
-//!    above 30,000). Both report the webhook delivery rate and how far the
-//!    webhooks were behind when the load stopped.
+//!    above 30,000; with `--storage both`, of the lowest maximum). Both
+//!    report the webhook delivery rate and how far the webhooks were behind
+//!    when the load stopped.
 //! 2. **The baseline** for 1:1: this same executable run with a hidden
 //!    `--baseline-server` argument, a bare tokio-tungstenite relay. Clients
 //!    name themselves with `?user=`; a `send` frame becomes a `message`
@@ -63,7 +82,7 @@ use std::time::Duration;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use plugboard_tests::gateway::{API_KEY, JWT_SECRET};
-use plugboard_tests::{Gateway, GatewayOptions};
+use plugboard_tests::{Engine, Gateway, GatewayOptions};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -73,6 +92,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
+use cli::StorageArg;
 use common::*;
 
 /// DESIGN.md §7.
@@ -118,6 +138,9 @@ struct Cli {
     /// Small sizes for a smoke run; options given with it still apply
     #[arg(long)]
     quick: bool,
+
+    #[command(flatten)]
+    storage: cli::StorageFlag,
 
     /// Sender/receiver connection pairs, at least 1 [default: 200; --quick: 20]
     #[arg(long, value_name = "P", value_parser = cli::clamped(1, usize::MAX), help_heading = ONE_TO_ONE)]
@@ -211,6 +234,7 @@ struct Options {
     group: bool,
     sync: bool,
     quick: bool,
+    storage: StorageArg,
 }
 
 impl Default for Options {
@@ -236,6 +260,7 @@ impl Default for Options {
             group: true,
             sync: true,
             quick: false,
+            storage: StorageArg::Sqlite,
         }
     }
 }
@@ -288,6 +313,7 @@ impl From<Cli> for Options {
             group: base.group && !cli.no_group,
             sync: base.sync && !cli.no_sync,
             quick: base.quick,
+            storage: cli.storage.storage,
         }
     }
 }
@@ -399,10 +425,15 @@ fn metric_lines(before: &Snapshot, after: &Snapshot, secs: f64) -> Vec<String> {
 // ---------------------------------------------------------------------------
 // Servers
 
-/// A gateway for one phase, with the webhook endpoint (unless
+/// A gateway for one phase on `engine`, with the webhook endpoint (unless
 /// `--no-webhooks`); `Gateway::start` panics when the gateway does not come
 /// up, which is caught and reported.
-async fn start_gateway(hook_url: &str, opts: &Options) -> anyhow::Result<Gateway> {
+async fn start_gateway(
+    hook_url: &str,
+    opts: &Options,
+    storage: &Storage,
+    engine: Engine,
+) -> anyhow::Result<Gateway> {
     let batch = if opts.webhook_batch > 1 {
         format!("batch_max = {}\n", opts.webhook_batch)
     } else {
@@ -416,9 +447,38 @@ async fn start_gateway(hook_url: &str, opts: &Options) -> anyhow::Result<Gateway
     if opts.webhooks {
         gw_opts = gw_opts.extra(&webhooks);
     }
-    tokio::spawn(Gateway::start(gw_opts))
-        .await
-        .map_err(|e| anyhow::anyhow!("the gateway did not start: {e}"))
+    storage.start_gateway(engine, gw_opts).await
+}
+
+/// A column label: "gateway, max" with one engine; the engine above the
+/// run ("SQLite" / "max") with `--storage both`.
+fn run_label(storage: &Storage, who: Option<Engine>, kind: &str) -> String {
+    match (who, storage.both()) {
+        (Some(e), true) => format!("{}\n{kind}", engine_name(e)),
+        (Some(_), false) => format!("gateway, {kind}"),
+        (None, true) => format!("baseline\n{kind}"),
+        (None, false) => format!("baseline, {kind}"),
+    }
+}
+
+/// The tag of progress lines: "fan-out", or "fan-out, PostgreSQL" with
+/// `--storage both`.
+fn log_tag(storage: &Storage, engine: Engine, what: &str) -> String {
+    if storage.both() {
+        format!("{what}, {}", engine_name(engine))
+    } else {
+        what.to_string()
+    }
+}
+
+/// How a line of the report names an engine's figures: "SQLite: " with
+/// `--storage both`, nothing with one engine.
+fn engine_prefix(storage: &Storage, engine: Engine) -> String {
+    if storage.both() {
+        format!("{}: ", engine_name(engine))
+    } else {
+        String::new()
+    }
 }
 
 /// The baseline relay as a child process.
@@ -860,6 +920,8 @@ struct HookFigures {
 #[derive(Default)]
 struct LoadResult {
     label: String,
+    /// The gateway's engine; `None` for the baseline.
+    engine: Option<Engine>,
     pairs: usize,
     window: usize,
     requested_rate: Option<f64>,
@@ -880,6 +942,8 @@ struct LoadResult {
     ack_lat: Vec<u64>,
     server_cores: Option<f64>,
     bench_cores: Option<f64>,
+    /// The PostgreSQL server's processes, on PostgreSQL.
+    db_cores: Option<f64>,
     server_rss_mib: Option<f64>,
     hooks: Option<HookFigures>,
     metrics: Vec<String>,
@@ -902,8 +966,13 @@ impl LoadResult {
 /// Where the servers of a load run are.
 struct Target<'a> {
     label: String,
+    /// The gateway's engine; `None` for the baseline.
+    engine: Option<Engine>,
     server: SocketAddr,
     pid: u32,
+    /// The PostgreSQL server's postmaster, on PostgreSQL.
+    db_pid: Option<u32>,
+    storage: &'a Storage,
     /// Gateway: mint tokens; baseline: `?user=`.
     gateway: Option<&'a Gateway>,
     hooks: Option<&'a Hooks>,
@@ -935,6 +1004,7 @@ async fn load_run(
     let p = opts.pairs;
     let mut r = LoadResult {
         label: t.label.clone(),
+        engine: t.engine,
         pairs: p,
         window: opts.window,
         requested_rate: rate,
@@ -948,7 +1018,8 @@ async fn load_run(
         .map(|u| t.url(u))
         .collect();
     let opened_before = t.hooks.map_or(0, Hooks::opened);
-    eprintln!("[{}] opening {} connections", t.label, 2 * p);
+    let log_label = flat(&t.label);
+    eprintln!("[{log_label}] opening {} connections", 2 * p);
     let (mut conns, failures, took) =
         connect_many(t.server, urls, opts.concurrency, opts.sources, 0).await;
     r.connect_failures = failures;
@@ -984,6 +1055,10 @@ async fn load_run(
         }
     }
 
+    // The receiver counts over the whole program (earlier gateways' events
+    // too): this run's message.created events are those after this.
+    let hooks_base = t.hooks.map_or(0, Hooks::messages);
+    let run_hooks = |h: &Hooks| h.messages().saturating_sub(hooks_base);
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + opts.warmup;
     let ctx = Arc::new(LoadCtx {
@@ -1004,8 +1079,7 @@ async fn load_run(
         send_tasks.push(tokio::spawn(sender(s, peer, i, ctx.clone())));
     }
     eprintln!(
-        "[{}] {} pairs, window {}, {}; warm-up {:?}, then {:?} measured",
-        t.label,
+        "[{log_label}] {} pairs, window {}, {}; warm-up {:?}, then {:?} measured",
         ctx.pairs,
         opts.window,
         rate.map_or("maximum rate".to_string(), |r| format!(
@@ -1016,25 +1090,37 @@ async fn load_run(
     );
 
     sleep_until(measure_from).await;
-    let cpu_a = CpuMark::take(t.pid);
-    let hooks_a = t.hooks.map(Hooks::messages);
+    let cpu_a = CpuMark::take_with_db(t.pid, t.db_pid);
+    let hooks_a = t.hooks.map(run_hooks);
     let snap_a = match t.gateway {
         Some(gw) => snapshot(t.http, &format!("http://{}", gw.addr)).await,
         None => None,
     };
+    let pg_a = match t.gateway {
+        Some(gw) => t.storage.pg_stats(gw).await,
+        None => None,
+    };
     sleep_until(ctx.stop).await;
-    let cpu_b = CpuMark::take(t.pid);
-    let hooks_b = t.hooks.map(Hooks::messages);
+    let cpu_b = CpuMark::take_with_db(t.pid, t.db_pid);
+    let hooks_b = t.hooks.map(run_hooks);
     let acked_at_stop = ctx.acked_total.load(Ordering::SeqCst);
     r.server_rss_mib = rss_mib(t.pid);
     let snap_b = match t.gateway {
         Some(gw) => snapshot(t.http, &format!("http://{}", gw.addr)).await,
         None => None,
     };
+    let pg_b = match t.gateway {
+        Some(gw) => t.storage.pg_stats(gw).await,
+        None => None,
+    };
     r.secs = measure.as_secs_f64();
     (r.server_cores, r.bench_cores) = cpu_a.cores(&cpu_b);
+    r.db_cores = cpu_a.db_cores(&cpu_b);
     if let (Some(a), Some(b)) = (&snap_a, &snap_b) {
         r.metrics = metric_lines(a, b, r.secs);
+    }
+    if let (Some(a), Some(b)) = (&pg_a, &pg_b) {
+        r.metrics.push(a.line(b, r.secs));
     }
 
     // Senders wait for their last acks; then the receivers for what was acknowledged.
@@ -1102,21 +1188,20 @@ async fn load_run(
         f.behind_secs = f.behind_at_stop as f64 / r.acked_rate().max(1e-9);
         let all = r.acked_total;
         let drain_from = Instant::now();
-        let at_drain = h.messages();
+        let at_drain = run_hooks(h);
         if !drain.is_zero() {
             eprintln!(
-                "[{}] watching the webhook backlog drain ({} behind), {:?} at most",
-                t.label,
+                "[{log_label}] watching the webhook backlog drain ({} behind), {:?} at most",
                 all.saturating_sub(at_drain),
                 drain
             );
-            wait_for(drain, || h.messages() >= all).await;
+            wait_for(drain, || run_hooks(h) >= all).await;
         }
         if !drain.is_zero() {
             f.drain_watched = drain_from.elapsed();
         }
-        f.drain_events = h.messages() - at_drain;
-        f.behind_at_end = all.saturating_sub(h.messages());
+        f.drain_events = run_hooks(h) - at_drain;
+        f.behind_at_end = all.saturating_sub(run_hooks(h));
         r.hooks = Some(f);
     }
     for mut ws in held {
@@ -1125,45 +1210,57 @@ async fn load_run(
     r
 }
 
-/// The gateway side of the 1:1 runs: maximum rate, then paced, each on a fresh gateway.
-async fn one_to_one_gateway(
+/// The paced rate after maximum runs of `max` msg/s: half the maximum, or
+/// DESIGN's 15,000 when the maximum is above 30,000.
+fn paced_after(max: f64) -> f64 {
+    if max > TARGET_RATE {
+        TARGET_RATE / 2.0
+    } else {
+        (max / 2.0).max(1.0)
+    }
+}
+
+/// One 1:1 run on a fresh gateway on `engine`: at the maximum rate
+/// (`rate` None) or paced.
+async fn one_to_one_run(
     opts: &Options,
+    storage: &Storage,
+    engine: Engine,
+    rate: Option<f64>,
     hooks: &Hooks,
     hook_url: &str,
     http: &reqwest::Client,
-) -> (Option<LoadResult>, Option<LoadResult>, Option<f64>) {
-    let mut runs: [Option<LoadResult>; 2] = [None, None];
-    let mut paced_rate = opts.paced_rate;
-    for (k, run) in runs.iter_mut().enumerate() {
-        let gw = match start_gateway(hook_url, opts).await {
-            Ok(gw) => gw,
-            Err(e) => {
-                eprintln!("bench-messaging: 1:1 on the gateway: {e:#}");
-                return (None, None, paced_rate);
-            }
-        };
-        let target = Target {
-            label: if k == 0 {
-                "gateway, max".into()
-            } else {
-                "gateway, paced".into()
-            },
-            server: match gw.addr.parse() {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("bench-messaging: gateway address {}: {e}", gw.addr);
-                    return (None, None, paced_rate);
-                }
-            },
-            pid: gw.pid(),
-            gateway: Some(&gw),
-            hooks: opts.webhooks.then_some(hooks),
-            http,
-        };
-        let result = if k == 0 {
-            load_run(&target, opts, None, opts.duration, opts.webhook_drain).await
-        } else {
-            let rate = paced_rate.unwrap_or(TARGET_RATE / 2.0);
+) -> Option<LoadResult> {
+    let kind = if rate.is_none() { "max" } else { "paced" };
+    let gw = match start_gateway(hook_url, opts, storage, engine).await {
+        Ok(gw) => gw,
+        Err(e) => {
+            eprintln!("bench-messaging: 1:1 on the gateway: {e:#}");
+            return None;
+        }
+    };
+    let server = match gw.addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench-messaging: gateway address {}: {e}", gw.addr);
+            storage.finish(gw).await;
+            return None;
+        }
+    };
+    let target = Target {
+        label: run_label(storage, Some(engine), kind),
+        engine: Some(engine),
+        server,
+        pid: gw.pid(),
+        db_pid: storage.db_pid(engine),
+        storage,
+        gateway: Some(&gw),
+        hooks: opts.webhooks.then_some(hooks),
+        http,
+    };
+    let result = match rate {
+        None => load_run(&target, opts, None, opts.duration, opts.webhook_drain).await,
+        Some(rate) => {
             load_run(
                 &target,
                 opts,
@@ -1172,24 +1269,52 @@ async fn one_to_one_gateway(
                 Duration::ZERO,
             )
             .await
-        };
-        if k == 0 && paced_rate.is_none() {
-            let max = result.acked_rate();
-            paced_rate = Some(if max > TARGET_RATE {
-                TARGET_RATE / 2.0
-            } else {
-                (max / 2.0).max(1.0)
-            });
         }
-        *run = Some(result);
-        gw.kill().await;
+    };
+    storage.finish(gw).await;
+    Some(result)
+}
+
+/// The gateway side of the 1:1 runs: maximum rate on each engine, then
+/// paced on each, each on a fresh gateway. The paced rate is
+/// `--paced-rate`, else [`paced_after`] the lowest maximum. Returns the
+/// maximum runs, the paced runs (in the engines' order) and the paced rate.
+async fn one_to_one_gateway(
+    opts: &Options,
+    storage: &Storage,
+    hooks: &Hooks,
+    hook_url: &str,
+    http: &reqwest::Client,
+) -> (Vec<LoadResult>, Vec<LoadResult>, Option<f64>) {
+    let mut max_runs = Vec::new();
+    for &engine in &storage.engines {
+        if let Some(r) = one_to_one_run(opts, storage, engine, None, hooks, hook_url, http).await {
+            max_runs.push(r);
+        }
+        sleep(Duration::from_secs(1)).await;
     }
-    let [a, b] = runs;
-    (a, b, paced_rate)
+    let lowest = max_runs
+        .iter()
+        .map(LoadResult::acked_rate)
+        .min_by(f64::total_cmp);
+    let paced_rate = opts
+        .paced_rate
+        .or(lowest.map(paced_after))
+        .unwrap_or(TARGET_RATE / 2.0);
+    let mut paced_runs = Vec::new();
+    for &engine in &storage.engines {
+        let rate = Some(paced_rate);
+        if let Some(r) = one_to_one_run(opts, storage, engine, rate, hooks, hook_url, http).await {
+            paced_runs.push(r);
+        }
+        sleep(Duration::from_secs(1)).await;
+    }
+    (max_runs, paced_runs, Some(paced_rate))
 }
 
 async fn one_to_one_baseline(
     opts: &Options,
+    storage: &Storage,
     paced_rate: Option<f64>,
     http: &reqwest::Client,
 ) -> (Option<LoadResult>, Option<LoadResult>) {
@@ -1204,13 +1329,12 @@ async fn one_to_one_baseline(
             }
         };
         let target = Target {
-            label: if k == 0 {
-                "baseline, max".into()
-            } else {
-                "baseline, paced".into()
-            },
+            label: run_label(storage, None, if k == 0 { "max" } else { "paced" }),
+            engine: None,
             server,
             pid: child.id(),
+            db_pid: None,
+            storage,
             gateway: None,
             hooks: None,
             http,
@@ -1222,12 +1346,7 @@ async fn one_to_one_baseline(
             load_run(&target, opts, Some(r), opts.paced_duration, Duration::ZERO).await
         };
         if k == 0 && rate.is_none() {
-            let max = result.acked_rate();
-            rate = Some(if max > TARGET_RATE {
-                TARGET_RATE / 2.0
-            } else {
-                (max / 2.0).max(1.0)
-            });
+            rate = Some(paced_after(result.acked_rate()));
         }
         *slot = Some(result);
         stop_baseline(child).await;
@@ -1294,10 +1413,12 @@ struct Rep {
     /// CPU used from the request to the last member, in ms.
     server_cpu_ms: Option<f64>,
     bench_cpu_ms: Option<f64>,
+    /// The PostgreSQL server's, on PostgreSQL.
+    db_cpu_ms: Option<f64>,
 }
 
-#[derive(Default)]
 struct FanoutResult {
+    engine: Engine,
     members: usize,
     connected: usize,
     connect_failures: BTreeMap<String, usize>,
@@ -1311,16 +1432,26 @@ struct FanoutResult {
 
 async fn fanout(
     opts: &Options,
+    storage: &Storage,
+    engine: Engine,
     hooks: &Hooks,
     hook_url: &str,
     http: &reqwest::Client,
 ) -> FanoutResult {
     let n = opts.group_members;
     let mut r = FanoutResult {
+        engine,
         members: n,
-        ..FanoutResult::default()
+        connected: 0,
+        connect_failures: BTreeMap::new(),
+        connect_time: Duration::ZERO,
+        group_create: None,
+        reps: Vec::new(),
+        metrics: Vec::new(),
+        server_rss_mib: None,
+        notes: Vec::new(),
     };
-    let gw = match start_gateway(hook_url, opts).await {
+    let gw = match start_gateway(hook_url, opts, storage, engine).await {
         Ok(gw) => gw,
         Err(e) => {
             r.notes.push(format!("{e:#}"));
@@ -1330,8 +1461,10 @@ async fn fanout(
     let base = format!("http://{}", gw.addr);
     let Ok(server) = gw.addr.parse::<SocketAddr>() else {
         r.notes.push(format!("bad gateway address {}", gw.addr));
+        storage.finish(gw).await;
         return r;
     };
+    let db_pid = storage.db_pid(engine);
     let members: Vec<String> = (0..n).map(|i| format!("gm{i:05}")).collect();
     let started = Instant::now();
     match api(
@@ -1347,10 +1480,12 @@ async fn fanout(
         Ok((s, body, _)) => {
             r.notes
                 .push(format!("creating the group: HTTP {s} {}", short(&body)));
+            storage.finish(gw).await;
             return r;
         }
         Err(e) => {
             r.notes.push(format!("creating the group: {e}"));
+            storage.finish(gw).await;
             return r;
         }
     }
@@ -1368,7 +1503,8 @@ async fn fanout(
     .await
     .unwrap_or_default();
     let opened_before = hooks.opened();
-    eprintln!("[fan-out] opening {n} member connections");
+    let tag = log_tag(storage, engine, "fan-out");
+    eprintln!("[{tag}] opening {n} member connections");
     let (conns, failures, took) =
         connect_many(server, urls, opts.concurrency, opts.sources, 0).await;
     r.connect_failures = failures;
@@ -1436,7 +1572,7 @@ async fn fanout(
         ));
     }
     eprintln!(
-        "[fan-out] {} connected in {:.1} s; their connection.opened webhooks took {:.1} s more",
+        "[{tag}] {} connected in {:.1} s; their connection.opened webhooks took {:.1} s more",
         r.connected,
         took.as_secs_f64(),
         hooks_wait.elapsed().as_secs_f64()
@@ -1445,7 +1581,7 @@ async fn fanout(
     let snap_a = snapshot(http, &base).await;
     for k in 0..opts.group_repeats {
         let mut rep = Rep::default();
-        let cpu_a = CpuMark::take(gw.pid());
+        let cpu_a = CpuMark::take_with_db(gw.pid(), db_pid);
         let t0 = now_ns();
         let sent = Instant::now();
         let answer = api(
@@ -1470,13 +1606,14 @@ async fn fanout(
             slot.count.load(Ordering::SeqCst) >= all
         })
         .await;
-        let cpu_b = CpuMark::take(gw.pid());
+        let cpu_b = CpuMark::take_with_db(gw.pid(), db_pid);
         if let (Some(a), Some(b)) = (cpu_a.server, cpu_b.server) {
             rep.server_cpu_ms = Some((b - a) * 1e3);
         }
         if let (Some(a), Some(b)) = (cpu_a.bench, cpu_b.bench) {
             rep.bench_cpu_ms = Some((b - a) * 1e3);
         }
+        rep.db_cpu_ms = cpu_a.db_used(&cpu_b).map(|x| x * 1e3);
         let mut times = slot.times.lock().unwrap().clone();
         times.sort_unstable();
         rep.reached = times.len();
@@ -1493,7 +1630,7 @@ async fn fanout(
             ));
         }
         eprintln!(
-            "[fan-out] message {k}: last of {} members after {}",
+            "[{tag}] message {k}: last of {} members after {}",
             rep.reached,
             ms_d(rep.last)
         );
@@ -1519,7 +1656,7 @@ async fn fanout(
         r.notes
             .push(format!("{c} member connections ended early: {why}"));
     }
-    gw.kill().await;
+    storage.finish(gw).await;
     drop(held);
     r
 }
@@ -1543,8 +1680,8 @@ impl SyncKind {
     }
 }
 
-#[derive(Default)]
 struct SyncResult {
+    engine: Engine,
     conversations: usize,
     fill_time: Option<Duration>,
     fill_failures: BTreeMap<String, usize>,
@@ -1635,16 +1772,26 @@ async fn ws_full_list(ws: &mut ClientWs, run: usize) -> Result<(usize, usize, us
 
 async fn conversation_sync(
     opts: &Options,
+    storage: &Storage,
+    engine: Engine,
     hooks: &Hooks,
     hook_url: &str,
     http: &reqwest::Client,
 ) -> SyncResult {
     let n = opts.conversations;
     let mut r = SyncResult {
+        engine,
         conversations: n,
-        ..SyncResult::default()
+        fill_time: None,
+        fill_failures: BTreeMap::new(),
+        api_page: SyncKind::default(),
+        api_full: SyncKind::default(),
+        ws_full: SyncKind::default(),
+        metrics: Vec::new(),
+        notes: Vec::new(),
     };
-    let gw = match start_gateway(hook_url, opts).await {
+    let tag = log_tag(storage, engine, "sync");
+    let gw = match start_gateway(hook_url, opts, storage, engine).await {
         Ok(gw) => gw,
         Err(e) => {
             r.notes.push(format!("{e:#}"));
@@ -1653,7 +1800,7 @@ async fn conversation_sync(
     };
     let base = format!("http://{}", gw.addr);
     let user = "inbox";
-    eprintln!("[sync] {n} senders message `{user}` through the API, 16 at a time");
+    eprintln!("[{tag}] {n} senders message `{user}` through the API, 16 at a time");
     let messages_before = hooks.messages();
     let started = Instant::now();
     let semaphore = Arc::new(Semaphore::new(16));
@@ -1699,6 +1846,7 @@ async fn conversation_sync(
     }
     let Ok(server) = gw.addr.parse::<SocketAddr>() else {
         r.notes.push(format!("bad gateway address {}", gw.addr));
+        storage.finish(gw).await;
         return r;
     };
     let url = format!("ws://{server}/v1/ws?token={}", gw.token(user, None, None));
@@ -1719,7 +1867,7 @@ async fn conversation_sync(
     };
     let snap_a = snapshot(http, &base).await;
     eprintln!(
-        "[sync] {} runs of each sync, after one unrecorded warm-up run",
+        "[{tag}] {} runs of each sync, after one unrecorded warm-up run",
         opts.sync_runs
     );
     for run in 0..=opts.sync_runs {
@@ -1791,7 +1939,7 @@ async fn conversation_sync(
     if let Some(mut c) = ws {
         let _ = timeout(Duration::from_millis(500), c.close(None)).await;
     }
-    gw.kill().await;
+    storage.finish(gw).await;
     r
 }
 
@@ -1805,6 +1953,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         "bench-messaging{}: {machine}; load average {load_start}",
         if opts.quick { " --quick" } else { "" }
     );
+    let storage = Storage::start(opts.storage).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
@@ -1812,28 +1961,29 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let fsync_start = fsync_probe().await;
 
-    let (mut gw_max, mut gw_paced, mut paced_rate) = (None, None, opts.paced_rate);
+    let (mut gw_max, mut gw_paced, mut paced_rate) = (Vec::new(), Vec::new(), opts.paced_rate);
     if opts.one_to_one {
-        (gw_max, gw_paced, paced_rate) = one_to_one_gateway(&opts, &hooks, &hook_url, &http).await;
-        sleep(Duration::from_secs(1)).await;
+        (gw_max, gw_paced, paced_rate) =
+            one_to_one_gateway(&opts, &storage, &hooks, &hook_url, &http).await;
     }
     let (mut base_max, mut base_paced) = (None, None);
     if opts.one_to_one && opts.baseline {
-        (base_max, base_paced) = one_to_one_baseline(&opts, paced_rate, &http).await;
+        (base_max, base_paced) = one_to_one_baseline(&opts, &storage, paced_rate, &http).await;
         sleep(Duration::from_secs(1)).await;
     }
-    let fan = if opts.group {
-        let f = fanout(&opts, &hooks, &hook_url, &http).await;
-        sleep(Duration::from_secs(1)).await;
-        Some(f)
-    } else {
-        None
-    };
-    let sync = if opts.sync {
-        Some(conversation_sync(&opts, &hooks, &hook_url, &http).await)
-    } else {
-        None
-    };
+    let mut fans = Vec::new();
+    if opts.group {
+        for &engine in &storage.engines {
+            fans.push(fanout(&opts, &storage, engine, &hooks, &hook_url, &http).await);
+            sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let mut syncs = Vec::new();
+    if opts.sync {
+        for &engine in &storage.engines {
+            syncs.push(conversation_sync(&opts, &storage, engine, &hooks, &hook_url, &http).await);
+        }
+    }
     let load_end = load_average();
     let fsync_end = fsync_probe().await;
 
@@ -1845,8 +1995,9 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "disk: 4 KiB write + fsync in {} (where the gateways keep their data): {fsync_start} at the start, {fsync_end} at the end",
-        std::env::temp_dir().display()
+        "disk: 4 KiB write + fsync in {} (where the gateways{} keep their data): {fsync_start} at the start, {fsync_end} at the end",
+        std::env::temp_dir().display(),
+        if storage.pg.is_some() { " and the PostgreSQL server" } else { "" }
     );
     let args: Vec<String> = std::env::args().skip(1).collect();
     println!("command: {}", {
@@ -1855,7 +2006,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         c.join(" ")
     });
     println!(
-        "gateway: the real binary, SQLite (WAL, synchronous=FULL) in a temp folder, log warn, {}; a fresh gateway for each run",
+        "gateway: the real binary, log warn, {}; a fresh gateway for each run",
         if opts.webhooks {
             format!(
                 "one webhook endpoint (batch_max {}) answered 204 by a receiver in this process",
@@ -1865,21 +2016,24 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             "no webhook endpoint (--no-webhooks)".to_string()
         }
     );
+    for line in storage.header_lines() {
+        println!("{line}");
+    }
     println!(
         "baseline: a bare tokio-tungstenite relay in a child process (`{BASELINE_FLAG}`): no storage, no webhooks"
     );
     if opts.one_to_one {
-        report_one_to_one(
-            &opts,
-            [&gw_max, &base_max, &gw_paced, &base_paced],
-            paced_rate,
-        );
+        let mut runs: Vec<&LoadResult> = gw_max.iter().collect();
+        runs.extend(base_max.as_ref());
+        runs.extend(gw_paced.iter());
+        runs.extend(base_paced.as_ref());
+        report_one_to_one(&opts, &storage, &runs, paced_rate);
     }
-    if let Some(f) = &fan {
-        report_fanout(f);
+    if !fans.is_empty() {
+        report_fanout(&storage, &fans);
     }
-    if let Some(s) = &sync {
-        report_sync(s);
+    if !syncs.is_empty() {
+        report_sync(&storage, &syncs);
     }
     Ok(())
 }
@@ -1894,34 +2048,15 @@ fn pct_d(sorted: &[Duration], p: f64) -> Option<Duration> {
 
 /// Prints a table: a header of column labels, rows of (name, cells, target).
 fn table(labels: &[String], rows: &[(String, Vec<String>, String)]) {
-    let name_w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
-    let col_w = labels
-        .iter()
-        .map(|l| l.chars().count())
-        .chain(
-            rows.iter()
-                .flat_map(|r| r.1.iter().map(|c| c.chars().count())),
-        )
-        .max()
-        .unwrap_or(8);
-    let mut header = format!("{:name_w$}", "");
-    for l in labels {
-        header.push_str(&format!("  {l:>col_w$}"));
-    }
-    header.push_str("  target (DESIGN.md §7)");
-    println!("{header}");
-    println!("{}", "-".repeat(header.chars().count()));
-    for (name, cells, target) in rows {
-        let mut line = format!("{name:name_w$}");
-        for c in cells {
-            line.push_str(&format!("  {c:>col_w$}"));
-        }
-        line.push_str(&format!("  {target}"));
-        println!("{}", line.trim_end());
-    }
+    print_table(labels, rows, Some("target (DESIGN.md §7)"));
 }
 
-fn report_one_to_one(opts: &Options, runs: [&Option<LoadResult>; 4], paced_rate: Option<f64>) {
+fn report_one_to_one(
+    opts: &Options,
+    storage: &Storage,
+    runs: &[&LoadResult],
+    paced_rate: Option<f64>,
+) {
     println!();
     println!(
         "-- 1:1 messages: {} sender/receiver pairs, {} sends in flight per sender, warm-up {} s, measured {} s (paced {} s) --",
@@ -1936,13 +2071,15 @@ fn report_one_to_one(opts: &Options, runs: [&Option<LoadResult>; 4], paced_rate:
         paced_rate.map_or("-".into(), thousands),
         if opts.paced_rate.is_some() {
             "--paced-rate"
+        } else if storage.both() {
+            "for both engines and the baseline: half the lower of the engines' maximums, or 15,000 when that is above 30,000"
         } else {
             "half the gateway's maximum, or 15,000 when that is above 30,000"
         }
     );
     println!("latency: send→deliver = the sender's send instant to the receiver reading the frame; send→ack = to the sendack");
     println!();
-    let present: Vec<&LoadResult> = runs.iter().filter_map(|r| r.as_ref()).collect();
+    let present: Vec<&LoadResult> = runs.to_vec();
     if present.is_empty() {
         println!("(no 1:1 run completed)");
         return;
@@ -2050,6 +2187,13 @@ fn report_one_to_one(opts: &Options, runs: [&Option<LoadResult>; 4], paced_rate:
         &|r| r.server_cores.map_or("-".into(), |c| format!("{c:.2}")),
         "",
     );
+    if present.iter().any(|r| r.db_cores.is_some()) {
+        row(
+            "PostgreSQL CPU (cores)",
+            &|r| r.db_cores.map_or("-".into(), |c| format!("{c:.2}")),
+            "",
+        );
+    }
     row(
         "bench CPU (cores)",
         &|r| r.bench_cores.map_or("-".into(), |c| format!("{c:.2}")),
@@ -2068,11 +2212,11 @@ fn report_one_to_one(opts: &Options, runs: [&Option<LoadResult>; 4], paced_rate:
     for r in &present {
         let paced_ok = r.requested_rate.is_some();
         let p99 = pct(&r.deliver_lat, 99.0).map(|n| n as f64 / 1e6);
-        if r.label.starts_with("gateway") {
+        let label = flat(&r.label);
+        if r.engine.is_some() {
             if paced_ok {
                 println!(
-                    "{}: p99 send→deliver {} at {} msg/s: {}",
-                    r.label,
+                    "{label}: p99 send→deliver {} at {} msg/s: {}",
                     p99.map_or("-".into(), |p| format!("{p:.2} ms")),
                     thousands(r.acked_rate()),
                     match p99 {
@@ -2083,8 +2227,7 @@ fn report_one_to_one(opts: &Options, runs: [&Option<LoadResult>; 4], paced_rate:
                 );
             } else {
                 println!(
-                    "{}: {} msg/s acknowledged: {}",
-                    r.label,
+                    "{label}: {} msg/s acknowledged: {}",
                     thousands(r.acked_rate()),
                     if r.acked_rate() >= TARGET_RATE {
                         "30,000 target met"
@@ -2122,8 +2265,23 @@ fn report_one_to_one(opts: &Options, runs: [&Option<LoadResult>; 4], paced_rate:
         for n in &r.notes {
             println!("  note: {n}");
         }
+        if r.engine.is_none()
+            && (!r.connect_failures.is_empty()
+                || !r.errors.is_empty()
+                || r.out_of_order > 0
+                || !r.ended.is_empty()
+                || !r.notes.is_empty())
+        {
+            println!("{label}:");
+        }
         if !r.metrics.is_empty() {
-            println!("  gateway /metrics over the measured window:");
+            if r.engine == Some(Engine::Postgres) {
+                println!(
+                    "  gateway /metrics and PostgreSQL's statistics over the measured window:"
+                );
+            } else {
+                println!("  gateway /metrics over the measured window:");
+            }
             for l in &r.metrics {
                 println!("    {l}");
             }
@@ -2131,31 +2289,52 @@ fn report_one_to_one(opts: &Options, runs: [&Option<LoadResult>; 4], paced_rate:
     }
 }
 
-fn report_fanout(f: &FanoutResult) {
+fn report_fanout(storage: &Storage, fans: &[FanoutResult]) {
+    let Some(f0) = fans.first() else { return };
     println!();
     println!(
         "-- group fan-out: one message through POST /v1/messages to a {}-member group, {} members connected --",
-        thousands(f.members as f64),
-        thousands(f.connected as f64)
+        thousands(f0.members as f64),
+        fans.iter()
+            .map(|f| format!("{}{}", engine_prefix(storage, f.engine), thousands(f.connected as f64)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!(
-        "connecting them took {:.1} s; creating the group {}",
-        f.connect_time.as_secs_f64(),
-        ms_d(f.group_create)
-    );
+    for f in fans {
+        println!(
+            "{}connecting them took {:.1} s; creating the group {}",
+            engine_prefix(storage, f.engine),
+            f.connect_time.as_secs_f64(),
+            ms_d(f.group_create)
+        );
+    }
     println!(
         "times from the start of the request: the API's answer (after the commit), then members receiving the frame"
     );
     println!();
-    if f.reps.is_empty() {
+    // (engine, message number, rep) for every message of every engine.
+    let reps: Vec<(&FanoutResult, usize, &Rep)> = fans
+        .iter()
+        .flat_map(|f| f.reps.iter().enumerate().map(move |(k, r)| (f, k, r)))
+        .collect();
+    if reps.is_empty() {
         println!("(no message was sent)");
     } else {
-        let labels: Vec<String> = (0..f.reps.len()).map(|k| format!("message {k}")).collect();
+        let labels: Vec<String> = reps
+            .iter()
+            .map(|(f, k, _)| {
+                if storage.both() {
+                    format!("{}\nmessage {k}", engine_name(f.engine))
+                } else {
+                    format!("message {k}")
+                }
+            })
+            .collect();
         let mut rows: Vec<(String, Vec<String>, String)> = Vec::new();
         let mut row = |name: &str, g: &dyn Fn(&Rep) -> String, target: &str| {
             rows.push((
                 name.to_string(),
-                f.reps.iter().map(g).collect(),
+                reps.iter().map(|(_, _, r)| g(r)).collect(),
                 target.to_string(),
             ));
         };
@@ -2170,6 +2349,13 @@ fn report_fanout(f: &FanoutResult) {
             &|r| r.server_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms")),
             "",
         );
+        if reps.iter().any(|(_, _, r)| r.db_cpu_ms.is_some()) {
+            row(
+                "PostgreSQL CPU in that time",
+                &|r| r.db_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms")),
+                "",
+            );
+        }
         row(
             "bench CPU in that time",
             &|r| r.bench_cpu_ms.map_or("-".into(), |c| format!("{c:.0} ms")),
@@ -2177,69 +2363,92 @@ fn report_fanout(f: &FanoutResult) {
         );
         table(&labels, &rows);
     }
-    let mut last: Vec<Duration> = f.reps.iter().filter_map(|r| r.last).collect();
-    last.sort_unstable();
-    if !last.is_empty() {
-        let median = last[(last.len() - 1) / 2];
-        let max = *last.last().unwrap();
-        println!();
-        println!(
-            "last member: min {} / median {} / max {} over {} messages: {}",
-            ms_d(last.first().copied()),
-            ms_d(Some(median)),
-            ms_d(Some(max)),
-            last.len(),
-            if max.as_secs_f64() * 1e3 <= TARGET_FANOUT_MS {
-                "all within 200 ms"
-            } else if median.as_secs_f64() * 1e3 <= TARGET_FANOUT_MS {
-                "median within 200 ms, not every message"
-            } else {
-                "over the 200 ms target"
+    println!();
+    for f in fans {
+        let prefix = engine_prefix(storage, f.engine);
+        let mut last: Vec<Duration> = f.reps.iter().filter_map(|r| r.last).collect();
+        last.sort_unstable();
+        if !last.is_empty() {
+            let median = last[(last.len() - 1) / 2];
+            let max = *last.last().unwrap();
+            println!(
+                "{prefix}last member: min {} / median {} / max {} over {} messages: {}",
+                ms_d(last.first().copied()),
+                ms_d(Some(median)),
+                ms_d(Some(max)),
+                last.len(),
+                if max.as_secs_f64() * 1e3 <= TARGET_FANOUT_MS {
+                    "all within 200 ms"
+                } else if median.as_secs_f64() * 1e3 <= TARGET_FANOUT_MS {
+                    "median within 200 ms, not every message"
+                } else {
+                    "over the 200 ms target"
+                }
+            );
+        }
+        if let Some(m) = f.server_rss_mib {
+            println!("{prefix}gateway RSS at the end: {m:.1} MiB");
+        }
+        for (why, n) in &f.connect_failures {
+            println!("  {prefix}connect failed x{n}: {why}");
+        }
+        for n in &f.notes {
+            println!("  {prefix}note: {n}");
+        }
+        if !f.metrics.is_empty() {
+            println!("  {prefix}gateway /metrics over the messages:");
+            for l in &f.metrics {
+                println!("    {l}");
             }
-        );
-    }
-    if let Some(m) = f.server_rss_mib {
-        println!("gateway RSS at the end: {m:.1} MiB");
-    }
-    for (why, n) in &f.connect_failures {
-        println!("  connect failed x{n}: {why}");
-    }
-    for n in &f.notes {
-        println!("  note: {n}");
-    }
-    if !f.metrics.is_empty() {
-        println!("  gateway /metrics over the messages:");
-        for l in &f.metrics {
-            println!("    {l}");
         }
     }
 }
 
-fn report_sync(s: &SyncResult) {
+fn report_sync(storage: &Storage, syncs: &[SyncResult]) {
+    let Some(s0) = syncs.first() else { return };
     println!();
     println!(
         "-- conversation sync: one user with {} conversations (one message from each of {} senders) --",
-        thousands(s.conversations as f64),
-        thousands(s.conversations as f64)
+        thousands(s0.conversations as f64),
+        thousands(s0.conversations as f64)
     );
-    if let Some(t) = s.fill_time {
+    for s in syncs {
+        let prefix = engine_prefix(storage, s.engine);
+        if let Some(t) = s.fill_time {
+            println!(
+                "{prefix}filling: {} API sends, 16 at a time, took {:.1} s ({} msg/s)",
+                s.conversations,
+                t.as_secs_f64(),
+                thousands(s.conversations as f64 / t.as_secs_f64().max(1e-9))
+            );
+        }
+        for (why, n) in &s.fill_failures {
+            println!("  {prefix}send failed x{n}: {why}");
+        }
+    }
+    if storage.both() {
         println!(
-            "filling: {} API sends, 16 at a time, took {:.1} s ({} msg/s)",
-            s.conversations,
-            t.as_secs_f64(),
-            thousands(s.conversations as f64 / t.as_secs_f64().max(1e-9))
+            "API, 1 page: one page of 100 through the API; API, all: the full list through the API in pages of 100; frames, all: the full list through sync_conversations frames, limit 500"
         );
     }
-    for (why, n) in &s.fill_failures {
-        println!("  send failed x{n}: {why}");
-    }
     println!();
-    let kinds = [
-        ("API, one page of 100", &s.api_page),
-        ("API, full list, pages of 100", &s.api_full),
-        ("sync_conversations, limit 500", &s.ws_full),
-    ];
-    let labels: Vec<String> = kinds.iter().map(|k| k.0.to_string()).collect();
+    // (label, kind) for every kind of every engine.
+    let mut kinds: Vec<(String, &SyncKind)> = Vec::new();
+    for s in syncs {
+        let three = [
+            ("API, one page of 100", "API, 1 page", &s.api_page),
+            ("API, full list, pages of 100", "API, all", &s.api_full),
+            ("sync_conversations, limit 500", "frames, all", &s.ws_full),
+        ];
+        for (long, short, k) in three {
+            kinds.push(if storage.both() {
+                (format!("{}\n{short}", engine_name(s.engine)), k)
+            } else {
+                (long.to_string(), k)
+            });
+        }
+    }
+    let labels: Vec<String> = kinds.iter().map(|k| k.0.clone()).collect();
     let mut rows: Vec<(String, Vec<String>, String)> = Vec::new();
     let mut row = |name: &str, f: &dyn Fn(&SyncKind) -> String| {
         rows.push((
@@ -2256,15 +2465,18 @@ fn report_sync(s: &SyncResult) {
     row("conversations", &|k| k.conversations.to_string());
     row("bytes", &|k| thousands(k.bytes as f64));
     table(&labels, &rows);
-    for (name, k) in kinds {
+    for (name, k) in &kinds {
         for (why, n) in &k.failures {
-            println!("  {name}: failed x{n}: {why}");
+            println!("  {}: failed x{n}: {why}", flat(name));
         }
     }
-    for l in &s.metrics {
-        println!("  {l}");
-    }
-    for n in &s.notes {
-        println!("  note: {n}");
+    for s in syncs {
+        let prefix = engine_prefix(storage, s.engine);
+        for l in &s.metrics {
+            println!("  {prefix}{l}");
+        }
+        for n in &s.notes {
+            println!("  {prefix}note: {n}");
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! The benchmark programs' command lines: `--help` lists every option and
 //! exits 0; an unknown option or a malformed value is refused with exit
-//! code 2 and clap's message, never a panic; the hidden `--baseline-server`
-//! first argument still turns a program into its baseline server.
+//! code 2 and clap's message, never a panic; `--storage` has the same shape
+//! wherever it exists (`sqlite`, `postgres` or `both`, anything else refused
+//! with exit code 2); the hidden `--baseline-server` first argument still
+//! turns a program into its baseline server.
 
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -33,6 +35,7 @@ const BENCHES: [(&str, &[&str], &str); 4] = [
         env!("CARGO_BIN_EXE_bench-control"),
         &[
             "--quick",
+            "--storage",
             "--users",
             "--repeats",
             "--webhook-wait",
@@ -55,6 +58,7 @@ const BENCHES: [(&str, &[&str], &str); 4] = [
         env!("CARGO_BIN_EXE_bench-messaging"),
         &[
             "--quick",
+            "--storage",
             "--pairs",
             "--window",
             "--warmup",
@@ -175,5 +179,77 @@ async fn baseline_server_argument_still_starts_the_baseline() {
             .unwrap()
             .unwrap();
         child.kill().await.unwrap();
+    }
+}
+
+/// The programs that store through a gateway, and so take `--storage`.
+const WITH_STORAGE: [&str; 2] = [
+    env!("CARGO_BIN_EXE_bench-control"),
+    env!("CARGO_BIN_EXE_bench-messaging"),
+];
+
+#[tokio::test]
+async fn storage_option_lists_its_engines_and_its_default() {
+    for exe in WITH_STORAGE {
+        let out = run(exe, &["--help"]).await;
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{exe}: {}", text(&out.stderr));
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("--storage"))
+            .unwrap_or_else(|| panic!("{exe} --help has no --storage line:\n{stdout}"));
+        assert!(line.contains("<ENGINE>"), "{exe}: {line}");
+        for engine in ["sqlite", "postgres", "both"] {
+            assert!(
+                stdout.contains(&format!("{engine}:")),
+                "{exe} --help does not describe `{engine}`:\n{stdout}"
+            );
+        }
+        assert!(
+            stdout.contains("[default: sqlite]"),
+            "{exe} --help does not name the default engine:\n{stdout}"
+        );
+        // Every value is accepted (with --help, nothing runs).
+        for engine in ["sqlite", "postgres", "both"] {
+            for args in [
+                &["--storage", engine, "--help"][..],
+                &[&format!("--storage={engine}"), "--help"],
+            ] {
+                let out = run(exe, args).await;
+                assert_eq!(
+                    out.status.code(),
+                    Some(0),
+                    "{exe} {args:?}: {}",
+                    text(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bad_storage_engine_exits_2_without_a_panic() {
+    for exe in WITH_STORAGE {
+        for args in [
+            &["--storage", "mysql"][..],
+            &["--storage", "SQLite"],
+            &["--storage", ""],
+            &["--storage=pg"],
+            &["--storage"],
+            &["--quick", "--storage", "postgresql"],
+        ] {
+            let out = run(exe, args).await;
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{exe} {args:?}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{exe} {args:?}: {stderr}");
+            assert!(stderr.starts_with("error: "), "{exe} {args:?}: {stderr}");
+            assert!(out.stdout.is_empty(), "{exe} {args:?} printed figures");
+            if args.len() > 1 || args[0].contains('=') {
+                assert!(
+                    stderr.contains("possible values: sqlite, postgres, both"),
+                    "{exe} {args:?}: {stderr}"
+                );
+            }
+        }
     }
 }

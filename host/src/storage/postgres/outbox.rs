@@ -85,7 +85,11 @@ fn claimed_from_row(r: &Row) -> ClaimedEvent {
 /// by seq. `heads` is `MATERIALIZED` and looks each key up on its own: on
 /// a young table whose statistics say "one row", an inlined form was planned
 /// as a nested loop re-running the whole aggregate per pending row
-/// (quadratic; 90 ms per settle at 600 pending).
+/// (quadratic; 90 ms per settle at 600 pending). The new heads are then
+/// updated through the primary key (`event_seq = ANY(ARRAY(…))`, computed
+/// once), and `next_at + 0` keeps the planner from walking `deliveries_due`
+/// instead: on young statistics it took that index and filtered every row
+/// waiting behind a head (4–12 ms per settle at 20,000 pending).
 const PROMOTE: &str = "
     heads AS MATERIALIZED (
         SELECT k.order_key,
@@ -94,8 +98,10 @@ const PROMOTE: &str = "
                   AND x.event_seq <> ALL($2)) AS seq
         FROM (SELECT DISTINCT order_key FROM done) k),
     promoted AS (
-        UPDATE deliveries d SET next_at = $3 FROM heads h
-        WHERE d.endpoint = $1 AND d.event_seq = h.seq AND d.next_at = $4)";
+        UPDATE deliveries d SET next_at = $3
+        WHERE d.endpoint = $1
+          AND d.event_seq = ANY (ARRAY(SELECT seq FROM heads WHERE seq IS NOT NULL))
+          AND d.next_at + 0 = $4)";
 
 #[async_trait]
 impl OutboxStore for PostgresStorage {

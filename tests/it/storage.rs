@@ -247,12 +247,22 @@ async fn a_postgres_restart_under_load_loses_nothing_acknowledged_and_heals_with
     let (mut raw, status) =
         plugboard_tests::RawClient::upgrade(&gw.addr, &format!("/v1/ws?token={token}")).await;
     assert!(status.contains("101"), "{status}");
-    let frame = raw.read_frame(plugboard_tests::WAIT).await.expect("an error frame");
+    let frame = raw
+        .read_frame(plugboard_tests::WAIT)
+        .await
+        .expect("an error frame");
     assert_eq!(frame.opcode, 1, "{frame:?}");
     let error: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap();
     assert_eq!(error["code"], "storage_unavailable", "{error}");
-    let frame = raw.read_frame(plugboard_tests::WAIT).await.expect("a close frame");
-    assert_eq!((frame.opcode, frame.close_code()), (8, Some(1013)), "{frame:?}");
+    let frame = raw
+        .read_frame(plugboard_tests::WAIT)
+        .await
+        .expect("a close frame");
+    assert_eq!(
+        (frame.opcode, frame.close_code()),
+        (8, Some(1013)),
+        "{frame:?}"
+    );
 
     server.start_again();
     let before = acked.load(Ordering::Relaxed);

@@ -37,7 +37,7 @@ pub use sessions::{Presence, SessionEvents, SessionRecord, SessionStore};
 pub use sqlite::SqliteStorage;
 
 /// Errors from the storage layer, the same for every engine.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     /// The database cannot be reached right now (connection refused or
     /// lost, server shutting down, pool exhausted past its wait). Nothing

@@ -446,7 +446,7 @@ const AFTER_FAILURE: &str = "ROLLBACK TO job; RELEASE job; SAVEPOINT job";
 async fn run_batch(pool: &Pool, batch: Vec<Job>) -> std::result::Result<(), StorageError> {
     let fail_all = |batch: Vec<Job>, e: StorageError| {
         for job in batch {
-            (job.fail)(clone_err(&e));
+            (job.fail)(e.clone());
         }
         Err(e)
     };
@@ -498,7 +498,7 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>) -> std::result::Result<(), Stor
         let e = map_err(e);
         let _ = t.rollback().await;
         for c in completions {
-            c(Err(clone_err(&e)));
+            c(Err(e.clone()));
         }
         return fail_all(jobs.collect(), e);
     }
@@ -514,7 +514,7 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>) -> std::result::Result<(), Stor
     for c in completions {
         c(match &commit {
             Ok(()) => Ok(()),
-            Err(e) => Err(clone_err(e)),
+            Err(e) => Err(e.clone()),
         });
     }
     commit
@@ -568,20 +568,6 @@ pub(crate) async fn insert_events(
     t.execute(&stmt, &[&ids, &types, &keys, &times, &data])
         .await?;
     Ok(())
-}
-
-fn clone_err(e: &StorageError) -> StorageError {
-    match e {
-        StorageError::Unavailable(m) => StorageError::Unavailable(m.clone()),
-        StorageError::Database(m) => StorageError::Database(m.clone()),
-        StorageError::Commit(m) => StorageError::Commit(m.clone()),
-        StorageError::Open { target, message } => StorageError::Open {
-            target: target.clone(),
-            message: message.clone(),
-        },
-        StorageError::Closed => StorageError::Closed,
-        StorageError::Quota(m) => StorageError::Quota(m.clone()),
-    }
 }
 
 #[async_trait::async_trait]

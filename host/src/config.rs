@@ -75,6 +75,9 @@ pub struct Config {
     /// recovery closes only this node's sessions.
     pub node_id: String,
     pub storage: StorageConfig,
+    /// Cluster mode (several nodes on one PostgreSQL, routed through NATS);
+    /// absent: a single node.
+    pub cluster: Option<ClusterConfig>,
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub gateway: GatewayConfig,
@@ -98,6 +101,7 @@ impl Default for Config {
             data_dir: PathBuf::from("plugboard-data"),
             node_id: "node-1".to_string(),
             storage: StorageConfig::default(),
+            cluster: None,
             server: ServerConfig::default(),
             auth: AuthConfig::default(),
             gateway: GatewayConfig::default(),
@@ -436,6 +440,120 @@ pub enum StorageBackend {
     Postgres,
 }
 
+/// Cluster mode: every node shares one PostgreSQL database (everything
+/// durable) and one NATS system (routing between nodes). See docs/cluster.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS servers to connect to (`nats://host:port`; credentials in the
+    /// URL are allowed and shown redacted). Any one reachable is enough.
+    pub nats_urls: Vec<String>,
+    /// This node's id. Empty: the id kept in `<data_dir>/node-id`, generated
+    /// there at the first start, so a node keeps its id across restarts.
+    pub node_id: String,
+    /// How long a node's lease in the database lasts. When it lapses (the
+    /// node died, froze or was cut off), a surviving node closes its
+    /// connections; a node that cannot renew closes its own clients before then.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often a node renews its lease (and looks for lapsed ones).
+    #[serde(with = "humantime_serde")]
+    pub lease_renew: Duration,
+    /// Longest wait for the other nodes' answers to a cluster-wide request
+    /// (who is online, a push that must be counted, a kick, a reload).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long a node holds a message whose channel has a gap in `seq`
+    /// (an earlier one still in transit) before it reads the missing ones
+    /// from the database.
+    #[serde(with = "humantime_serde")]
+    pub gap_wait: Duration,
+    /// First token of every NATS subject the cluster uses, so several
+    /// clusters can share one NATS system.
+    pub subject_prefix: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_urls: vec!["nats://127.0.0.1:4222".to_string()],
+            node_id: String::new(),
+            lease_ttl: Duration::from_secs(10),
+            lease_renew: Duration::from_secs(2),
+            request_timeout: Duration::from_millis(500),
+            gap_wait: Duration::from_millis(100),
+            subject_prefix: "plugboard".to_string(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self, storage: &StorageConfig) -> Result<(), ConfigError> {
+        if storage.backend != StorageBackend::Postgres {
+            return Err(key_err(
+                "cluster",
+                "cluster mode needs storage.backend = \"postgres\" (every node shares one database)",
+            ));
+        }
+        if self.nats_urls.is_empty() {
+            return Err(key_err("cluster.nats_urls", "must name at least one NATS server"));
+        }
+        for url in &self.nats_urls {
+            let ok = reqwest::Url::parse(url).is_ok_and(|u| {
+                matches!(u.scheme(), "nats" | "tls" | "ws" | "wss") && u.host_str().is_some()
+            });
+            if !ok {
+                return Err(key_err(
+                    "cluster.nats_urls",
+                    format!("{} is not a NATS URL (nats://host:port)", redact_url(url)),
+                ));
+            }
+        }
+        if !self.node_id.is_empty() && !valid_node_id(&self.node_id) {
+            return Err(key_err(
+                "cluster.node_id",
+                "must be 1 to 64 letters, digits, `-` or `_`",
+            ));
+        }
+        if !valid_node_id(&self.subject_prefix) {
+            return Err(key_err(
+                "cluster.subject_prefix",
+                "must be 1 to 64 letters, digits, `-` or `_` (one NATS subject token)",
+            ));
+        }
+        for (key, value) in [
+            ("cluster.lease_ttl", self.lease_ttl),
+            ("cluster.lease_renew", self.lease_renew),
+            ("cluster.request_timeout", self.request_timeout),
+            ("cluster.gap_wait", self.gap_wait),
+        ] {
+            if value.is_zero() {
+                return Err(key_err(key, "must be greater than zero"));
+            }
+        }
+        if self.lease_renew * 3 > self.lease_ttl {
+            return Err(key_err(
+                "cluster.lease_renew",
+                format!(
+                    "must be at most a third of cluster.lease_ttl ({}), so that a lease survives two missed renewals",
+                    humantime::format_duration(self.lease_ttl)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A node id: it names NATS subjects and the `node-id` file, so it is kept
+/// to one subject token of plain characters.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Where everything durable is kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -771,6 +889,18 @@ impl Config {
             return Err(key_err("data_dir", "must not be empty"));
         }
         self.storage.validate()?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(&self.storage)?;
+            if self.node_id != Config::default().node_id
+                && !cluster.node_id.is_empty()
+                && cluster.node_id != self.node_id
+            {
+                return Err(key_err(
+                    "node_id",
+                    "in cluster mode the node id is cluster.node_id; set one of the two",
+                ));
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(key_err("log.level", format!("is not a valid filter: {e}")));
         }
@@ -1065,6 +1195,11 @@ impl Config {
         if !c.storage.url.is_empty() {
             c.storage.url = redact_url(&c.storage.url);
         }
+        if let Some(cluster) = &mut c.cluster {
+            for url in &mut cluster.nats_urls {
+                *url = redact_url(url);
+            }
+        }
         c
     }
 
@@ -1080,6 +1215,9 @@ impl Config {
         }
         if self.storage != new.storage {
             keys.push("storage");
+        }
+        if self.cluster != new.cluster {
+            keys.push("cluster");
         }
         if self.server != new.server {
             keys.push("server");

@@ -10,10 +10,11 @@
 //! each session task writes them), so `messaging` and `control` never see
 //! a socket or a wire format.
 //!
-//! The implementation in use is `gateway::local::LocalDelivery`: the
-//! sessions of this node (the gateway's registry) and the ordered fan-out
-//! shards. A cross-node implementation is meant to be a second type behind
-//! the same `Arc<dyn Delivery>`.
+//! Two implementations: `gateway::local::LocalDelivery`, the sessions of
+//! this node (the gateway's registry) and the ordered fan-out shards; and,
+//! in cluster mode, `cluster::delivery::ClusterDelivery`, which does the
+//! same on this node and carries every operation to the other nodes over
+//! NATS (see its module docs for what crosses and how order is kept).
 //!
 //! Guarantees every implementation keeps:
 //! - **One order per channel.** [`Delivery::fan_out`] is called by the
@@ -34,10 +35,16 @@
 //!   trait never touches storage.
 //! - **Closing is a request.** Kicks and drains ask a connection's session
 //!   task to close; the task records the close and finishes the handshake.
+//! - **Answers cover the cluster.** What returns a count or a list (pushes
+//!   to a user, kicks, who is online) is asynchronous, because in cluster
+//!   mode it waits for the other nodes' answers (bounded by
+//!   `cluster.request_timeout`: a node that does not answer in time counts
+//!   as having none of the user's connections). `fan_out` and `close_all`
+//!   only queue and return at once; `close_all` drains this node only.
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -115,10 +122,12 @@ impl ControlPush {
     }
 }
 
-/// A live connection on this node, as `GET /admin/connections` shows it.
-#[derive(Debug, Clone, Serialize)]
+/// A live connection, as `GET /admin/connections` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Connection {
     pub connection_id: String,
+    /// The node holding it.
+    pub node_id: String,
     pub user_id: String,
     pub device_id: String,
     pub remote_addr: String,
@@ -160,6 +169,13 @@ pub enum CloseReason {
     Shutdown,
     /// The gateway died with the connection open; closed at the next start (1006).
     GatewayCrash,
+    /// Cluster mode: the node holding it lost its lease (killed, frozen or
+    /// cut off from the database); closed by a surviving node (1006).
+    NodeLost,
+    /// Cluster mode: this node could not renew its lease in time, so it
+    /// closed its clients before the lease ran out (1012: connect again,
+    /// to another node).
+    LeaseLost,
     /// An internal error ended the connection (1011).
     ServerError,
 }
@@ -180,6 +196,8 @@ impl CloseReason {
             CloseReason::ServiceDisabled => "service_disabled",
             CloseReason::Shutdown => "shutdown",
             CloseReason::GatewayCrash => "gateway_crash",
+            CloseReason::NodeLost => "node_lost",
+            CloseReason::LeaseLost => "lease_lost",
             CloseReason::ServerError => "server_error",
         }
     }
@@ -189,7 +207,7 @@ impl CloseReason {
     pub fn code(self) -> u16 {
         match self {
             CloseReason::ClientClose => 1000,
-            CloseReason::Abnormal | CloseReason::GatewayCrash => 1006,
+            CloseReason::Abnormal | CloseReason::GatewayCrash | CloseReason::NodeLost => 1006,
             CloseReason::ProtocolError => 1002,
             CloseReason::InvalidUtf8 => 1007,
             CloseReason::MessageTooBig => 1009,
@@ -198,16 +216,41 @@ impl CloseReason {
             CloseReason::Kicked => 4002,
             CloseReason::Replaced => 4003,
             CloseReason::SlowConsumer => 4004,
-            CloseReason::ServiceDisabled => 1012,
+            CloseReason::ServiceDisabled | CloseReason::LeaseLost => 1012,
             CloseReason::Shutdown => 1001,
             CloseReason::ServerError => 1011,
         }
     }
 
+    /// Every reason, for parsing and for tests.
+    pub const ALL: [CloseReason; 16] = [
+        CloseReason::ClientClose,
+        CloseReason::Abnormal,
+        CloseReason::ProtocolError,
+        CloseReason::InvalidUtf8,
+        CloseReason::MessageTooBig,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::TokenExpired,
+        CloseReason::Kicked,
+        CloseReason::Replaced,
+        CloseReason::SlowConsumer,
+        CloseReason::ServiceDisabled,
+        CloseReason::Shutdown,
+        CloseReason::GatewayCrash,
+        CloseReason::NodeLost,
+        CloseReason::LeaseLost,
+        CloseReason::ServerError,
+    ];
+
+    /// The reason whose [`CloseReason::as_str`] is `text`.
+    pub fn parse(text: &str) -> Option<CloseReason> {
+        CloseReason::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
     /// The `event` of the `meta` frame that announces this close, if one is sent.
     pub fn meta_event(self) -> Option<&'static str> {
         match self {
-            CloseReason::ServiceDisabled => Some("disable"),
+            CloseReason::ServiceDisabled | CloseReason::LeaseLost => Some("disable"),
             CloseReason::Shutdown => Some("shutdown"),
             CloseReason::HeartbeatTimeout
             | CloseReason::TokenExpired
@@ -222,6 +265,7 @@ impl CloseReason {
 
 /// The door to live sessions (see the module docs for its guarantees).
 /// Object-safe: the server holds one as `Arc<dyn Delivery>`.
+#[async_trait::async_trait]
 pub trait Delivery: Send + Sync + 'static {
     /// Queues a committed message for every live connection of its
     /// members, except `origin` (the sending connection, which gets a
@@ -231,16 +275,17 @@ pub trait Delivery: Send + Sync + 'static {
 
     /// Pushes to every live connection of `user` but `except`. Returns how
     /// many connections took it.
-    fn to_user(&self, user: &str, push: &Push, lane: Lane, except: Option<&str>) -> usize;
+    async fn to_user(&self, user: &str, push: &Push, lane: Lane, except: Option<&str>) -> usize;
 
     /// Pushes to one connection of `user`. False when it is gone or did not
     /// take it.
-    fn to_connection(&self, user: &str, connection_id: &str, push: &Push, lane: Lane) -> bool;
+    async fn to_connection(&self, user: &str, connection_id: &str, push: &Push, lane: Lane)
+        -> bool;
 
     /// Asks `user`'s connections (only those of `device`, when given) to
     /// close for `reason`, telling them `message`. Returns the connection
     /// ids asked (a connection already closing is not asked again).
-    fn kick_user(
+    async fn kick_user(
         &self,
         user: &str,
         device: Option<&str>,
@@ -250,7 +295,7 @@ pub trait Delivery: Send + Sync + 'static {
 
     /// Asks one connection of `user` to close. False when it is gone or
     /// already closing.
-    fn kick_connection(
+    async fn kick_connection(
         &self,
         user: &str,
         connection_id: &str,
@@ -258,14 +303,18 @@ pub trait Delivery: Send + Sync + 'static {
         message: &str,
     ) -> bool;
 
-    /// Asks every connection to close (a drain): the live sessions and the
-    /// connections still waiting for their `auth` frame. Returns how many
-    /// were asked. Call it after the state that refuses new connections is
+    /// Asks every connection of this node to close (a drain): the live
+    /// sessions and the connections still waiting for their `auth` frame.
+    /// Returns how many were asked. Call it after the state that refuses new connections is
     /// set, so that a connection that comes later finds itself refused.
     fn close_all(&self, reason: CloseReason, message: &str) -> usize;
 
-    /// The live connections on this node: `user`'s, or everyone's.
-    fn online(&self, user: Option<&str>) -> Vec<Connection>;
+    /// The live connections: `user`'s, or everyone's.
+    async fn online(&self, user: Option<&str>) -> Vec<Connection>;
+
+    /// Which of `users` have a live connection.
+    async fn online_among(&self, users: &[String]) -> std::collections::HashSet<String>;
+
 }
 
 #[cfg(test)]

@@ -129,6 +129,31 @@ pub struct Metrics {
     pub control_acks: Counter,
     pub controls_expired: Counter,
     pub control_refusals: Family<ReasonLabel, Counter>,
+    pub cluster_nodes: Gauge,
+    pub cluster_fenced: Gauge,
+    pub cluster_lease_renewals: Counter,
+    pub cluster_lease_failures: Counter,
+    pub cluster_reaped_sessions: Counter,
+    pub cluster_published: Counter,
+    pub cluster_received: Counter,
+    pub cluster_dropped_frames: Counter,
+    pub cluster_malformed_frames: Counter,
+    pub cluster_duplicates: Counter,
+    pub cluster_gaps: Family<GapLabel, Counter>,
+    pub cluster_filled_messages: Counter,
+    pub cluster_resyncs: Counter,
+    pub cluster_requests: Family<OutcomeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GapLabel {
+    /// `filled` (read from the database) or `skipped`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -189,6 +214,20 @@ impl Metrics {
             control_acks: Counter::default(),
             controls_expired: Counter::default(),
             control_refusals: Family::default(),
+            cluster_nodes: Gauge::default(),
+            cluster_fenced: Gauge::default(),
+            cluster_lease_renewals: Counter::default(),
+            cluster_lease_failures: Counter::default(),
+            cluster_reaped_sessions: Counter::default(),
+            cluster_published: Counter::default(),
+            cluster_received: Counter::default(),
+            cluster_dropped_frames: Counter::default(),
+            cluster_malformed_frames: Counter::default(),
+            cluster_duplicates: Counter::default(),
+            cluster_gaps: Family::default(),
+            cluster_filled_messages: Counter::default(),
+            cluster_resyncs: Counter::default(),
+            cluster_requests: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -362,6 +401,76 @@ impl Metrics {
             "control_refusals",
             "Control requests refused, by reason (rate_limited, bad_signature, replayed, rejected, …)",
             m.control_refusals.clone(),
+        );
+        r.register(
+            "cluster_nodes",
+            "Cluster mode: nodes with a live lease, this one included (0 on a single node)",
+            m.cluster_nodes.clone(),
+        );
+        r.register(
+            "cluster_fenced",
+            "Cluster mode: 1 while this node refuses connections because it could not renew its lease",
+            m.cluster_fenced.clone(),
+        );
+        r.register(
+            "cluster_lease_renewals",
+            "Cluster mode: renewals of this node's lease the database took",
+            m.cluster_lease_renewals.clone(),
+        );
+        r.register(
+            "cluster_lease_failures",
+            "Cluster mode: renewals of this node's lease that failed or timed out",
+            m.cluster_lease_failures.clone(),
+        );
+        r.register(
+            "cluster_reaped_sessions",
+            "Cluster mode: connections of nodes whose lease lapsed, closed by this node",
+            m.cluster_reaped_sessions.clone(),
+        );
+        r.register(
+            "cluster_published",
+            "Cluster mode: frames this node published on the fan-out subject (messages and beats)",
+            m.cluster_published.clone(),
+        );
+        r.register(
+            "cluster_received",
+            "Cluster mode: messages committed by other nodes received over NATS",
+            m.cluster_received.clone(),
+        );
+        r.register(
+            "cluster_dropped_frames",
+            "Cluster mode: frames not published because NATS was unreachable (receivers read them back)",
+            m.cluster_dropped_frames.clone(),
+        );
+        r.register(
+            "cluster_malformed_frames",
+            "Cluster mode: frames or requests from NATS that did not parse (dropped)",
+            m.cluster_malformed_frames.clone(),
+        );
+        r.register(
+            "cluster_duplicates",
+            "Cluster mode: messages that reached this node's sequencer twice (dropped the second time)",
+            m.cluster_duplicates.clone(),
+        );
+        r.register(
+            "cluster_gaps",
+            "Cluster mode: gaps in a channel's seq, by outcome (filled from the database, or skipped)",
+            m.cluster_gaps.clone(),
+        );
+        r.register(
+            "cluster_filled_messages",
+            "Cluster mode: messages read from the database to fill gaps in routing",
+            m.cluster_filled_messages.clone(),
+        );
+        r.register(
+            "cluster_resyncs",
+            "Cluster mode: comparisons of every known channel with the database after missed frames or a NATS reconnect",
+            m.cluster_resyncs.clone(),
+        );
+        r.register(
+            "cluster_requests",
+            "Cluster mode: requests to other nodes, by outcome (ok, timeout, no_responders, malformed, error)",
+            m.cluster_requests.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -33,7 +33,13 @@ use crate::control::Control;
 use crate::delivery::{CloseReason, Delivery};
 use crate::events::ServiceReason;
 use crate::gateway::local::LocalDelivery;
-use crate::gateway::{Gateway, Lifecycle, Registry, DISABLED_MESSAGE, SHUTDOWN_MESSAGE};
+use crate::cluster::delivery::{ClusterDelivery, NodeOps};
+use crate::cluster::lease::Lease;
+use crate::cluster::sequencer::Sequencer;
+use crate::cluster::Subjects;
+use crate::gateway::{
+    Gateway, Lifecycle, Registry, DISABLED_MESSAGE, LEASE_LOST_MESSAGE, SHUTDOWN_MESSAGE,
+};
 use crate::messaging::Messaging;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::outbox::{Outbox, Wakeup};
@@ -65,10 +71,18 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
     pub plugins: Arc<PluginRegistry>,
+    /// Cluster mode: this node's lease and the cross-node delivery.
+    pub cluster: Option<ClusterNode>,
     /// Keeps the plugins-folder watcher alive.
     _watcher: Option<notify::RecommendedWatcher>,
     /// Serialises reloads.
     reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// A node's part in a cluster.
+pub struct ClusterNode {
+    pub lease: Arc<Lease>,
+    pub delivery: Arc<ClusterDelivery>,
 }
 
 /// What a reload did.
@@ -135,6 +149,8 @@ impl App {
         let restart_required = old.restart_required_changes(&new);
         new.data_dir = old.data_dir.clone();
         new.node_id = old.node_id.clone();
+        new.cluster = old.cluster.clone();
+        new.storage = old.storage.clone();
         new.server = old.server.clone();
         new.log = old.log.clone();
         let secrets = Secrets::resolve(&new, |text| println!("{text}"))?;
@@ -169,6 +185,40 @@ impl App {
     }
 }
 
+/// What this node does when another node asks it to reload or to load
+/// a plugin (see `cluster::delivery::NodeOps`).
+struct AppOps(std::sync::Weak<App>);
+
+#[async_trait::async_trait]
+impl NodeOps for AppOps {
+    async fn reload(&self) -> serde_json::Value {
+        let Some(app) = self.0.upgrade() else {
+            return serde_json::json!({"applied": false, "error": "shutting down"});
+        };
+        match app.reload().await {
+            Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+            Err(e) => serde_json::json!({"applied": false, "error": format!("{e:#}")}),
+        }
+    }
+
+    async fn plugin_load(&self, name: &str) -> serde_json::Value {
+        let Some(app) = self.0.upgrade() else {
+            return serde_json::json!({"error": "shutting down"});
+        };
+        match app.plugins.reload(name).await {
+            Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        }
+    }
+
+    async fn plugins(&self) -> serde_json::Value {
+        let Some(app) = self.0.upgrade() else {
+            return serde_json::Value::Null;
+        };
+        serde_json::to_value(app.plugins.views(0)).unwrap_or_default()
+    }
+}
+
 /// A running gateway.
 pub struct Server {
     app: Arc<App>,
@@ -180,18 +230,43 @@ pub struct Server {
 impl Server {
     /// Starts a gateway on `listener` with `config`.
     pub async fn start(
-        config: Config,
+        mut config: Config,
         config_path: Option<PathBuf>,
         listener: TcpListener,
     ) -> anyhow::Result<Server> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
         })?;
+        if let Some(cluster) = &config.cluster {
+            config.node_id = crate::cluster::resolve_node_id(cluster, &config.data_dir)?;
+        }
+        let local_addr = listener.local_addr()?;
         let secrets = Secrets::resolve(&config, |text| println!("{text}"))?;
         let metrics = Arc::new(Metrics::new());
         let storage =
             crate::storage::open(&config.storage, &config.data_dir, Some(metrics.clone())).await?;
         let wakeup = Wakeup::default();
+        // In cluster mode the lease comes first: crash recovery below closes
+        // this node id's sessions, which must not belong to a live process.
+        let lease = match &config.cluster {
+            Some(c) => {
+                let store = storage.cluster.clone().ok_or_else(|| {
+                    anyhow::anyhow!("cluster mode needs a storage engine that nodes share (PostgreSQL)")
+                })?;
+                Some(
+                    Lease::join(
+                        store,
+                        c,
+                        &config.node_id,
+                        &local_addr.to_string(),
+                        metrics.clone(),
+                        wakeup.clone(),
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
         let lifecycle = Lifecycle::start(
             storage.sessions.clone(),
             storage.outbox.clone(),
@@ -231,9 +306,60 @@ impl Server {
         let enabled = config.gateway.enabled;
         let config = config::Handle::new(config);
         let secrets = Arc::new(ArcSwap::from_pointee(secrets));
-        let registry = Arc::new(Registry::new());
-        let delivery: Arc<dyn Delivery> =
-            Arc::new(LocalDelivery::start(registry.clone(), metrics.clone()));
+        let registry = Arc::new(Registry::new(&config.load().node_id));
+        let local = Arc::new(LocalDelivery::start(registry.clone(), metrics.clone()));
+        let (delivery, cluster): (Arc<dyn Delivery>, Option<ClusterNode>) = match lease {
+            None => (local, None),
+            Some(lease) => {
+                let cfg = config.load();
+                let c = cfg.cluster.clone().unwrap_or_default();
+                let store = storage.cluster.clone().ok_or_else(|| {
+                    anyhow::anyhow!("cluster mode needs a storage engine that nodes share")
+                })?;
+                let sequencer = Arc::new(Sequencer::start(
+                    local.clone(),
+                    store,
+                    storage.groups.clone(),
+                    c.gap_wait,
+                    metrics.clone(),
+                ));
+                let resync = Arc::downgrade(&sequencer);
+                let nats = crate::cluster::connect_nats(&c, &cfg.node_id, move |event| {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            if let Some(s) = resync.upgrade() {
+                                s.resync();
+                            }
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!(
+                            "lost the connection to NATS; other nodes' messages are read back from the database once it is back"
+                        ),
+                        other => tracing::warn!(event = %other, "NATS"),
+                    }
+                })
+                .await?;
+                let cluster_delivery = ClusterDelivery::start(
+                    local,
+                    sequencer,
+                    nats,
+                    Subjects::new(&c.subject_prefix),
+                    lease.clone(),
+                    storage.groups.clone(),
+                    lease.incarnation().to_string(),
+                    c.request_timeout,
+                    metrics.clone(),
+                )
+                .await?;
+                (
+                    cluster_delivery.clone() as Arc<dyn Delivery>,
+                    Some(ClusterNode {
+                        lease,
+                        delivery: cluster_delivery,
+                    }),
+                )
+            }
+        };
         let messaging = Arc::new(Messaging::new(
             config.clone(),
             storage.messages.clone(),
@@ -260,6 +386,7 @@ impl Server {
             metrics.clone(),
             messaging.clone(),
             control.clone(),
+            delivery.clone(),
         ));
         messaging.start_maintenance();
         control.start_expiry();
@@ -276,9 +403,24 @@ impl Server {
             metrics,
             outbox,
             plugins,
+            cluster,
             _watcher: watcher,
             reload_lock: tokio::sync::Mutex::new(()),
         });
+        if let Some(c) = &app.cluster {
+            c.delivery.set_ops(Arc::new(AppOps(Arc::downgrade(&app))));
+            let weak = Arc::downgrade(&app);
+            c.lease.start(Arc::new(move |fenced| {
+                let Some(app) = weak.upgrade() else { return };
+                app.gateway.set_fenced(fenced);
+                if fenced {
+                    let asked = app
+                        .delivery
+                        .close_all(CloseReason::LeaseLost, LEASE_LOST_MESSAGE);
+                    tracing::warn!(connections = asked, "fenced: asked every connection to close");
+                }
+            }));
+        }
         if enabled {
             // Before the first accept: `service.enabled` comes before any
             // connection event of this run.
@@ -287,7 +429,6 @@ impl Server {
                 .record_service(true, ServiceReason::Start)
                 .await?;
         }
-        let local_addr = listener.local_addr()?;
         let stop_accepting = CancellationToken::new();
         let accept_task = tokio::spawn(accept_loop(
             listener,
@@ -366,6 +507,9 @@ impl Server {
             );
         }
         app.outbox.stop().await;
+        if let Some(c) = &app.cluster {
+            c.lease.leave().await;
+        }
         tracing::info!("shutdown complete");
     }
 }

@@ -180,7 +180,7 @@ impl Control {
                 .await
             {
                 Ok(p) => break p,
-                Err(e) if e.is_unavailable() && self.is_online(&user, &connection_id) => {
+                Err(e) if e.is_unavailable() && self.is_online(&user, &connection_id).await => {
                     let wait = backoff.failed();
                     if backoff.failures() == 1 {
                         tracing::warn!(user_id = %user, connection_id = %connection_id, error = %e,
@@ -208,6 +208,7 @@ impl Control {
             if self
                 .delivery
                 .to_connection(&user, &connection_id, &push, lane)
+                .await
             {
                 sent.push(d.control_id.clone());
             }
@@ -230,7 +231,7 @@ impl Control {
                 // Pushed but not recorded: the controls stay pending and
                 // come again at the next connect; recording them is worth
                 // waiting for, but not past the connection.
-                Err(e) if e.is_unavailable() && self.is_online(&user, &connection_id) => {
+                Err(e) if e.is_unavailable() && self.is_online(&user, &connection_id).await => {
                     tokio::time::sleep(backoff.failed()).await;
                 }
                 Err(e) => {
@@ -241,9 +242,10 @@ impl Control {
         }
     }
 
-    fn is_online(&self, user: &str, connection_id: &str) -> bool {
+    async fn is_online(&self, user: &str, connection_id: &str) -> bool {
         self.delivery
             .online(Some(user))
+            .await
             .iter()
             .any(|c| c.connection_id == connection_id)
     }

@@ -176,7 +176,7 @@ impl Control {
             };
         }
         if t.online == Some(true) {
-            let online = self.delivery.online(None);
+            let online = self.delivery.online(None).await;
             targets = dedupe(online.into_iter().map(|c| c.user_id));
         }
         if targets.len() > c.max_targets {
@@ -295,12 +295,7 @@ impl Control {
         plan: &Plan,
     ) -> Result<Result<Recorded, Existing>, ControlError> {
         let now = crate::now_ms();
-        let online: HashSet<String> = plan
-            .targets
-            .iter()
-            .filter(|u| !self.delivery.online(Some(u)).is_empty())
-            .cloned()
-            .collect();
+        let online: HashSet<String> = self.delivery.online_among(&plan.targets).await;
         let mut rows: Vec<NewTarget> = plan
             .targets
             .iter()
@@ -393,7 +388,7 @@ impl Control {
             };
             let was_online = recorded.online.contains(u);
             let devices = if was_online {
-                self.delivery.to_user(u, push, lane, None)
+                self.delivery.to_user(u, push, lane, None).await
             } else {
                 0
             };

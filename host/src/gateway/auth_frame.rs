@@ -100,7 +100,7 @@ pub async fn authenticate_then_run(
         .unwrap_or_else(|| "default".into());
     // From here the registry knows it as a session (`admit` re-checks the drain).
     drop(pending);
-    match gw.admit(&claims.sub, &device, &remote, claims.exp) {
+    match gw.admit(&claims.sub, &device, &remote, claims.exp).await {
         Ok(adm) => run(gw, ws, adm).await,
         Err(rejected) => refuse(&gw, &mut ws, &remote, 1008, "device_policy", rejected.0).await,
     }

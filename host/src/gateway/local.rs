@@ -8,6 +8,7 @@
 //! push does not count as taken. Committed messages go through the fan-out
 //! shards ([`super::fanout`]), which keep each channel in commit order.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::Message;
@@ -36,20 +37,14 @@ impl LocalDelivery {
     }
 }
 
-/// Queues `frame` on `session`'s queue of `lane`; true when it was taken.
-fn queue(session: &LiveSession, frame: Message, lane: Lane) -> bool {
-    match lane {
-        Lane::Normal => session.push(frame).is_ok(),
-        Lane::Urgent => session.push_urgent(frame).is_ok(),
-    }
-}
-
-impl Delivery for LocalDelivery {
-    fn fan_out(&self, appended: Appended, origin: Option<String>) {
-        self.fanout.queue(Job { appended, origin });
+impl LocalDelivery {
+    /// The registry of this node's sessions.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
-    fn to_user(&self, user: &str, push: &Push, lane: Lane, except: Option<&str>) -> usize {
+    /// [`Delivery::to_user`] on this node only.
+    pub fn to_user_here(&self, user: &str, push: &Push, lane: Lane, except: Option<&str>) -> usize {
         let sessions: Vec<_> = self
             .registry
             .user_sessions(user)
@@ -66,7 +61,14 @@ impl Delivery for LocalDelivery {
             .count()
     }
 
-    fn to_connection(&self, user: &str, connection_id: &str, push: &Push, lane: Lane) -> bool {
+    /// [`Delivery::to_connection`] on this node only.
+    pub fn to_connection_here(
+        &self,
+        user: &str,
+        connection_id: &str,
+        push: &Push,
+        lane: Lane,
+    ) -> bool {
         let Some(session) = self
             .registry
             .user_sessions(user)
@@ -82,7 +84,8 @@ impl Delivery for LocalDelivery {
         )
     }
 
-    fn kick_user(
+    /// [`Delivery::kick_user`] on this node only.
+    pub fn kick_user_here(
         &self,
         user: &str,
         device: Option<&str>,
@@ -98,7 +101,8 @@ impl Delivery for LocalDelivery {
             .collect()
     }
 
-    fn kick_connection(
+    /// [`Delivery::kick_connection`] on this node only.
+    pub fn kick_connection_here(
         &self,
         user: &str,
         connection_id: &str,
@@ -112,7 +116,26 @@ impl Delivery for LocalDelivery {
             .is_some_and(|s| s.request_close(reason, message))
     }
 
-    fn close_all(&self, reason: CloseReason, message: &str) -> usize {
+    /// [`Delivery::online`] on this node only.
+    pub fn online_here(&self, user: Option<&str>) -> Vec<Connection> {
+        let sessions = match user {
+            Some(u) => self.registry.user_sessions(u),
+            None => self.registry.all(),
+        };
+        sessions.iter().map(|s| self.registry.view(s)).collect()
+    }
+
+    /// [`Delivery::online_among`] on this node only.
+    pub fn online_among_here(&self, users: &[String]) -> HashSet<String> {
+        users
+            .iter()
+            .filter(|u| !self.registry.user_sessions(u).is_empty())
+            .cloned()
+            .collect()
+    }
+
+    /// [`Delivery::close_all`] (always this node only).
+    pub fn close_all_here(&self, reason: CloseReason, message: &str) -> usize {
         let sessions = self
             .registry
             .all()
@@ -121,12 +144,59 @@ impl Delivery for LocalDelivery {
             .count();
         sessions + self.registry.close_pending(reason, message)
     }
+}
 
-    fn online(&self, user: Option<&str>) -> Vec<Connection> {
-        let sessions = match user {
-            Some(u) => self.registry.user_sessions(u),
-            None => self.registry.all(),
-        };
-        sessions.iter().map(|s| s.view()).collect()
+/// Queues `frame` on `session`'s queue of `lane`; true when it was taken.
+fn queue(session: &LiveSession, frame: Message, lane: Lane) -> bool {
+    match lane {
+        Lane::Normal => session.push(frame).is_ok(),
+        Lane::Urgent => session.push_urgent(frame).is_ok(),
+    }
+}
+
+#[async_trait::async_trait]
+impl Delivery for LocalDelivery {
+    fn fan_out(&self, appended: Appended, origin: Option<String>) {
+        self.fanout.queue(Job { appended, origin });
+    }
+
+    async fn to_user(&self, user: &str, push: &Push, lane: Lane, except: Option<&str>) -> usize {
+        self.to_user_here(user, push, lane, except)
+    }
+
+    async fn to_connection(&self, user: &str, connection_id: &str, push: &Push, lane: Lane) -> bool {
+        self.to_connection_here(user, connection_id, push, lane)
+    }
+
+    async fn kick_user(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        reason: CloseReason,
+        message: &str,
+    ) -> Vec<String> {
+        self.kick_user_here(user, device, reason, message)
+    }
+
+    async fn kick_connection(
+        &self,
+        user: &str,
+        connection_id: &str,
+        reason: CloseReason,
+        message: &str,
+    ) -> bool {
+        self.kick_connection_here(user, connection_id, reason, message)
+    }
+
+    fn close_all(&self, reason: CloseReason, message: &str) -> usize {
+        self.close_all_here(reason, message)
+    }
+
+    async fn online(&self, user: Option<&str>) -> Vec<Connection> {
+        self.online_here(user)
+    }
+
+    async fn online_among(&self, users: &[String]) -> HashSet<String> {
+        self.online_among_here(users)
     }
 }

@@ -30,11 +30,13 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Secrets;
 use crate::config::{self, Config};
 use crate::control::Control;
+use crate::delivery::Delivery;
 use crate::events::CloseInfo;
 use crate::messaging::Messaging;
 use crate::metrics::Metrics;
 pub use lifecycle::{CloseReason, Lifecycle};
-use registry::Rejected;
+use registry::{Elsewhere, Rejected};
+pub use registry::Displaced;
 pub use registry::{LiveSession, Registry};
 use session::Admitted;
 
@@ -42,6 +44,9 @@ use session::Admitted;
 pub const SHUTDOWN_MESSAGE: &str = "the gateway is shutting down";
 /// The message of a drain by a reload that disabled the service.
 pub const DISABLED_MESSAGE: &str = "the WebSocket service was disabled by the operator";
+/// What clients are told when this node could not renew its cluster lease.
+pub const LEASE_LOST_MESSAGE: &str =
+    "this node lost its cluster lease; connect again (to another node)";
 
 /// What client connections use: the config and secrets in force, this
 /// node's registry, the lifecycle recorder, the messaging and control
@@ -55,10 +60,15 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     messaging: Arc<Messaging>,
     control: Arc<Control>,
+    /// The door to live sessions, for what the device policy reaches on
+    /// other nodes.
+    delivery: Arc<dyn Delivery>,
     /// Every upgraded connection's task, so shutdown can wait for them.
     sessions: TaskTracker,
     /// Set once shutdown starts; never cleared.
     shutting_down: AtomicBool,
+    /// Cluster mode: set while this node's lease is in doubt.
+    fenced: AtomicBool,
 }
 
 impl Gateway {
@@ -71,6 +81,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         messaging: Arc<Messaging>,
         control: Arc<Control>,
+        delivery: Arc<dyn Delivery>,
     ) -> Gateway {
         Gateway {
             config,
@@ -80,8 +91,10 @@ impl Gateway {
             metrics,
             messaging,
             control,
+            delivery,
             sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
         }
     }
 
@@ -101,6 +114,8 @@ impl Gateway {
     pub fn not_accepting_reason(&self) -> Option<&'static str> {
         if self.shutting_down.load(Ordering::Acquire) {
             Some("the gateway is shutting down")
+        } else if self.fenced.load(Ordering::Acquire) {
+            Some(LEASE_LOST_MESSAGE)
         } else if !self.config.load().gateway.enabled {
             Some("the WebSocket service is disabled")
         } else {
@@ -117,11 +132,24 @@ impl Gateway {
     pub fn drain_reason(&self) -> Option<(CloseReason, &'static str)> {
         if self.shutting_down.load(Ordering::Acquire) {
             Some((CloseReason::Shutdown, SHUTDOWN_MESSAGE))
+        } else if self.fenced.load(Ordering::Acquire) {
+            Some((CloseReason::LeaseLost, LEASE_LOST_MESSAGE))
         } else if !self.config.load().gateway.enabled {
             Some((CloseReason::ServiceDisabled, DISABLED_MESSAGE))
         } else {
             None
         }
+    }
+
+    /// Cluster mode: refuses new connections (and drains those that come
+    /// late) while `fenced`. Set before the drain walks the registry.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.fenced.store(fenced, Ordering::Release);
+    }
+
+    /// This node refuses connections because its cluster lease is in doubt.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
     }
 
     /// From now on new connections are refused and those that come late
@@ -131,14 +159,29 @@ impl Gateway {
     }
 
     /// Applies the multi-device policy to a new authenticated connection and
-    /// registers it (not yet open).
-    pub fn admit(
+    /// registers it (not yet open). The policy counts the user's
+    /// connections on every node (in cluster mode the others are asked
+    /// first).
+    pub async fn admit(
         &self,
         user_id: &str,
         device_id: &str,
         remote: &str,
         token_exp: Option<u64>,
     ) -> Result<Admitted, Rejected> {
+        let here = self.registry.node_id().to_string();
+        let elsewhere: Vec<Elsewhere> = self
+            .delivery
+            .online(Some(user_id))
+            .await
+            .into_iter()
+            .filter(|c| c.node_id != here)
+            .map(|c| Elsewhere {
+                admitted_at: crate::parse_rfc3339_ms(&c.opened_at).unwrap_or(0),
+                connection_id: c.connection_id,
+                device_id: c.device_id,
+            })
+            .collect();
         let cfg = self.config();
         let (live, outbound, close) = LiveSession::new(
             crate::new_id("conn"),
@@ -147,7 +190,9 @@ impl Gateway {
             remote.to_string(),
             cfg.gateway.outbound_queue,
         );
-        let displaces = self.registry.admit(live.clone(), &cfg.gateway.devices)?;
+        let displaces = self
+            .registry
+            .admit(live.clone(), &cfg.gateway.devices, &elsewhere)?;
         // A drain that began after the caller's last check did not see this
         // session in the registry: the drain's flag is set before it looks, so
         // one of the two always reaches the session.
@@ -161,6 +206,11 @@ impl Gateway {
             token_exp,
             displaces,
         })
+    }
+
+    /// The door to live sessions on every node.
+    pub fn delivery(&self) -> &Arc<dyn Delivery> {
+        &self.delivery
     }
 
     /// The tracker of session tasks (shutdown closes it and waits).

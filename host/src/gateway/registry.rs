@@ -143,9 +143,10 @@ impl LiveSession {
     }
 
     /// The session as the delivery seam lists it.
-    pub fn view(&self) -> Connection {
+    pub fn view(&self, node_id: &str) -> Connection {
         Connection {
             connection_id: self.connection_id.clone(),
+            node_id: node_id.to_string(),
             user_id: self.user_id.clone(),
             device_id: self.device_id.clone(),
             remote_addr: self.remote_addr.clone(),
@@ -154,6 +155,25 @@ impl LiveSession {
             queued_frames: self.queued(),
         }
     }
+}
+
+/// A connection of the same user on another node, as the multi-device
+/// policy counts it.
+#[derive(Debug, Clone)]
+pub struct Elsewhere {
+    pub connection_id: String,
+    pub device_id: String,
+    /// Unix ms when it was admitted there.
+    pub admitted_at: i64,
+}
+
+/// What admitting a session displaces.
+#[derive(Debug, Default)]
+pub struct Displaced {
+    /// Sessions of this node.
+    pub local: Vec<Arc<LiveSession>>,
+    /// Connection ids on other nodes.
+    pub elsewhere: Vec<String>,
 }
 
 /// The receiving ends of a session's queues, owned by its task.
@@ -187,6 +207,8 @@ impl Drop for PendingAuth {
 
 #[derive(Default)]
 pub struct Registry {
+    /// The node these sessions are on (shown in connection views).
+    node_id: String,
     shards: Vec<Mutex<HashMap<String, Vec<Arc<LiveSession>>>>>,
     count: AtomicUsize,
     /// Connections waiting for their `auth` frame, by a number of their own.
@@ -203,8 +225,10 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    pub fn new() -> Registry {
+    /// A registry of the sessions of node `node_id`.
+    pub fn new(node_id: &str) -> Registry {
         Registry {
+            node_id: node_id.to_string(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             count: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
@@ -257,27 +281,49 @@ impl Registry {
         &self.shards[(h.finish() as usize) % self.shards.len()]
     }
 
+    /// The node these sessions are on.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// A view of a session of this registry.
+    pub fn view(&self, session: &LiveSession) -> Connection {
+        session.view(&self.node_id)
+    }
+
     /// Applies the multi-device policy and, if the session may open, adds it.
-    /// Returns the sessions it displaces; the caller asks them to close.
+    /// `elsewhere` are the user's connections on other nodes (cluster mode),
+    /// counted by the policy like local ones. Returns what it displaces;
+    /// the caller asks them to close.
     pub fn admit(
         &self,
         session: Arc<LiveSession>,
         policy: &DevicesConfig,
-    ) -> Result<Vec<Arc<LiveSession>>, Rejected> {
+        elsewhere: &[Elsewhere],
+    ) -> Result<Displaced, Rejected> {
         let mut shard = self
             .shard(&session.user_id)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let existing = shard.entry(session.user_id.clone()).or_default();
         let mut victims: Vec<Arc<LiveSession>> = Vec::new();
+        let mut remote: Vec<String> = Vec::new();
         let same: Vec<Arc<LiveSession>> = existing
             .iter()
             .filter(|s| s.device_id == session.device_id)
             .cloned()
             .collect();
-        if !same.is_empty() {
+        let same_elsewhere: Vec<String> = elsewhere
+            .iter()
+            .filter(|e| e.device_id == session.device_id)
+            .map(|e| e.connection_id.clone())
+            .collect();
+        if !same.is_empty() || !same_elsewhere.is_empty() {
             match policy.same_device {
-                SameDevicePolicy::Replace => victims.extend(same),
+                SameDevicePolicy::Replace => {
+                    victims.extend(same);
+                    remote.extend(same_elsewhere);
+                }
                 SameDevicePolicy::Reject => {
                     return Err(Rejected(format!(
                         "device `{}` already has a connection and gateway.devices.same_device = \"reject\"",
@@ -289,13 +335,17 @@ impl Registry {
         }
         // Devices that remain besides the new one, oldest newest-connection first.
         let mut devices: Vec<(&str, i64)> = Vec::new();
-        for s in existing.iter() {
-            if victims.iter().any(|v| Arc::ptr_eq(v, s)) || s.device_id == session.device_id {
+        let others = existing
+            .iter()
+            .map(|s| (s.device_id.as_str(), s.admitted_at))
+            .chain(elsewhere.iter().map(|e| (e.device_id.as_str(), e.admitted_at)));
+        for (device, at) in others {
+            if device == session.device_id {
                 continue;
             }
-            match devices.iter_mut().find(|(d, _)| *d == s.device_id) {
-                Some((_, t)) => *t = (*t).max(s.admitted_at),
-                None => devices.push((&s.device_id, s.admitted_at)),
+            match devices.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, t)) => *t = (*t).max(at),
+                None => devices.push((device, at)),
             }
         }
         // The new session's device counts once, whether or not it shares it.
@@ -323,12 +373,21 @@ impl Registry {
                             .filter(|s| drop.contains(&s.device_id))
                             .cloned(),
                     );
+                    remote.extend(
+                        elsewhere
+                            .iter()
+                            .filter(|e| drop.contains(&e.device_id))
+                            .map(|e| e.connection_id.clone()),
+                    );
                 }
             }
         }
         existing.push(session);
         self.count.fetch_add(1, Ordering::Relaxed);
-        Ok(victims)
+        Ok(Displaced {
+            local: victims,
+            elsewhere: remote,
+        })
     }
 
     /// Removes a session (idempotent).
@@ -400,54 +459,54 @@ mod tests {
 
     #[test]
     fn same_device_policies() {
-        let r = Registry::new();
+        let r = Registry::new("node-1");
         let p = policy(5, SameDevicePolicy::Replace, DeviceLimitPolicy::Reject);
         let a = session("u", "phone");
-        assert!(r.admit(a.clone(), &p).unwrap().is_empty());
-        let victims = r.admit(session("u", "phone"), &p).unwrap();
+        assert!(r.admit(a.clone(), &p, &[]).unwrap().local.is_empty());
+        let victims = r.admit(session("u", "phone"), &p, &[]).unwrap().local;
         assert_eq!(victims.len(), 1);
         assert!(Arc::ptr_eq(&victims[0], &a));
 
-        let r = Registry::new();
+        let r = Registry::new("node-1");
         let p = policy(5, SameDevicePolicy::Reject, DeviceLimitPolicy::Reject);
-        r.admit(session("u", "phone"), &p).unwrap();
-        assert!(r.admit(session("u", "phone"), &p).is_err());
+        r.admit(session("u", "phone"), &p, &[]).unwrap();
+        assert!(r.admit(session("u", "phone"), &p, &[]).is_err());
         assert_eq!(r.len(), 1);
 
-        let r = Registry::new();
+        let r = Registry::new("node-1");
         let p = policy(1, SameDevicePolicy::Allow, DeviceLimitPolicy::Reject);
-        r.admit(session("u", "phone"), &p).unwrap();
-        assert!(r.admit(session("u", "phone"), &p).unwrap().is_empty());
+        r.admit(session("u", "phone"), &p, &[]).unwrap();
+        assert!(r.admit(session("u", "phone"), &p, &[]).unwrap().local.is_empty());
         assert_eq!(r.len(), 2);
     }
 
     #[test]
     fn device_limit_policies() {
-        let r = Registry::new();
+        let r = Registry::new("node-1");
         let p = policy(
             2,
             SameDevicePolicy::Replace,
             DeviceLimitPolicy::ReplaceOldest,
         );
         let a = session("u", "a");
-        r.admit(a.clone(), &p).unwrap();
-        r.admit(session("u", "b"), &p).unwrap();
-        let victims = r.admit(session("u", "c"), &p).unwrap();
+        r.admit(a.clone(), &p, &[]).unwrap();
+        r.admit(session("u", "b"), &p, &[]).unwrap();
+        let victims = r.admit(session("u", "c"), &p, &[]).unwrap().local;
         assert_eq!(victims.len(), 1);
         assert_eq!(victims[0].device_id, "a");
 
-        let r = Registry::new();
+        let r = Registry::new("node-1");
         let p = policy(2, SameDevicePolicy::Replace, DeviceLimitPolicy::Reject);
-        r.admit(session("u", "a"), &p).unwrap();
-        r.admit(session("u", "b"), &p).unwrap();
-        assert!(r.admit(session("u", "c"), &p).is_err());
+        r.admit(session("u", "a"), &p, &[]).unwrap();
+        r.admit(session("u", "b"), &p, &[]).unwrap();
+        assert!(r.admit(session("u", "c"), &p, &[]).is_err());
         // Another user is unaffected.
-        assert!(r.admit(session("v", "c"), &p).is_ok());
+        assert!(r.admit(session("v", "c"), &p, &[]).is_ok());
     }
 
     #[test]
     fn a_drain_reaches_connections_waiting_for_auth_once() {
-        let r = Arc::new(Registry::new());
+        let r = Arc::new(Registry::new("node-1"));
         let mut waiting = r.add_pending();
         let left = r.add_pending();
         assert_eq!(r.pending_len(), 2);

@@ -28,7 +28,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::lifecycle::{CloseReason, Closed};
 use super::protocol::{self, ClientFrame};
-use super::registry::{CloseCommand, LiveSession, Queues};
+use super::registry::{CloseCommand, Displaced, LiveSession, Queues};
 use super::wire::Tap;
 use super::Gateway;
 use crate::events::CloseInfo;
@@ -45,8 +45,8 @@ pub struct Admitted {
     pub close: oneshot::Receiver<CloseCommand>,
     /// Unix seconds when the token expires.
     pub token_exp: Option<u64>,
-    /// Sessions the multi-device policy displaces once this one is open.
-    pub displaces: Vec<Arc<LiveSession>>,
+    /// What the multi-device policy displaces once this one is open.
+    pub displaces: Displaced,
 }
 
 /// How the main loop ended.
@@ -119,14 +119,17 @@ pub async fn run(gw: Arc<Gateway>, mut ws: WsStream, adm: Admitted) {
         connection_id = %live.connection_id, user_id = %live.user_id,
         device_id = %live.device_id, remote = %live.remote_addr, "connection opened"
     );
-    for victim in displaces {
-        victim.request_close(
-            CloseReason::Replaced,
-            format!(
-                "replaced by connection {} of the same user",
-                live.connection_id
-            ),
-        );
+    let replaced = format!(
+        "replaced by connection {} of the same user",
+        live.connection_id
+    );
+    for victim in &displaces.local {
+        victim.request_close(CloseReason::Replaced, replaced.clone());
+    }
+    for id in &displaces.elsewhere {
+        gw.delivery()
+            .kick_connection(&live.user_id, id, CloseReason::Replaced, &replaced)
+            .await;
     }
 
     let cfg = gw.config();

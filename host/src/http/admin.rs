@@ -151,7 +151,10 @@ async fn connections(
     State(app): State<Arc<App>>,
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> Json<Value> {
-    let mut sessions = app.delivery.online(q.get("user_id").map(String::as_str));
+    let mut sessions = app
+        .delivery
+        .online(q.get("user_id").map(String::as_str))
+        .await;
     sessions.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
     Json(json!({ "count": sessions.len(), "connections": sessions }))
 }

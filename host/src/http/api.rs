@@ -59,7 +59,8 @@ async fn kick(
     let device = req.device_id.as_deref();
     let kicked = app
         .delivery
-        .kick_user(&uid, device, CloseReason::Kicked, &message);
+        .kick_user(&uid, device, CloseReason::Kicked, &message)
+        .await;
     tracing::info!(user_id = %uid, count = kicked.len(), "kick requested through the API");
     Ok(Json(KickResponse {
         user_id: uid,

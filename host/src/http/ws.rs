@@ -148,7 +148,7 @@ pub async fn handler(
                 .clone()
                 .or(query_device.clone())
                 .unwrap_or_else(|| "default".into());
-            match gw.admit(&claims.sub, &device, &remote, claims.exp) {
+            match gw.admit(&claims.sub, &device, &remote, claims.exp).await {
                 Ok(adm) => Some(adm),
                 Err(rejected) => {
                     return fail(ApiError::new(

@@ -434,12 +434,15 @@ impl Messaging {
         let others = self
             .delivery
             .online(Some(user))
+            .await
             .iter()
             .any(|c| Some(c.connection_id.as_str()) != origin);
         if others {
             if let Ok(push) = self.change_body(user, None, row).await {
                 let push = Push::ConversationChanged(push);
-                self.delivery.to_user(user, &push, Lane::Normal, origin);
+                self.delivery
+                    .to_user(user, &push, Lane::Normal, origin)
+                    .await;
             }
         }
         Ok(body)

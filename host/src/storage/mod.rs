@@ -17,6 +17,7 @@
 //! outbox events that the change causes in the same transaction, and its
 //! future resolves only after that transaction committed.
 
+pub mod cluster;
 pub mod controls;
 pub mod groups;
 pub mod kv;
@@ -87,6 +88,8 @@ pub struct Backend {
     pub groups: Arc<dyn GroupStore>,
     pub controls: Arc<dyn ControlStore>,
     pub health: Arc<dyn Health>,
+    /// Node leases and gap reads; only engines that several processes share.
+    pub cluster: Option<Arc<dyn cluster::ClusterStore>>,
 }
 
 impl Backend {
@@ -104,6 +107,7 @@ impl Backend {
             groups: store.clone(),
             controls: store.clone(),
             health: store,
+            cluster: None,
         }
     }
 }
@@ -127,8 +131,10 @@ pub async fn open(
             Ok(Backend::from_engine("sqlite", Arc::new(store)))
         }
         crate::config::StorageBackend::Postgres => {
-            let store = postgres::PostgresStorage::open(config, metrics).await?;
-            Ok(Backend::from_engine("postgres", Arc::new(store)))
+            let store = Arc::new(postgres::PostgresStorage::open(config, metrics).await?);
+            let mut backend = Backend::from_engine("postgres", store.clone());
+            backend.cluster = Some(store);
+            Ok(backend)
         }
     }
 }

@@ -60,7 +60,7 @@ pub(super) type Checked<T> = std::result::Result<T, StorageError>;
 
 type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
 
-const MESSAGE_COLUMNS: &str =
+pub(super) const MESSAGE_COLUMNS: &str =
     "channel, type, id, sender, system, seq, version, client_msg_id, payload, created_at";
 
 const ROW_COLUMNS: &str = "user_id, channel, type, peer, state, unread, read_seq, version, \
@@ -78,7 +78,7 @@ fn limit_and_one(limit: usize) -> i64 {
 }
 
 /// A message from `r`, whose columns are [`MESSAGE_COLUMNS`] from `at` on.
-fn message_from_row(r: &Row, at: usize) -> Checked<StoredMessage> {
+pub(super) fn message_from_row(r: &Row, at: usize) -> Checked<StoredMessage> {
     let payload: String = r.get(at + 8);
     Ok(StoredMessage {
         channel: Channel::from_key(ChannelType::from_code(r.get(at + 1)), r.get(at)),

@@ -73,6 +73,7 @@
 //! under a session advisory lock, recorded in `plugboard_schema`, and a
 //! database whose schema is newer than this binary knows is refused.
 
+mod cluster;
 mod controls;
 mod groups;
 mod kv;
@@ -203,7 +204,7 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-fn map_pool_err(e: PoolError) -> StorageError {
+pub(crate) fn map_pool_err(e: PoolError) -> StorageError {
     match e {
         PoolError::Backend(e) => map_err(e),
         PoolError::Closed => StorageError::Closed,
@@ -282,6 +283,12 @@ impl PostgresStorage {
             normal,
             shown,
         })
+    }
+
+    /// The pool, for statements that must not queue behind the writer
+    /// (lease renewals) or need no transaction.
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// The URL this store uses, with its secrets removed.

@@ -6,8 +6,11 @@
 use async_trait::async_trait;
 use tokio_postgres::Row;
 
+use super::cluster::NOW_MS;
 use super::{insert_events, PostgresStorage, Transaction};
-use crate::storage::{Presence, Result, SessionEvents, SessionRecord, SessionStore};
+use crate::storage::{
+    Presence, Result, SessionEvents, SessionRecord, SessionStore, StorageError,
+};
 
 const SESSION_COLUMNS: &str = "connection_id, user_id, device_id, node_id, opened_at, remote_addr";
 
@@ -41,7 +44,7 @@ async fn presence_of(
     })
 }
 
-async fn close_one(
+pub(super) async fn close_one(
     t: &Transaction<'_>,
     connection_id: &str,
     events: &SessionEvents,
@@ -65,12 +68,18 @@ impl SessionStore for PostgresStorage {
     async fn open_session(&self, record: SessionRecord, events: SessionEvents) -> Result<Presence> {
         self.write_urgent(move |t| {
             Box::pin(async move {
+                // Not while the node's lease is lapsed or reaped (cluster
+                // mode; a node without a row is a single node): a reap
+                // never misses a session, and a node cut off adds none.
                 let stmt = t
                     .prepare_cached(&format!(
-                        "INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+                        "INSERT INTO sessions ({SESSION_COLUMNS})
+                         SELECT $1, $2, $3, $4, $5, $6
+                          WHERE NOT EXISTS (SELECT 1 FROM cluster_nodes
+                                             WHERE node_id = $4 AND (reaped OR lease_until < {NOW_MS}))"
                     ))
                     .await?;
-                t.execute(
+                let inserted = t.execute(
                     &stmt,
                     &[
                         &record.connection_id,
@@ -82,12 +91,20 @@ impl SessionStore for PostgresStorage {
                     ],
                 )
                 .await?;
+                if inserted == 0 {
+                    return Ok(None);
+                }
                 let presence = presence_of(t, &record.user_id).await?;
                 insert_events(t, &events(&record, presence)).await?;
-                Ok(presence)
+                Ok(Some(presence))
             })
         })
-        .await
+        .await?
+        .ok_or_else(|| {
+            StorageError::Unavailable(
+                "this node's cluster lease has lapsed; connect to another node".into(),
+            )
+        })
     }
 
     async fn close_session(

@@ -390,12 +390,16 @@ impl Server {
         ));
         messaging.start_maintenance();
         control.start_expiry();
+        let control_guard = match (&cluster, &storage.cluster) {
+            (Some(_), Some(store)) => crate::http::control::Guard::shared(store.clone()),
+            _ => crate::http::control::Guard::default(),
+        };
         let app = Arc::new(App {
             config,
             config_path,
             secrets,
             storage,
-            control_guard: crate::http::control::Guard::default(),
+            control_guard,
             delivery,
             gateway,
             messaging,

@@ -119,8 +119,27 @@ impl ClusterDelivery {
         &self.node_id
     }
 
+    /// This node's NATS connection: `connected`, `disconnected` or `pending`.
+    pub fn nats_state(&self) -> &'static str {
+        match self.nats.connection_state() {
+            async_nats::connection::State::Connected => "connected",
+            async_nats::connection::State::Disconnected => "disconnected",
+            async_nats::connection::State::Pending => "pending",
+        }
+    }
+
     /// Asks every other live node and returns the answers that came in time.
     pub async fn ask_all(&self, request: &Request) -> Vec<(String, Reply)> {
+        self.ask_peers(request)
+            .await
+            .into_iter()
+            .filter_map(|(node, reply)| Some((node, reply?)))
+            .collect()
+    }
+
+    /// Asks every other live node; each with its answer, or `None` when it
+    /// gave none in time.
+    pub async fn ask_peers(&self, request: &Request) -> Vec<(String, Option<Reply>)> {
         let payload = match serde_json::to_vec(request) {
             Ok(p) => Bytes::from(p),
             Err(e) => {
@@ -165,19 +184,36 @@ impl ClusterDelivery {
                     })
                     .inc();
                 match outcome {
-                    Ok(reply) => Some((peer.node_id.clone(), reply)),
+                    Ok(reply) => (peer.node_id.clone(), Some(reply)),
                     Err((_, error)) => {
                         tracing::debug!(node_id = %peer.node_id, error = %error, "a node did not answer a cluster request");
-                        None
+                        (peer.node_id.clone(), None)
                     }
                 }
             }
         });
-        futures_util::future::join_all(asks)
+        futures_util::future::join_all(asks).await
+    }
+
+    /// Every other live node's report for `request` (reload, plugins), in
+    /// node order: `{"node_id", "answered", "report"}`.
+    pub async fn reports(&self, request: &Request) -> Vec<Value> {
+        let mut out: Vec<Value> = self
+            .ask_peers(request)
             .await
             .into_iter()
-            .flatten()
-            .collect()
+            .map(|(node, reply)| match reply {
+                Some(Reply::Report { report }) => {
+                    serde_json::json!({"node_id": node, "answered": true, "report": report})
+                }
+                Some(Reply::Error { error }) => {
+                    serde_json::json!({"node_id": node, "answered": true, "error": error})
+                }
+                _ => serde_json::json!({"node_id": node, "answered": false}),
+            })
+            .collect();
+        out.sort_by(|a, b| a["node_id"].as_str().cmp(&b["node_id"].as_str()));
+        out
     }
 
     /// What this node answers to `request` (for its own sessions).

@@ -13,6 +13,7 @@ use super::{ApiBytes, ApiError, ApiPath, ApiQuery, BodyKind, Route};
 use crate::config::ConfigError;
 use crate::outbox::Enable;
 use crate::plugins::PluginError;
+use crate::cluster::wire::Request;
 use crate::server::App;
 use crate::storage::StorageError;
 
@@ -27,6 +28,7 @@ pub fn routes() -> Vec<Route> {
             BodyKind::None,
             connections,
         ),
+        Route::new(Method::GET, "/admin/cluster", BodyKind::None, cluster),
         Route::new(Method::GET, "/admin/webhooks", BodyKind::None, webhooks),
         Route::new(
             Method::POST,
@@ -131,9 +133,15 @@ async fn kv_delete(
 
 async fn reload(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
     match app.reload().await {
-        Ok(report) => Ok(Json(
-            serde_json::to_value(report).map_err(ApiError::internal)?,
-        )),
+        Ok(report) => {
+            let mut body = serde_json::to_value(report).map_err(ApiError::internal)?;
+            // Cluster mode: every other node re-reads its own config file too.
+            if let Some(c) = &app.cluster {
+                body["node_id"] = json!(c.lease.node_id());
+                body["nodes"] = json!(c.delivery.reports(&Request::Reload).await);
+            }
+            Ok(Json(body))
+        }
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => Err(ApiError::new(
             http::StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_config",
@@ -157,6 +165,24 @@ async fn connections(
         .await;
     sessions.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
     Json(json!({ "count": sessions.len(), "connections": sessions }))
+}
+
+/// Cluster mode: every node the cluster table knows, with its lease.
+async fn cluster(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let Some(c) = &app.cluster else {
+        return Err(ApiError::new(
+            http::StatusCode::NOT_FOUND,
+            "not_clustered",
+            "this gateway runs as a single node (no [cluster] section)",
+        ));
+    };
+    let nodes = c.lease.nodes().await?;
+    Ok(Json(json!({
+        "node_id": c.lease.node_id(),
+        "fenced": c.lease.is_fenced(),
+        "nats": c.delivery.nats_state(),
+        "nodes": nodes,
+    })))
 }
 
 async fn webhooks(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {

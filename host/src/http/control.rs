@@ -43,13 +43,18 @@ pub fn routes() -> Vec<Route> {
     )]
 }
 
-/// Request budgets per API key and the signatures seen recently. In memory,
-/// per node: a limit is per key and node.
+/// Request budgets per API key and the signatures seen recently. Budgets
+/// are in memory, per node: in cluster mode a key may send up to
+/// `rate_limit` × the number of nodes it reaches (docs/cluster.md). Seen
+/// signatures are in memory on a single node and in the database in
+/// cluster mode, so a request replayed to another node is refused too.
 #[derive(Default)]
 pub struct Guard {
     buckets: Mutex<HashMap<[u8; 32], Bucket>>,
     /// Signature → unix ms until which it is remembered.
     seen: Mutex<HashMap<String, i64>>,
+    /// Cluster mode: where every node's seen signatures are.
+    shared: Option<Arc<dyn crate::storage::cluster::ClusterStore>>,
 }
 
 struct Bucket {
@@ -58,6 +63,30 @@ struct Bucket {
 }
 
 impl Guard {
+    /// A guard whose seen signatures are shared through `store` (cluster mode).
+    pub fn shared(store: Arc<dyn crate::storage::cluster::ClusterStore>) -> Guard {
+        Guard {
+            shared: Some(store),
+            ..Guard::default()
+        }
+    }
+
+    /// Remembers a signature, on every node in cluster mode; `Ok(false)`
+    /// if it was already seen (a replay).
+    async fn first_use_anywhere(
+        &self,
+        signature: &str,
+        until_ms: i64,
+    ) -> Result<bool, crate::storage::StorageError> {
+        match &self.shared {
+            None => Ok(self.first_use(signature, until_ms)),
+            Some(store) => {
+                let hash = hex(&Sha256::digest(signature.as_bytes()));
+                store.signature_first_use(&hash, until_ms).await
+            }
+        }
+    }
+
     /// Takes one request from `key`'s budget, or says how long to wait.
     fn take(&self, key: &str, rate: f64, burst: u32) -> Result<(), Duration> {
         let id: [u8; 32] = Sha256::digest(key.as_bytes()).into();
@@ -108,8 +137,16 @@ fn refuse(app: &App, status: StatusCode, code: &'static str, message: String) ->
     ApiError::new(status, code, message)
 }
 
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
 /// Checks the signature headers of a request.
-fn verify(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+async fn verify(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let cfg = app.config();
     let c = &cfg.control;
     let bad = |m: String| refuse(app, StatusCode::UNAUTHORIZED, "bad_signature", m);
@@ -162,7 +199,7 @@ fn verify(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
         ));
     };
     let until = (ts + c.signature_tolerance.as_secs() as i64 + 1) * 1000;
-    if !app.control_guard.first_use(signature, until) {
+    if !app.control_guard.first_use_anywhere(signature, until).await? {
         return Err(refuse(
             app,
             StatusCode::UNAUTHORIZED,
@@ -226,7 +263,7 @@ async fn handle(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Response,
         .retry_after(secs));
     }
     if cfg.control.require_signature {
-        verify(app, headers, body)?;
+        verify(app, headers, body).await?;
     }
     // Parsed only after the signature is checked: the signature covers the
     // raw bytes, and an unsigned body is not worth parsing.

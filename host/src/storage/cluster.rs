@@ -96,6 +96,11 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// Every node the cluster table knows, live or not.
     async fn nodes(&self) -> Result<Vec<NodeInfo>>;
 
+    /// Remembers a signed request's signature (a hash of it) until
+    /// `until_ms`; false when any node already did and it is still
+    /// remembered (a replay). Forgets expired ones as it goes.
+    async fn signature_first_use(&self, signature_hash: &str, until_ms: i64) -> Result<bool>;
+
     /// The newest `seq` of each of these channels that has messages.
     async fn channel_heads(&self, channel_keys: Vec<String>) -> Result<Vec<(String, u64)>>;
 

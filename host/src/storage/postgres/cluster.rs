@@ -177,6 +177,30 @@ impl ClusterStore for PostgresStorage {
             .collect())
     }
 
+    async fn signature_first_use(&self, signature_hash: &str, until_ms: i64) -> Result<bool> {
+        let conn = self.pool().get().await.map_err(map_pool_err)?;
+        // Taken when new, or when the remembered one has expired.
+        let sql = format!(
+            "INSERT INTO cluster_seen_signatures AS s (signature, until_ms) VALUES ($1, $2)
+             ON CONFLICT (signature) DO UPDATE SET until_ms = EXCLUDED.until_ms
+              WHERE s.until_ms <= {NOW_MS}
+             RETURNING signature"
+        );
+        let first = conn
+            .query_opt(&sql, &[&signature_hash, &until_ms])
+            .await
+            .map_err(map_err)?
+            .is_some();
+        if first && rand::random::<u8>() == 0 {
+            // About one request in 256 sweeps what expired.
+            let sweep = format!("DELETE FROM cluster_seen_signatures WHERE until_ms <= {NOW_MS}");
+            if let Err(e) = conn.execute(&sweep, &[]).await {
+                tracing::debug!(error = %e, "cannot sweep expired signatures");
+            }
+        }
+        Ok(first)
+    }
+
     async fn channel_heads(&self, channel_keys: Vec<String>) -> Result<Vec<(String, u64)>> {
         if channel_keys.is_empty() {
             return Ok(Vec::new());

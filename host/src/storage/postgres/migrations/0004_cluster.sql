@@ -9,3 +9,11 @@ CREATE TABLE cluster_nodes (
     lease_until BIGINT NOT NULL,
     reaped      BOOLEAN NOT NULL DEFAULT FALSE
 );
+
+-- Signatures of signed control requests seen by any node, until their
+-- timestamp leaves the tolerance window: a replay is refused cluster-wide.
+CREATE TABLE cluster_seen_signatures (
+    signature TEXT PRIMARY KEY,          -- hex SHA-256 of the signature
+    until_ms  BIGINT NOT NULL
+);
+CREATE INDEX cluster_seen_signatures_until ON cluster_seen_signatures (until_ms);

@@ -156,7 +156,9 @@ impl GatewayOptions {
     }
 }
 
-fn merge(into: &mut toml::Table, from: toml::Table) {
+/// Merges `from` over `into`: tables merge key by key, anything else in
+/// `from` replaces what `into` has.
+pub fn merge(into: &mut toml::Table, from: toml::Table) {
     for (k, v) in from {
         match (into.get_mut(&k), v) {
             (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
@@ -318,6 +320,21 @@ impl RestartHandle {
     /// The storage engine of the gateway this handle restarts.
     pub fn engine(&self) -> Engine {
         self.storage.engine
+    }
+
+    /// The config file the gateway starts with.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
+    /// Rewrites the config file with `opts` before a restart, on the
+    /// gateway's own storage, as [`Gateway::write_config`] does.
+    pub fn write_config(&self, opts: &GatewayOptions) {
+        std::fs::write(
+            &self.config_path,
+            config_text(&self.dir.path().join("data"), opts, self.storage.url()),
+        )
+        .unwrap();
     }
 }
 
@@ -545,11 +562,7 @@ impl Gateway {
     /// (`opts.engine` is not read: the engine and database stay the ones
     /// chosen at start).
     pub fn write_config(&self, opts: &GatewayOptions) {
-        std::fs::write(
-            &self.config_path,
-            config_text(&self.dir.path().join("data"), opts, self.storage.url()),
-        )
-        .unwrap();
+        self.restart_handle().write_config(opts);
     }
 
     pub fn signal(&self, sig: libc::c_int) {

@@ -1,21 +1,26 @@
 //! The integration-test harness: a real gateway process on port 0, real
 //! WebSocket clients, raw TCP clients for protocol abuse, a real webhook
 //! receiver that verifies every signature with an independent implementation,
-//! and PostgreSQL servers of the test process's own for the gateway's
-//! PostgreSQL storage (`postgres`).
+//! PostgreSQL servers of the test process's own for the gateway's
+//! PostgreSQL storage (`postgres`), NATS servers of its own (`nats`), and
+//! clusters of gateways on one database and one NATS server (`cluster`).
 //!
 //! Nothing here sleeps to wait for an outcome: helpers wait for the event
 //! they expect, with a timeout, and fail with what they saw instead.
 
 pub mod client;
+pub mod cluster;
 pub mod gateway;
+pub mod nats;
 pub mod plugins;
 pub mod postgres;
 pub mod raw;
 pub mod receiver;
 
 pub use client::{Closed, WsClient};
+pub use cluster::{Cluster, ClusterOptions};
 pub use gateway::{Engine, Gateway, GatewayOptions};
+pub use nats::NatsServer;
 pub use postgres::{PgOptions, PgServer};
 pub use raw::RawClient;
 pub use receiver::{Delivered, Receiver, Reply};

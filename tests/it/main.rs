@@ -13,6 +13,7 @@ mod frames;
 mod lifecycle;
 mod limits;
 mod messaging;
+mod nats_harness;
 mod onebot;
 mod ops;
 mod pg_harness;

@@ -496,7 +496,10 @@ impl ClusterConfig {
             ));
         }
         if self.nats_urls.is_empty() {
-            return Err(key_err("cluster.nats_urls", "must name at least one NATS server"));
+            return Err(key_err(
+                "cluster.nats_urls",
+                "must name at least one NATS server",
+            ));
         }
         for url in &self.nats_urls {
             let ok = reqwest::Url::parse(url).is_ok_and(|u| {

@@ -312,9 +312,11 @@ pub trait Delivery: Send + Sync + 'static {
     /// The live connections: `user`'s, or everyone's.
     async fn online(&self, user: Option<&str>) -> Vec<Connection>;
 
+    /// Every user with a live connection.
+    async fn online_users(&self) -> std::collections::HashSet<String>;
+
     /// Which of `users` have a live connection.
     async fn online_among(&self, users: &[String]) -> std::collections::HashSet<String>;
-
 }
 
 #[cfg(test)]

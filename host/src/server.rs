@@ -28,15 +28,15 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::auth::Secrets;
+use crate::cluster::delivery::{ClusterDelivery, NodeOps};
+use crate::cluster::lease::Lease;
+use crate::cluster::sequencer::Sequencer;
+use crate::cluster::Subjects;
 use crate::config::{self, Config};
 use crate::control::Control;
 use crate::delivery::{CloseReason, Delivery};
 use crate::events::ServiceReason;
 use crate::gateway::local::LocalDelivery;
-use crate::cluster::delivery::{ClusterDelivery, NodeOps};
-use crate::cluster::lease::Lease;
-use crate::cluster::sequencer::Sequencer;
-use crate::cluster::Subjects;
 use crate::gateway::{
     Gateway, Lifecycle, Registry, DISABLED_MESSAGE, LEASE_LOST_MESSAGE, SHUTDOWN_MESSAGE,
 };
@@ -251,7 +251,9 @@ impl Server {
         let lease = match &config.cluster {
             Some(c) => {
                 let store = storage.cluster.clone().ok_or_else(|| {
-                    anyhow::anyhow!("cluster mode needs a storage engine that nodes share (PostgreSQL)")
+                    anyhow::anyhow!(
+                        "cluster mode needs a storage engine that nodes share (PostgreSQL)"
+                    )
                 })?;
                 Some(
                     Lease::join(
@@ -421,7 +423,10 @@ impl Server {
                     let asked = app
                         .delivery
                         .close_all(CloseReason::LeaseLost, LEASE_LOST_MESSAGE);
-                    tracing::warn!(connections = asked, "fenced: asked every connection to close");
+                    tracing::warn!(
+                        connections = asked,
+                        "fenced: asked every connection to close"
+                    );
                 }
             }));
         }

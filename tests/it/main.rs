@@ -4,6 +4,7 @@
 mod bench_cli;
 mod catchup;
 mod churn;
+mod cluster;
 mod codes;
 mod config;
 mod control;

@@ -105,7 +105,13 @@ impl ClusterDelivery {
             incarnation,
             metrics.clone(),
         ));
-        tokio::spawn(receive(fanout, sequencer, groups, metrics));
+        tokio::spawn(receive(
+            fanout,
+            sequencer,
+            groups,
+            delivery.lease.clone(),
+            metrics,
+        ));
         tokio::spawn(serve(requests, Arc::downgrade(&delivery), nats));
         Ok(delivery)
     }
@@ -148,6 +154,16 @@ impl ClusterDelivery {
             }
         };
         let peers = self.lease.peers();
+        if self.nats.connection_state() != async_nats::connection::State::Connected {
+            // Nobody can be asked: answer at once for this node alone.
+            self.metrics
+                .cluster_requests
+                .get_or_create(&OutcomeLabel {
+                    outcome: "disconnected".into(),
+                })
+                .inc_by(peers.len() as u64);
+            return peers.iter().map(|p| (p.node_id.clone(), None)).collect();
+        }
         let asks = peers.iter().map(|peer| {
             let subject = self.subjects.node(&peer.node_id);
             let payload = payload.clone();
@@ -225,6 +241,9 @@ impl ClusterDelivery {
             },
             Request::OnlineAmong { users } => Reply::Users {
                 users: local.online_among_here(&users).into_iter().collect(),
+            },
+            Request::OnlineUsers => Reply::Users {
+                users: local.online_users_here().into_iter().collect(),
             },
             Request::ToUser {
                 user,
@@ -349,6 +368,7 @@ async fn receive(
     mut fanout: async_nats::Subscriber,
     sequencer: Arc<Sequencer>,
     groups: Arc<dyn GroupStore>,
+    lease: Arc<Lease>,
     metrics: Arc<Metrics>,
 ) {
     // Per publishing node: its incarnation and the last frame number seen.
@@ -375,6 +395,19 @@ async fn receive(
                 n,
             } => (node, incarnation, n, None),
         };
+        let known = last.get(&node).is_some_and(|(inc, _)| *inc == incarnation);
+        if !known
+            && !lease
+                .peers()
+                .iter()
+                .any(|p| p.node_id == node && p.incarnation == incarnation)
+        {
+            // A node that joined since the last renewal: ask the database
+            // now, so that requests reach it at once (its first beat comes
+            // as it starts).
+            let lease = lease.clone();
+            tokio::spawn(async move { lease.refresh_peers().await });
+        }
         let expected = match last.get(&node) {
             Some((inc, seen)) if *inc == incarnation => seen + u64::from(message.is_some()),
             // A publisher heard of for the first time (or restarted): its
@@ -434,7 +467,22 @@ async fn serve(
                     }
                 }
             };
-            match serde_json::to_vec(&reply) {
+            let encoded = serde_json::to_vec(&reply).map(|bytes| {
+                let limit = nats.server_info().max_payload.saturating_sub(PAYLOAD_HEADROOM);
+                if bytes.len() <= limit {
+                    return bytes;
+                }
+                // An answer larger than NATS carries (tens of thousands of
+                // connections): refused, rather than lost on the way.
+                serde_json::to_vec(&Reply::Error {
+                    error: format!(
+                        "the answer is {} bytes, more than NATS carries ({limit}); narrow the question",
+                        bytes.len()
+                    ),
+                })
+                .unwrap_or_default()
+            });
+            match encoded {
                 Ok(bytes) => {
                     if let Err(e) = nats.publish(reply_to, Bytes::from(bytes)).await {
                         tracing::debug!(error = %e, "cannot answer a cluster request");
@@ -473,8 +521,17 @@ impl Delivery for ClusterDelivery {
             .sum::<usize>()
     }
 
-    async fn to_connection(&self, user: &str, connection_id: &str, push: &Push, lane: Lane) -> bool {
-        if self.local.to_connection_here(user, connection_id, push, lane) {
+    async fn to_connection(
+        &self,
+        user: &str,
+        connection_id: &str,
+        push: &Push,
+        lane: Lane,
+    ) -> bool {
+        if self
+            .local
+            .to_connection_here(user, connection_id, push, lane)
+        {
             return true;
         }
         let request = Request::ToConnection {
@@ -551,6 +608,16 @@ impl Delivery for ClusterDelivery {
             }
         }
         all
+    }
+
+    async fn online_users(&self) -> HashSet<String> {
+        let mut found = self.local.online_users_here();
+        for (_, reply) in self.ask_all(&Request::OnlineUsers).await {
+            if let Reply::Users { users } = reply {
+                found.extend(users);
+            }
+        }
+        found
     }
 
     async fn online_among(&self, users: &[String]) -> HashSet<String> {

@@ -135,7 +135,8 @@ impl Lease {
         self.store.nodes().await
     }
 
-    async fn refresh_peers(&self) {
+    /// Reads the live nodes from the database.
+    pub async fn refresh_peers(&self) {
         match self.store.nodes().await {
             Ok(nodes) => {
                 let peers: Vec<NodeInfo> = nodes
@@ -278,7 +279,9 @@ impl Lease {
                     self.wakeup.wake();
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(node_id = %node, error = %e, "cannot reap a lapsed lease yet"),
+                Err(e) => {
+                    tracing::warn!(node_id = %node, error = %e, "cannot reap a lapsed lease yet")
+                }
             }
         }
     }
@@ -288,7 +291,11 @@ impl Lease {
     /// survivor at once.
     pub async fn leave(&self) {
         self.stopped.store(true, Ordering::Release);
-        if let Err(e) = self.store.node_leave(&self.node_id, &self.incarnation).await {
+        if let Err(e) = self
+            .store
+            .node_leave(&self.node_id, &self.incarnation)
+            .await
+        {
             tracing::warn!(error = %e, "cannot end this node's cluster lease; it lapses on its own");
         }
     }

@@ -149,7 +149,9 @@ mod tests {
         };
         assert_eq!(resolve_node_id(&named, dir.path()).unwrap(), "edge-7");
         std::fs::write(dir.path().join(NODE_ID_FILE), "../../etc\n").unwrap();
-        let err = resolve_node_id(&config, dir.path()).unwrap_err().to_string();
+        let err = resolve_node_id(&config, dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not hold a node id"), "{err}");
     }
 }

@@ -209,6 +209,7 @@ pub enum Request {
     OnlineAmong {
         users: Vec<String>,
     },
+    OnlineUsers,
     ToUser {
         user: String,
         push: WirePush,
@@ -248,15 +249,29 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Connections { connections: Vec<Connection> },
-    Users { users: Vec<String> },
-    Count { count: usize },
-    Ids { ids: Vec<String> },
-    Done { done: bool },
+    Connections {
+        connections: Vec<Connection>,
+    },
+    Users {
+        users: Vec<String>,
+    },
+    Count {
+        count: usize,
+    },
+    Ids {
+        ids: Vec<String>,
+    },
+    Done {
+        done: bool,
+    },
     /// A report whose shape belongs to the operation (reload, plugins).
-    Report { report: Value },
+    Report {
+        report: Value,
+    },
     /// The request could not be served (it names why).
-    Error { error: String },
+    Error {
+        error: String,
+    },
 }
 
 /// A close reason as it crosses; an unknown one is an error, not a default.
@@ -295,7 +310,8 @@ mod tests {
             message: WireMessage::of(&appended(), true),
         };
         let bytes = serde_json::to_vec(&frame).unwrap();
-        let FanoutFrame::Message { n, message, .. } = serde_json::from_slice(&bytes).unwrap() else {
+        let FanoutFrame::Message { n, message, .. } = serde_json::from_slice(&bytes).unwrap()
+        else {
             panic!("not a message frame");
         };
         assert_eq!(n, 3);

@@ -176,8 +176,9 @@ impl Control {
             };
         }
         if t.online == Some(true) {
-            let online = self.delivery.online(None).await;
-            targets = dedupe(online.into_iter().map(|c| c.user_id));
+            let mut online: Vec<String> = self.delivery.online_users().await.into_iter().collect();
+            online.sort();
+            targets = online;
         }
         if targets.len() > c.max_targets {
             return Err(too_many(targets.len()));

@@ -134,6 +134,15 @@ impl LocalDelivery {
             .collect()
     }
 
+    /// [`Delivery::online_users`] on this node only.
+    pub fn online_users_here(&self) -> HashSet<String> {
+        self.registry
+            .all()
+            .iter()
+            .map(|s| s.user_id.clone())
+            .collect()
+    }
+
     /// [`Delivery::close_all`] (always this node only).
     pub fn close_all_here(&self, reason: CloseReason, message: &str) -> usize {
         let sessions = self
@@ -164,7 +173,13 @@ impl Delivery for LocalDelivery {
         self.to_user_here(user, push, lane, except)
     }
 
-    async fn to_connection(&self, user: &str, connection_id: &str, push: &Push, lane: Lane) -> bool {
+    async fn to_connection(
+        &self,
+        user: &str,
+        connection_id: &str,
+        push: &Push,
+        lane: Lane,
+    ) -> bool {
         self.to_connection_here(user, connection_id, push, lane)
     }
 
@@ -198,5 +213,9 @@ impl Delivery for LocalDelivery {
 
     async fn online_among(&self, users: &[String]) -> HashSet<String> {
         self.online_among_here(users)
+    }
+
+    async fn online_users(&self) -> HashSet<String> {
+        self.online_users_here()
     }
 }

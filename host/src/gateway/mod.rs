@@ -35,8 +35,8 @@ use crate::events::CloseInfo;
 use crate::messaging::Messaging;
 use crate::metrics::Metrics;
 pub use lifecycle::{CloseReason, Lifecycle};
-use registry::{Elsewhere, Rejected};
 pub use registry::Displaced;
+use registry::{Elsewhere, Rejected};
 pub use registry::{LiveSession, Registry};
 use session::Admitted;
 

@@ -338,7 +338,11 @@ impl Registry {
         let others = existing
             .iter()
             .map(|s| (s.device_id.as_str(), s.admitted_at))
-            .chain(elsewhere.iter().map(|e| (e.device_id.as_str(), e.admitted_at)));
+            .chain(
+                elsewhere
+                    .iter()
+                    .map(|e| (e.device_id.as_str(), e.admitted_at)),
+            );
         for (device, at) in others {
             if device == session.device_id {
                 continue;
@@ -476,7 +480,11 @@ mod tests {
         let r = Registry::new("node-1");
         let p = policy(1, SameDevicePolicy::Allow, DeviceLimitPolicy::Reject);
         r.admit(session("u", "phone"), &p, &[]).unwrap();
-        assert!(r.admit(session("u", "phone"), &p, &[]).unwrap().local.is_empty());
+        assert!(r
+            .admit(session("u", "phone"), &p, &[])
+            .unwrap()
+            .local
+            .is_empty());
         assert_eq!(r.len(), 2);
     }
 

@@ -10,10 +10,10 @@ use http::Method;
 use serde_json::{json, Value};
 
 use super::{ApiBytes, ApiError, ApiPath, ApiQuery, BodyKind, Route};
+use crate::cluster::wire::Request;
 use crate::config::ConfigError;
 use crate::outbox::Enable;
 use crate::plugins::PluginError;
-use crate::cluster::wire::Request;
 use crate::server::App;
 use crate::storage::StorageError;
 

@@ -199,7 +199,11 @@ async fn verify(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiEr
         ));
     };
     let until = (ts + c.signature_tolerance.as_secs() as i64 + 1) * 1000;
-    if !app.control_guard.first_use_anywhere(signature, until).await? {
+    if !app
+        .control_guard
+        .first_use_anywhere(signature, until)
+        .await?
+    {
         return Err(refuse(
             app,
             StatusCode::UNAUTHORIZED,

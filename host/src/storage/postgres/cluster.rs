@@ -35,7 +35,7 @@ impl ClusterStore for PostgresStorage {
         address: &str,
         ttl: Duration,
     ) -> Result<Joined> {
-        let conn = self.pool().get().await.map_err(map_pool_err)?;
+        let conn = self.lease_pool().get().await.map_err(map_pool_err)?;
         // Taken when there is no row, or the row's lease is not live (lapsed,
         // reaped, or left), or it is this very incarnation.
         let sql = format!(
@@ -68,7 +68,7 @@ impl ClusterStore for PostgresStorage {
     }
 
     async fn node_renew(&self, node_id: &str, incarnation: &str, ttl: Duration) -> Result<Renewal> {
-        let conn = self.pool().get().await.map_err(map_pool_err)?;
+        let conn = self.lease_pool().get().await.map_err(map_pool_err)?;
         let sql = format!(
             "UPDATE cluster_nodes SET lease_until = {NOW_MS} + $3
               WHERE node_id = $1 AND incarnation = $2 AND NOT reaped AND lease_until >= {NOW_MS}"
@@ -85,7 +85,7 @@ impl ClusterStore for PostgresStorage {
     }
 
     async fn node_leave(&self, node_id: &str, incarnation: &str) -> Result<()> {
-        let conn = self.pool().get().await.map_err(map_pool_err)?;
+        let conn = self.lease_pool().get().await.map_err(map_pool_err)?;
         // Lapsed at once, not reaped: a survivor reaps it on its next
         // round and closes whatever this node could not record.
         conn.execute(

@@ -129,6 +129,9 @@ struct Job {
 /// PostgreSQL storage: a connection pool and this process's writer task.
 pub struct PostgresStorage {
     pool: Pool,
+    /// Two connections of their own for cluster leases, so a renewal never
+    /// waits for a pool that a burst of reads has taken.
+    lease_pool: Pool,
     urgent: mpsc::UnboundedSender<Job>,
     normal: mpsc::UnboundedSender<Job>,
     /// The URL with its secrets removed, for messages.
@@ -246,21 +249,26 @@ impl PostgresStorage {
             _ => ours,
         };
         pg.options(options);
-        let manager = Manager::from_config(
-            pg,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .wait_timeout(Some(config.connect_timeout))
-            .create_timeout(Some(config.connect_timeout))
-            .recycle_timeout(Some(config.connect_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| open_err(e.to_string()))?;
+        let build = |pg: tokio_postgres::Config, size: usize| {
+            let manager = Manager::from_config(
+                pg,
+                tokio_postgres::NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(config.connect_timeout))
+                .create_timeout(Some(config.connect_timeout))
+                .recycle_timeout(Some(config.connect_timeout))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| open_err(e.to_string()))
+        };
+        let pool = build(pg.clone(), config.pool_size)?;
+        // Created lazily: a single node never opens them.
+        let lease_pool = build(pg, 2)?;
         {
             let mut conn = pool.get().await.map_err(|e| {
                 open_err(match e {
@@ -279,16 +287,21 @@ impl PostgresStorage {
         tokio::spawn(writer_loop(pool.clone(), urgent_rx, normal_rx, metrics));
         Ok(PostgresStorage {
             pool,
+            lease_pool,
             urgent,
             normal,
             shown,
         })
     }
 
-    /// The pool, for statements that must not queue behind the writer
-    /// (lease renewals) or need no transaction.
+    /// The pool, for statements that need no transaction.
     pub(crate) fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// The cluster lease's own connections (joins, renewals).
+    pub(crate) fn lease_pool(&self) -> &Pool {
+        &self.lease_pool
     }
 
     /// The URL this store uses, with its secrets removed.

@@ -8,9 +8,7 @@ use tokio_postgres::Row;
 
 use super::cluster::NOW_MS;
 use super::{insert_events, PostgresStorage, Transaction};
-use crate::storage::{
-    Presence, Result, SessionEvents, SessionRecord, SessionStore, StorageError,
-};
+use crate::storage::{Presence, Result, SessionEvents, SessionRecord, SessionStore, StorageError};
 
 const SESSION_COLUMNS: &str = "connection_id, user_id, device_id, node_id, opened_at, remote_addr";
 

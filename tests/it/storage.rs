@@ -121,7 +121,7 @@ fn migrations_are_recorded_and_applied_once() {
         &url,
         "SELECT string_agg(version::text, ',' ORDER BY version) FROM plugboard_schema",
     );
-    assert_eq!(versions.trim(), "1,2,3");
+    assert_eq!(versions.trim(), "1,2,3,4");
     server.drop_database(&url);
 }
 
@@ -377,7 +377,7 @@ fn a_sqlite_database_from_a_newer_gateway_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("schema is at version 99, newer than this gateway knows (1)"),
+        stderr.contains("schema is at version 99, newer than this gateway knows (2)"),
         "{stderr}"
     );
 }

@@ -19,6 +19,11 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("migrations/0001_core.sql")),
     (2, "messages", include_str!("migrations/0002_messages.sql")),
     (3, "controls", include_str!("migrations/0003_controls.sql")),
+    (
+        4,
+        "plugin_versions",
+        include_str!("migrations/0004_plugin_versions.sql"),
+    ),
 ];
 
 /// Why the schema could not be brought up to date.

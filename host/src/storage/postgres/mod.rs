@@ -79,6 +79,7 @@ mod kv;
 mod messages;
 mod migrations;
 mod outbox;
+mod plugins;
 mod sessions;
 
 use std::future::Future;

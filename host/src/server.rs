@@ -203,6 +203,7 @@ impl Server {
         let plugins = Arc::new(PluginRegistry::new(
             engine,
             Arc::new(Kv::Storage(storage.kv.clone())),
+            storage.plugin_store.clone(),
             metrics.clone(),
             &config,
         ));

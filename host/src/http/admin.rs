@@ -14,6 +14,7 @@ use crate::config::ConfigError;
 use crate::outbox::Enable;
 use crate::plugins::PluginError;
 use crate::server::App;
+use crate::storage::plugins::MAX_PLUGIN_BYTES;
 use crate::storage::StorageError;
 
 pub fn routes() -> Vec<Route> {
@@ -42,7 +43,7 @@ pub fn routes() -> Vec<Route> {
         ),
         Route::new(Method::GET, "/admin/plugins", BodyKind::None, plugins),
         Route::new(Method::PUT, plugin, BodyKind::Bytes, upload_plugin)
-            .map(|h| h.layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_UPLOAD))),
+            .map(|h| h.layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_BYTES))),
         Route::new(Method::DELETE, plugin, BodyKind::None, unload_plugin),
         Route::new(
             Method::POST,
@@ -187,13 +188,30 @@ async fn retry_failed(
     Ok(Json(json!({ "name": name, "requeued": n })))
 }
 
-/// Largest component accepted by `PUT /admin/plugins/{name}`.
-const MAX_PLUGIN_UPLOAD: usize = 64 * 1024 * 1024;
-
 fn plugin_error(e: PluginError) -> ApiError {
     match e {
-        PluginError::Unknown(_) => ApiError::not_found(e.to_string()),
+        PluginError::Unknown(_) | PluginError::NoUpload(_) => ApiError::not_found(e.to_string()),
         PluginError::Engine(_) => ApiError::internal(e),
+        // Nothing was swapped (or unloaded): storage could not take it.
+        PluginError::Storage { ref error, .. } if error.is_unavailable() => {
+            ApiError::storage(error)
+        }
+        PluginError::Storage {
+            error: StorageError::Quota(_),
+            ..
+        } => ApiError::new(
+            http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("{e}; the previous version keeps serving"),
+        ),
+        PluginError::Storage { .. } => {
+            tracing::error!(error = %e, "plugin admin request failed in storage");
+            ApiError::new(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("{e}; the previous version keeps serving"),
+            )
+        }
         other => ApiError::new(
             http::StatusCode::UNPROCESSABLE_ENTITY,
             "plugin_refused",
@@ -244,6 +262,8 @@ async fn unload_plugin(
     State(app): State<Arc<App>>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    app.plugins.unload(&name).map_err(plugin_error)?;
-    Ok(Json(json!({ "name": name, "loaded": false })))
+    let removed = app.plugins.unload(&name).await.map_err(plugin_error)?;
+    Ok(Json(
+        json!({ "name": name, "loaded": false, "upload_removed": removed }),
+    ))
 }

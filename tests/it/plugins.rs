@@ -1027,3 +1027,176 @@ async fn an_upload_that_storage_refuses_fails_and_swaps_nothing() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(formatted_by(&gw, &rx, "accepted").await, "echo-v2");
 }
+
+/// Two gateways' plugin registries on one storage (one database shared by
+/// two backends on PostgreSQL; the one backend on SQLite), in this process.
+struct TwoNodes {
+    a: std::sync::Arc<plugboard::plugins::PluginRegistry>,
+    b: std::sync::Arc<plugboard::plugins::PluginRegistry>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl TwoNodes {
+    async fn start(config_toml: &str) -> TwoNodes {
+        use plugboard::config::{Config, StorageBackend, StorageConfig};
+        use plugboard::plugins::{engine::PluginEngine, Kv, PluginRegistry};
+        use std::sync::Arc;
+
+        let data = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let storage = match plugboard_tests::Engine::from_env() {
+            plugboard_tests::Engine::Sqlite => StorageConfig::default(),
+            plugboard_tests::Engine::Postgres => StorageConfig {
+                backend: StorageBackend::Postgres,
+                url: tokio::task::spawn_blocking(|| {
+                    plugboard_tests::postgres::shared().create_database()
+                })
+                .await
+                .unwrap(),
+                ..StorageConfig::default()
+            },
+        };
+        let first = plugboard::storage::open(&storage, data.path(), None)
+            .await
+            .unwrap();
+        let second = if storage.backend == StorageBackend::Postgres {
+            plugboard::storage::open(&storage, data.path(), None)
+                .await
+                .unwrap()
+        } else {
+            first.clone()
+        };
+        let config = Config::from_toml(config_toml).unwrap();
+        let node = |backend: &plugboard::storage::Backend| {
+            Arc::new(PluginRegistry::new(
+                PluginEngine::new(Some(cache.path().to_path_buf())).unwrap(),
+                Arc::new(Kv::Storage(backend.kv.clone())),
+                backend.plugin_store.clone(),
+                Arc::new(plugboard::metrics::Metrics::new()),
+                &config,
+            ))
+        };
+        let (a, b) = (node(&first), node(&second));
+        a.apply(&config, true).await.unwrap();
+        b.apply(&config, true).await.unwrap();
+        TwoNodes {
+            a,
+            b,
+            _dirs: (data, cache),
+        }
+    }
+}
+
+/// The `plugin` field of what `echo` formats on `node` (a failed call fails
+/// the test).
+async fn echo_label(node: &plugboard::plugins::PluginRegistry) -> String {
+    use plugboard::plugins::bindings::exports::plugboard::plugin::webhook_formatter as wf;
+    let event = wf::Event {
+        id: "evt_1".into(),
+        event_type: "connection.opened".into(),
+        timestamp_ms: 1,
+        data: r#"{"user_id":"u1"}"#.into(),
+        endpoint: "rx".into(),
+    };
+    let request = node
+        .format("echo", &event, "http://127.0.0.1:9/hook")
+        .await
+        .unwrap_or_else(|e| panic!("a formatter call failed: {e}"))
+        .expect("a request");
+    let body: Value = serde_json::from_slice(&request.body).unwrap();
+    body["plugin"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_nodes_upload_is_loaded_by_load_stored_without_a_failed_call() {
+    use plugboard::plugins::{PluginError, Source};
+
+    let nodes = TwoNodes::start(&plugin(
+        "echo",
+        plugins::ECHO_FORMATTER,
+        "[plugins.config]\nversion = \"n\"",
+    ))
+    .await;
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    let sha2 = sha256_hex(&v2);
+    // Nothing is stored yet: nothing to load, and the file keeps serving.
+    assert!(matches!(
+        nodes.b.load_stored("echo").await,
+        Err(PluginError::NoUpload(_))
+    ));
+    assert!(matches!(
+        nodes.b.load_stored("nobody").await,
+        Err(PluginError::Unknown(_))
+    ));
+    assert_eq!(echo_label(&nodes.b).await, "echo");
+
+    let uploaded = nodes.a.install("echo", v2).await.unwrap();
+    assert_eq!((uploaded.swapped, uploaded.source), (true, Source::Upload));
+    // Node b serves the file's version until it is told; calls run
+    // throughout its swap, and none fails.
+    assert_eq!(echo_label(&nodes.b).await, "echo");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = {
+        let (b, stop) = (nodes.b.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut labels = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                labels.push(echo_label(&b).await);
+            }
+            labels
+        })
+    };
+    let report = nodes.b.load_stored("echo").await.unwrap();
+    assert_eq!(
+        (
+            report.sha256.as_str(),
+            report.swapped,
+            report.source,
+            &report.uploaded_at
+        ),
+        (sha2.as_str(), true, Source::Upload, &uploaded.uploaded_at)
+    );
+    // A call that starts after the swap uses the new version.
+    assert_eq!(echo_label(&nodes.b).await, "echo-v2");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let labels = calls.await.unwrap();
+    let first_new = labels
+        .iter()
+        .position(|l| l == "echo-v2")
+        .unwrap_or(labels.len());
+    assert!(
+        labels[first_new..].iter().all(|l| l == "echo-v2"),
+        "a call after the swap used the old version: {labels:?}"
+    );
+    // Told again (a repeated signal): nothing to do.
+    let again = nodes.b.load_stored("echo").await.unwrap();
+    assert_eq!((again.swapped, again.compile_ms), (false, 0.0));
+    let view = nodes.b.views(0);
+    assert_eq!(
+        (
+            view[0].sha256.as_deref(),
+            view[0].source,
+            view[0].swaps,
+            &view[0].uploaded_at
+        ),
+        (
+            Some(sha2.as_str()),
+            Some(Source::Upload),
+            2,
+            &uploaded.uploaded_at
+        )
+    );
+
+    // Unloaded on node a: the upload is gone from storage; node b keeps
+    // serving what it has and is told there is nothing stored.
+    assert!(nodes.a.unload("echo").await.unwrap());
+    assert!(matches!(
+        nodes.b.load_stored("echo").await,
+        Err(PluginError::NoUpload(_))
+    ));
+    assert_eq!(echo_label(&nodes.b).await, "echo-v2");
+    // Its reload now goes back to the file.
+    let back = nodes.b.reload("echo").await.unwrap();
+    assert_eq!((back.swapped, back.source), (true, Source::File));
+    assert_eq!(echo_label(&nodes.b).await, "echo");
+}

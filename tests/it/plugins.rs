@@ -1200,3 +1200,77 @@ async fn another_nodes_upload_is_loaded_by_load_stored_without_a_failed_call() {
     assert_eq!((back.swapped, back.source), (true, Source::File));
     assert_eq!(echo_label(&nodes.b).await, "echo");
 }
+
+#[tokio::test]
+async fn a_config_reload_reloads_the_uploaded_version_and_a_start_that_refuses_it_names_it() {
+    let rx = Receiver::start().await;
+    let folder = tempfile::tempdir().unwrap();
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    let sha2 = sha256_hex(&v2);
+    let gw = echo_gateway(folder.path(), plugins::ECHO_FORMATTER, &rx).await;
+    let (status, body) = upload_echo(&gw, &v2).await;
+    assert_eq!(status, 200, "{body}");
+    let entry = |extra: &str| {
+        GatewayOptions::default().extra(
+            &[
+                format!(
+                    "[plugin_runtime]\ndir = {:?}\n",
+                    folder.path().display().to_string()
+                ),
+                plugin("echo", "echo.wasm", extra),
+                endpoint("rx", &rx, Some("echo")),
+            ]
+            .concat(),
+        )
+    };
+
+    // A changed entry is reloaded from the upload, not from the file.
+    let (status, report) = gw
+        .reload_with(&entry("[plugins.config]\nversion = \"reloaded\""))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let loaded = &report["plugins_loaded"][0];
+    assert_eq!(
+        (&loaded["sha256"], &loaded["source"], &loaded["swapped"]),
+        (&sha2.clone().into(), &"upload".into(), &true.into()),
+        "{report}"
+    );
+    let c = WsClient::connect(&gw, "after-reload").await;
+    let b = plugboard_tests::wait_until("the opened event of after-reload", WAIT, || {
+        bodies(&rx)
+            .into_iter()
+            .find(|b| b["data"]["user_id"] == "after-reload" && b["event"] == "connection.opened")
+    })
+    .await;
+    c.close(1000, "");
+    assert_eq!(
+        (&b["plugin"], &b["version"]),
+        (&"echo-v2".into(), &"reloaded".into())
+    );
+
+    // An entry the upload does not fit stops the next start, naming the
+    // uploaded version (the file is not tried in its place).
+    gw.write_config(&GatewayOptions::default().extra(&format!(
+        "[plugin_runtime]\ndir = {:?}\n{}",
+        folder.path().display().to_string(),
+        plugin("echo", "echo.wasm", "hooks = [\"conversation-filter\"]")
+    )));
+    let config = gw.config_path.clone();
+    // Keeps the data folder (and database) after the gateway is gone.
+    let _handle = gw.restart_handle();
+    assert_eq!(gw.terminate().await, Some(0));
+    let out = std::process::Command::new(plugboard_tests::gateway::binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "plugboard: error: plugin `echo`: its uploaded version {} (uploaded ",
+            &sha2[..12]
+        )) && err.contains(") was refused: does not fit the plugboard:plugin contract"),
+        "{err}"
+    );
+}

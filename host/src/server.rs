@@ -205,8 +205,28 @@ impl NodeOps for AppOps {
         let Some(app) = self.0.upgrade() else {
             return serde_json::json!({"error": "shutting down"});
         };
+        match app.plugins.load_stored(name).await {
+            Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        }
+    }
+
+    async fn plugin_reload(&self, name: &str) -> serde_json::Value {
+        let Some(app) = self.0.upgrade() else {
+            return serde_json::json!({"error": "shutting down"});
+        };
         match app.plugins.reload(name).await {
             Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        }
+    }
+
+    async fn plugin_unload(&self, name: &str) -> serde_json::Value {
+        let Some(app) = self.0.upgrade() else {
+            return serde_json::json!({"error": "shutting down"});
+        };
+        match app.plugins.unload(name).await {
+            Ok(_) => serde_json::json!({"name": name, "loaded": false}),
             Err(e) => serde_json::json!({"error": e.to_string()}),
         }
     }
@@ -280,6 +300,7 @@ impl Server {
         let plugins = Arc::new(PluginRegistry::new(
             engine,
             Arc::new(Kv::Storage(storage.kv.clone())),
+            storage.plugin_store.clone(),
             metrics.clone(),
             &config,
         ));

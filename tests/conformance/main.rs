@@ -18,6 +18,7 @@ mod groups;
 mod kv;
 mod messages;
 mod outbox;
+mod plugins;
 mod sessions;
 
 /// The engines a test runs on.

@@ -469,8 +469,10 @@ async fn an_invalid_upload_is_refused_while_the_old_version_keeps_serving() {
 }
 
 /// Hot swap under load: events flow from many connections while the
-/// formatter is replaced 50 times (admin API and folder watcher). No call
-/// fails, no connection drops, every event after a swap uses the new version.
+/// formatter is replaced 50 times (first through the folder watcher, then
+/// through the admin API: once an upload is current, file changes no longer
+/// replace it). No call fails, no connection drops, every event after a
+/// swap uses the new version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swap_under_load_fails_no_call_and_drops_no_connection() {
     plugboard_tests::raise_fd_limit();
@@ -551,7 +553,7 @@ async fn hot_swap_under_load_fails_no_call_and_drops_no_connection() {
         } else {
             (&v1, "echo")
         };
-        if i % 5 == 4 {
+        if i < 10 {
             // Through the watcher: replace the file, then wait for the swap.
             let tmp = plugins_dir.join("echo.wasm.tmp");
             std::fs::write(&tmp, bytes).unwrap();
@@ -757,4 +759,518 @@ async fn chains_follow_the_configured_order_and_a_restart_loads_from_the_compile
     let views = body["plugins"].as_array().unwrap();
     assert_eq!(views.len(), 3, "{body}");
     assert!(views.iter().all(|p| p["loaded"] == true), "{body}");
+}
+
+// Durable uploads: an uploaded version is stored, loaded again at start,
+// kept over file changes, and removed by an unload.
+
+/// A gateway serving plugin `echo` from `folder/echo.wasm` (a copy of
+/// `file`) as the formatter of endpoint `rx`.
+async fn echo_gateway(folder: &std::path::Path, file: &str, rx: &Receiver) -> Gateway {
+    std::fs::copy(file, folder.join("echo.wasm")).unwrap();
+    gateway(
+        &[
+            format!(
+                "[plugin_runtime]\ndir = {:?}\n",
+                folder.display().to_string()
+            ),
+            plugin(
+                "echo",
+                "echo.wasm",
+                "on_error = \"fail-closed\"\n[plugins.config]\nversion = \"d\"",
+            ),
+            endpoint("rx", rx, Some("echo")),
+        ]
+        .concat(),
+    )
+    .await
+}
+
+/// `PUT /admin/plugins/echo` with `bytes`.
+async fn upload_echo(gw: &Gateway, bytes: &[u8]) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .put(gw.url("/admin/plugins/echo"))
+        .bearer_auth(plugboard_tests::gateway::ADMIN_TOKEN)
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Which version formatted the `connection.opened` event of a new
+/// connection of `user` (the formatter's `plugin` field).
+async fn formatted_by(gw: &Gateway, rx: &Receiver, user: &str) -> String {
+    let c = WsClient::connect(gw, user).await;
+    let b = plugboard_tests::wait_until(&format!("the opened event of {user}"), WAIT, || {
+        bodies(rx)
+            .into_iter()
+            .find(|b| b["data"]["user_id"] == user && b["event"] == "connection.opened")
+    })
+    .await;
+    c.close(1000, "");
+    b["plugin"].as_str().unwrap_or_default().to_string()
+}
+
+/// The serving version of `echo` as `GET /admin/plugins` shows it:
+/// (sha256, source, uploaded_at).
+async fn serving(gw: &Gateway) -> (Value, Value, Value) {
+    let v = plugin_view(gw, "echo").await;
+    (
+        v["sha256"].clone(),
+        v["source"].clone(),
+        v["uploaded_at"].clone(),
+    )
+}
+
+#[tokio::test]
+async fn an_uploaded_version_is_loaded_again_after_a_restart_until_it_is_unloaded() {
+    let rx = Receiver::start().await;
+    let folder = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read(plugins::ECHO_FORMATTER).unwrap();
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    let (sha1, sha2) = (sha256_hex(&v1), sha256_hex(&v2));
+    let gw = echo_gateway(folder.path(), plugins::ECHO_FORMATTER, &rx).await;
+    assert_eq!(
+        serving(&gw).await,
+        (sha1.clone().into(), "file".into(), Value::Null)
+    );
+    assert_eq!(formatted_by(&gw, &rx, "before").await, "echo");
+
+    let (status, report) = upload_echo(&gw, &v2).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        (&report["sha256"], &report["swapped"], &report["source"]),
+        (&sha2.clone().into(), &true.into(), &"upload".into()),
+        "{report}"
+    );
+    let uploaded_at = report["uploaded_at"].clone();
+    assert!(uploaded_at.is_string(), "{report}");
+    assert_eq!(formatted_by(&gw, &rx, "uploaded").await, "echo-v2");
+    assert_eq!(
+        serving(&gw).await,
+        (sha2.clone().into(), "upload".into(), uploaded_at.clone())
+    );
+    // The plugins folder is not where an upload goes.
+    assert_eq!(std::fs::read(folder.path().join("echo.wasm")).unwrap(), v1);
+
+    // A restart loads the uploaded version, not the file.
+    let handle = gw.restart_handle();
+    assert_eq!(gw.terminate().await, Some(0));
+    let gw = handle.restart().await;
+    assert_eq!(
+        serving(&gw).await,
+        (sha2.clone().into(), "upload".into(), uploaded_at.clone())
+    );
+    assert_eq!(formatted_by(&gw, &rx, "after-restart").await, "echo-v2");
+
+    // An unload removes it: the next start loads the file again.
+    let (status, body) = gw.admin(Method::DELETE, "/admin/plugins/echo", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"name": "echo", "loaded": false, "upload_removed": true})
+    );
+    assert_eq!(serving(&gw).await, (Value::Null, Value::Null, Value::Null));
+    assert_eq!(gw.terminate().await, Some(0));
+    let gw = handle.restart().await;
+    assert_eq!(
+        serving(&gw).await,
+        (sha1.clone().into(), "file".into(), Value::Null)
+    );
+    assert_eq!(formatted_by(&gw, &rx, "file-again").await, "echo");
+    // Nothing was left to remove.
+    let (_, body) = gw.admin(Method::DELETE, "/admin/plugins/echo", None).await;
+    assert_eq!(body["upload_removed"], false, "{body}");
+}
+
+#[tokio::test]
+async fn a_file_change_does_not_replace_an_uploaded_version_until_it_is_unloaded() {
+    let rx = Receiver::start().await;
+    let folder = tempfile::tempdir().unwrap();
+    let file = folder.path().join("echo.wasm");
+    let v1 = std::fs::read(plugins::ECHO_FORMATTER).unwrap();
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    let (sha1, sha2) = (sha256_hex(&v1), sha256_hex(&v2));
+    let gw = echo_gateway(folder.path(), plugins::ECHO_FORMATTER, &rx).await;
+    let replace_file = |bytes: &[u8]| {
+        let tmp = folder.path().join("echo.wasm.tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    let (status, report) = upload_echo(&gw, &v2).await;
+    assert_eq!(status, 200, "{report}");
+
+    // The watcher sees the file change and leaves the upload serving.
+    replace_file(&v1);
+    plugboard_tests::wait_until_async(WAIT, || async {
+        let logs = plugin_view(&gw, "echo").await["recent_logs"].to_string();
+        logs.contains("file changed; not loaded: an uploaded version is current")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(serving(&gw).await.0, sha2.as_str());
+    assert_eq!(formatted_by(&gw, &rx, "after-file-change").await, "echo-v2");
+
+    // A reload reloads the current version: the upload.
+    let (status, report) = gw
+        .admin(Method::POST, "/admin/plugins/echo/reload", None)
+        .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        (&report["sha256"], &report["swapped"], &report["source"]),
+        (&sha2.clone().into(), &false.into(), &"upload".into()),
+        "{report}"
+    );
+
+    // Once it is unloaded, the file is the current version again, and the
+    // watcher follows the file.
+    let (status, body) = gw.admin(Method::DELETE, "/admin/plugins/echo", None).await;
+    assert_eq!(
+        (status, &body["upload_removed"]),
+        (200, &true.into()),
+        "{body}"
+    );
+    let (status, report) = gw
+        .admin(Method::POST, "/admin/plugins/echo/reload", None)
+        .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        (&report["sha256"], &report["swapped"], &report["source"]),
+        (&sha1.clone().into(), &true.into(), &"file".into()),
+        "{report}"
+    );
+    assert_eq!(formatted_by(&gw, &rx, "file-current").await, "echo");
+    replace_file(&v2);
+    let want = (Value::from(sha2.as_str()), Value::from("file"));
+    plugboard_tests::wait_until_async(WAIT, || async {
+        let (sha, source, _) = serving(&gw).await;
+        ((sha, source) == want).then_some(())
+    })
+    .await;
+    assert_eq!(formatted_by(&gw, &rx, "watched").await, "echo-v2");
+}
+
+/// Makes storage refuse every write of an uploaded version, as a full or
+/// broken database would: a trigger on SQLite, a constraint on PostgreSQL.
+fn refuse_uploads(gw: &Gateway, refuse: bool) {
+    match gw.database_url() {
+        Some(url) => {
+            let sql = if refuse {
+                "ALTER TABLE plugin_versions ADD CONSTRAINT refused_by_the_test CHECK (false) NOT VALID"
+            } else {
+                "ALTER TABLE plugin_versions DROP CONSTRAINT refused_by_the_test"
+            };
+            plugboard_tests::postgres::shared().psql(url, sql);
+        }
+        None => {
+            let sql = if refuse {
+                "CREATE TRIGGER refuse_insert BEFORE INSERT ON plugin_versions BEGIN SELECT RAISE(ABORT, 'refused by the test'); END; \
+                 CREATE TRIGGER refuse_update BEFORE UPDATE ON plugin_versions BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+            } else {
+                "DROP TRIGGER refuse_insert; DROP TRIGGER refuse_update;"
+            };
+            let db = gw.dir.path().join("data").join("plugboard.db");
+            let status = std::process::Command::new("python3")
+                .arg("-c")
+                .arg(format!(
+                    "import sqlite3; c = sqlite3.connect({:?}, timeout=30); c.executescript({sql:?}); c.commit()",
+                    db.display().to_string()
+                ))
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upload_that_storage_refuses_fails_and_swaps_nothing() {
+    let rx = Receiver::start().await;
+    let folder = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read(plugins::ECHO_FORMATTER).unwrap();
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    let sha1 = sha256_hex(&v1);
+    let gw = echo_gateway(folder.path(), plugins::ECHO_FORMATTER, &rx).await;
+    refuse_uploads(&gw, true);
+    let (status, body) = upload_echo(&gw, &v2).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "internal", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("cannot store the uploaded version: database error: ")
+            && message.ends_with("; the previous version keeps serving"),
+        "{body}"
+    );
+    let view = plugin_view(&gw, "echo").await;
+    assert_eq!(
+        (&view["sha256"], &view["source"], &view["swaps"]),
+        (&sha1.clone().into(), &"file".into(), &1.into()),
+        "{view}"
+    );
+    assert!(
+        view["last_load_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("cannot store the uploaded version")),
+        "{view}"
+    );
+    assert_eq!(formatted_by(&gw, &rx, "refused").await, "echo");
+    // Nothing was stored: a restart still loads the file.
+    let handle = gw.restart_handle();
+    assert_eq!(gw.terminate().await, Some(0));
+    let gw = handle.restart().await;
+    assert_eq!(serving(&gw).await.0, sha1.as_str());
+    // Once storage takes it, the same upload goes through.
+    refuse_uploads(&gw, false);
+    let (status, body) = upload_echo(&gw, &v2).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(formatted_by(&gw, &rx, "accepted").await, "echo-v2");
+}
+
+/// Two gateways' plugin registries on one storage (one database shared by
+/// two backends on PostgreSQL; the one backend on SQLite), in this process.
+struct TwoNodes {
+    a: std::sync::Arc<plugboard::plugins::PluginRegistry>,
+    b: std::sync::Arc<plugboard::plugins::PluginRegistry>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl TwoNodes {
+    async fn start(config_toml: &str) -> TwoNodes {
+        use plugboard::config::{Config, StorageBackend, StorageConfig};
+        use plugboard::plugins::{engine::PluginEngine, Kv, PluginRegistry};
+        use std::sync::Arc;
+
+        let data = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let storage = match plugboard_tests::Engine::from_env() {
+            plugboard_tests::Engine::Sqlite => StorageConfig::default(),
+            plugboard_tests::Engine::Postgres => StorageConfig {
+                backend: StorageBackend::Postgres,
+                url: tokio::task::spawn_blocking(|| {
+                    plugboard_tests::postgres::shared().create_database()
+                })
+                .await
+                .unwrap(),
+                ..StorageConfig::default()
+            },
+        };
+        let first = plugboard::storage::open(&storage, data.path(), None)
+            .await
+            .unwrap();
+        let second = if storage.backend == StorageBackend::Postgres {
+            plugboard::storage::open(&storage, data.path(), None)
+                .await
+                .unwrap()
+        } else {
+            first.clone()
+        };
+        let config = Config::from_toml(config_toml).unwrap();
+        let node = |backend: &plugboard::storage::Backend| {
+            Arc::new(PluginRegistry::new(
+                PluginEngine::new(Some(cache.path().to_path_buf())).unwrap(),
+                Arc::new(Kv::Storage(backend.kv.clone())),
+                backend.plugin_store.clone(),
+                Arc::new(plugboard::metrics::Metrics::new()),
+                &config,
+            ))
+        };
+        let (a, b) = (node(&first), node(&second));
+        a.apply(&config, true).await.unwrap();
+        b.apply(&config, true).await.unwrap();
+        TwoNodes {
+            a,
+            b,
+            _dirs: (data, cache),
+        }
+    }
+}
+
+/// The `plugin` field of what `echo` formats on `node` (a failed call fails
+/// the test).
+async fn echo_label(node: &plugboard::plugins::PluginRegistry) -> String {
+    use plugboard::plugins::bindings::exports::plugboard::plugin::webhook_formatter as wf;
+    let event = wf::Event {
+        id: "evt_1".into(),
+        event_type: "connection.opened".into(),
+        timestamp_ms: 1,
+        data: r#"{"user_id":"u1"}"#.into(),
+        endpoint: "rx".into(),
+    };
+    let request = node
+        .format("echo", &event, "http://127.0.0.1:9/hook")
+        .await
+        .unwrap_or_else(|e| panic!("a formatter call failed: {e}"))
+        .expect("a request");
+    let body: Value = serde_json::from_slice(&request.body).unwrap();
+    body["plugin"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_nodes_upload_is_loaded_by_load_stored_without_a_failed_call() {
+    use plugboard::plugins::{PluginError, Source};
+
+    let nodes = TwoNodes::start(&plugin(
+        "echo",
+        plugins::ECHO_FORMATTER,
+        "[plugins.config]\nversion = \"n\"",
+    ))
+    .await;
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    let sha2 = sha256_hex(&v2);
+    // Nothing is stored yet: nothing to load, and the file keeps serving.
+    assert!(matches!(
+        nodes.b.load_stored("echo").await,
+        Err(PluginError::NoUpload(_))
+    ));
+    assert!(matches!(
+        nodes.b.load_stored("nobody").await,
+        Err(PluginError::Unknown(_))
+    ));
+    assert_eq!(echo_label(&nodes.b).await, "echo");
+
+    let uploaded = nodes.a.install("echo", v2).await.unwrap();
+    assert_eq!((uploaded.swapped, uploaded.source), (true, Source::Upload));
+    // Node b serves the file's version until it is told; calls run
+    // throughout its swap, and none fails.
+    assert_eq!(echo_label(&nodes.b).await, "echo");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = {
+        let (b, stop) = (nodes.b.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut labels = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                labels.push(echo_label(&b).await);
+            }
+            labels
+        })
+    };
+    let report = nodes.b.load_stored("echo").await.unwrap();
+    assert_eq!(
+        (
+            report.sha256.as_str(),
+            report.swapped,
+            report.source,
+            &report.uploaded_at
+        ),
+        (sha2.as_str(), true, Source::Upload, &uploaded.uploaded_at)
+    );
+    // A call that starts after the swap uses the new version.
+    assert_eq!(echo_label(&nodes.b).await, "echo-v2");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let labels = calls.await.unwrap();
+    let first_new = labels
+        .iter()
+        .position(|l| l == "echo-v2")
+        .unwrap_or(labels.len());
+    assert!(
+        labels[first_new..].iter().all(|l| l == "echo-v2"),
+        "a call after the swap used the old version: {labels:?}"
+    );
+    // Told again (a repeated signal): nothing to do.
+    let again = nodes.b.load_stored("echo").await.unwrap();
+    assert_eq!((again.swapped, again.compile_ms), (false, 0.0));
+    let view = nodes.b.views(0);
+    assert_eq!(
+        (
+            view[0].sha256.as_deref(),
+            view[0].source,
+            view[0].swaps,
+            &view[0].uploaded_at
+        ),
+        (
+            Some(sha2.as_str()),
+            Some(Source::Upload),
+            2,
+            &uploaded.uploaded_at
+        )
+    );
+
+    // Unloaded on node a: the upload is gone from storage; node b keeps
+    // serving what it has and is told there is nothing stored.
+    assert!(nodes.a.unload("echo").await.unwrap());
+    assert!(matches!(
+        nodes.b.load_stored("echo").await,
+        Err(PluginError::NoUpload(_))
+    ));
+    assert_eq!(echo_label(&nodes.b).await, "echo-v2");
+    // Its reload now goes back to the file.
+    let back = nodes.b.reload("echo").await.unwrap();
+    assert_eq!((back.swapped, back.source), (true, Source::File));
+    assert_eq!(echo_label(&nodes.b).await, "echo");
+}
+
+#[tokio::test]
+async fn a_config_reload_reloads_the_uploaded_version_and_a_start_that_refuses_it_names_it() {
+    let rx = Receiver::start().await;
+    let folder = tempfile::tempdir().unwrap();
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    let sha2 = sha256_hex(&v2);
+    let gw = echo_gateway(folder.path(), plugins::ECHO_FORMATTER, &rx).await;
+    let (status, body) = upload_echo(&gw, &v2).await;
+    assert_eq!(status, 200, "{body}");
+    let entry = |extra: &str| {
+        GatewayOptions::default().extra(
+            &[
+                format!(
+                    "[plugin_runtime]\ndir = {:?}\n",
+                    folder.path().display().to_string()
+                ),
+                plugin("echo", "echo.wasm", extra),
+                endpoint("rx", &rx, Some("echo")),
+            ]
+            .concat(),
+        )
+    };
+
+    // A changed entry is reloaded from the upload, not from the file.
+    let (status, report) = gw
+        .reload_with(&entry("[plugins.config]\nversion = \"reloaded\""))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let loaded = &report["plugins_loaded"][0];
+    assert_eq!(
+        (&loaded["sha256"], &loaded["source"], &loaded["swapped"]),
+        (&sha2.clone().into(), &"upload".into(), &true.into()),
+        "{report}"
+    );
+    let c = WsClient::connect(&gw, "after-reload").await;
+    let b = plugboard_tests::wait_until("the opened event of after-reload", WAIT, || {
+        bodies(&rx)
+            .into_iter()
+            .find(|b| b["data"]["user_id"] == "after-reload" && b["event"] == "connection.opened")
+    })
+    .await;
+    c.close(1000, "");
+    assert_eq!(
+        (&b["plugin"], &b["version"]),
+        (&"echo-v2".into(), &"reloaded".into())
+    );
+
+    // An entry the upload does not fit stops the next start, naming the
+    // uploaded version (the file is not tried in its place).
+    gw.write_config(&GatewayOptions::default().extra(&format!(
+        "[plugin_runtime]\ndir = {:?}\n{}",
+        folder.path().display().to_string(),
+        plugin("echo", "echo.wasm", "hooks = [\"conversation-filter\"]")
+    )));
+    let config = gw.config_path.clone();
+    // Keeps the data folder (and database) after the gateway is gone.
+    let _handle = gw.restart_handle();
+    assert_eq!(gw.terminate().await, Some(0));
+    let out = std::process::Command::new(plugboard_tests::gateway::binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "plugboard: error: plugin `echo`: its uploaded version {} (uploaded ",
+            &sha2[..12]
+        )) && err.contains(") was refused: does not fit the plugboard:plugin contract"),
+        "{err}"
+    );
 }

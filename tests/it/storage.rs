@@ -121,7 +121,7 @@ fn migrations_are_recorded_and_applied_once() {
         &url,
         "SELECT string_agg(version::text, ',' ORDER BY version) FROM plugboard_schema",
     );
-    assert_eq!(versions.trim(), "1,2,3,4");
+    assert_eq!(versions.trim(), "1,2,3,4,5");
     server.drop_database(&url);
 }
 
@@ -377,7 +377,91 @@ fn a_sqlite_database_from_a_newer_gateway_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("schema is at version 99, newer than this gateway knows (1)"),
+        stderr.contains("schema is at version 99, newer than this gateway knows (2)"),
         "{stderr}"
+    );
+}
+
+/// Runs `script` (Python, with `db` bound to a connection to the SQLite
+/// database at `path`) and returns what it prints.
+fn python_sqlite(path: &std::path::Path, script: &str) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sqlite3\ndb = sqlite3.connect({:?}, timeout=30)\n{script}\ndb.commit()",
+            path.display().to_string()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn a_version_1_sqlite_database_is_upgraded_in_place_and_keeps_its_data() {
+    use plugboard_tests::{plugins, Engine, Gateway, GatewayOptions};
+    use reqwest::Method;
+
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .engine(Engine::Sqlite)
+            .extra(&format!(
+                "[[plugins]]\nname = \"echo\"\nfile = {:?}\n[plugins.config]\nversion = \"1\"\n",
+                plugins::ECHO_FORMATTER
+            )),
+    )
+    .await;
+    let (status, body) = gw
+        .admin(
+            Method::PUT,
+            "/admin/plugins/echo/kv/kept",
+            Some(serde_json::json!("from version 1")),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let db = gw.dir.path().join("data").join("plugboard.db");
+    let handle = gw.restart_handle();
+    assert_eq!(gw.terminate().await, Some(0));
+    // What a version-1 gateway left: its schema is this one without
+    // `plugin_versions`, and it recorded version 1.
+    python_sqlite(
+        &db,
+        "db.execute('DROP TABLE plugin_versions')\ndb.execute('PRAGMA user_version = 1')",
+    );
+    let tables = "print(db.execute(\"SELECT count(*) FROM sqlite_master WHERE name = 'plugin_versions'\").fetchone()[0], db.execute('PRAGMA user_version').fetchone()[0])";
+    assert_eq!(python_sqlite(&db, tables), "0 1");
+
+    // The new gateway opens it, adds the table and records version 2.
+    let gw = handle.restart().await;
+    assert_eq!(python_sqlite(&db, tables), "1 2");
+    let (status, body) = gw
+        .admin(Method::GET, "/admin/plugins/echo/kv/kept", None)
+        .await;
+    assert_eq!((status, body.as_str()), (200, Some("from version 1")));
+    // Uploads are durable on the upgraded database.
+    let v2 = std::fs::read(plugins::ECHO_FORMATTER_V2).unwrap();
+    let resp = reqwest::Client::new()
+        .put(gw.url("/admin/plugins/echo"))
+        .bearer_auth(plugboard_tests::gateway::ADMIN_TOKEN)
+        .body(v2.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(gw.terminate().await, Some(0));
+    let gw = handle.restart().await;
+    let (_, view) = gw.admin(Method::GET, "/admin/plugins", None).await;
+    let echo = &view["plugins"][0];
+    assert_eq!(
+        (&echo["sha256"], &echo["source"]),
+        (
+            &serde_json::Value::from(crate::plugins::sha256_hex(&v2)),
+            &serde_json::Value::from("upload")
+        ),
+        "{view}"
     );
 }

@@ -49,6 +49,8 @@ const PAYLOAD_HEADROOM: usize = 4096;
 pub trait NodeOps: Send + Sync + 'static {
     async fn reload(&self) -> Value;
     async fn plugin_load(&self, name: &str) -> Value;
+    async fn plugin_reload(&self, name: &str) -> Value;
+    async fn plugin_unload(&self, name: &str) -> Value;
     async fn plugins(&self) -> Value;
 }
 
@@ -283,7 +285,11 @@ impl ClusterDelivery {
                 },
                 Err(error) => Reply::Error { error },
             },
-            Request::Reload | Request::PluginLoad { .. } | Request::Plugins => {
+            Request::Reload
+            | Request::PluginLoad { .. }
+            | Request::PluginReload { .. }
+            | Request::PluginUnload { .. }
+            | Request::Plugins => {
                 let Some(ops) = self.ops.get() else {
                     return Reply::Error {
                         error: "this node is still starting".into(),
@@ -293,6 +299,8 @@ impl ClusterDelivery {
                     report: match request {
                         Request::Reload => ops.reload().await,
                         Request::PluginLoad { name } => ops.plugin_load(&name).await,
+                        Request::PluginReload { name } => ops.plugin_reload(&name).await,
+                        Request::PluginUnload { name } => ops.plugin_unload(&name).await,
                         _ => ops.plugins().await,
                     },
                 }

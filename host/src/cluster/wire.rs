@@ -237,8 +237,16 @@ pub enum Request {
     },
     /// Re-read the config file, as `POST /admin/reload` does.
     Reload,
-    /// Load plugin `name` from its stored upload.
+    /// Load plugin `name` from its stored upload (another node took it).
     PluginLoad {
+        name: String,
+    },
+    /// Load plugin `name`'s current version again.
+    PluginReload {
+        name: String,
+    },
+    /// Unload plugin `name` (its upload is removed already).
+    PluginUnload {
         name: String,
     },
     /// This node's plugin views.

@@ -15,6 +15,7 @@ use crate::config::ConfigError;
 use crate::outbox::Enable;
 use crate::plugins::PluginError;
 use crate::server::App;
+use crate::storage::plugins::MAX_PLUGIN_BYTES;
 use crate::storage::StorageError;
 
 pub fn routes() -> Vec<Route> {
@@ -44,7 +45,7 @@ pub fn routes() -> Vec<Route> {
         ),
         Route::new(Method::GET, "/admin/plugins", BodyKind::None, plugins),
         Route::new(Method::PUT, plugin, BodyKind::Bytes, upload_plugin)
-            .map(|h| h.layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_UPLOAD))),
+            .map(|h| h.layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_BYTES))),
         Route::new(Method::DELETE, plugin, BodyKind::None, unload_plugin),
         Route::new(
             Method::POST,
@@ -216,13 +217,30 @@ async fn retry_failed(
     Ok(Json(json!({ "name": name, "requeued": n })))
 }
 
-/// Largest component accepted by `PUT /admin/plugins/{name}`.
-const MAX_PLUGIN_UPLOAD: usize = 64 * 1024 * 1024;
-
 fn plugin_error(e: PluginError) -> ApiError {
     match e {
-        PluginError::Unknown(_) => ApiError::not_found(e.to_string()),
+        PluginError::Unknown(_) | PluginError::NoUpload(_) => ApiError::not_found(e.to_string()),
         PluginError::Engine(_) => ApiError::internal(e),
+        // Nothing was swapped (or unloaded): storage could not take it.
+        PluginError::Storage { ref error, .. } if error.is_unavailable() => {
+            ApiError::storage(error)
+        }
+        PluginError::Storage {
+            error: StorageError::Quota(_),
+            ..
+        } => ApiError::new(
+            http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("{e}; the previous version keeps serving"),
+        ),
+        PluginError::Storage { .. } => {
+            tracing::error!(error = %e, "plugin admin request failed in storage");
+            ApiError::new(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("{e}; the previous version keeps serving"),
+            )
+        }
         other => ApiError::new(
             http::StatusCode::UNPROCESSABLE_ENTITY,
             "plugin_refused",
@@ -236,7 +254,23 @@ async fn plugins(State(app): State<Arc<App>>) -> Json<Value> {
         .iter()
         .map(|h| (h.to_string(), json!(app.plugins.chain(h))))
         .collect();
-    Json(json!({ "plugins": app.plugins.views(20), "chains": chains }))
+    let mut body = json!({ "plugins": app.plugins.views(20), "chains": chains });
+    // Cluster mode: what every other node has loaded.
+    if let Some(c) = &app.cluster {
+        body["node_id"] = json!(c.lease.node_id());
+        body["nodes"] = json!(c.delivery.reports(&Request::Plugins).await);
+    }
+    Json(body)
+}
+
+/// Cluster mode: asks every other node to apply a plugin change made here
+/// (the version is in the database already) and adds their reports.
+async fn on_every_node(app: &App, mut body: Value, request: Request) -> Value {
+    if let Some(c) = &app.cluster {
+        body["node_id"] = json!(c.lease.node_id());
+        body["nodes"] = json!(c.delivery.reports(&request).await);
+    }
+    body
 }
 
 async fn upload_plugin(
@@ -254,8 +288,9 @@ async fn upload_plugin(
         .install(&name, body.to_vec())
         .await
         .map_err(plugin_error)?;
+    let body = serde_json::to_value(report).map_err(ApiError::internal)?;
     Ok(Json(
-        serde_json::to_value(report).map_err(ApiError::internal)?,
+        on_every_node(&app, body, Request::PluginLoad { name }).await,
     ))
 }
 
@@ -264,8 +299,9 @@ async fn reload_plugin(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let report = app.plugins.reload(&name).await.map_err(plugin_error)?;
+    let body = serde_json::to_value(report).map_err(ApiError::internal)?;
     Ok(Json(
-        serde_json::to_value(report).map_err(ApiError::internal)?,
+        on_every_node(&app, body, Request::PluginReload { name }).await,
     ))
 }
 
@@ -273,6 +309,9 @@ async fn unload_plugin(
     State(app): State<Arc<App>>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    app.plugins.unload(&name).map_err(plugin_error)?;
-    Ok(Json(json!({ "name": name, "loaded": false })))
+    let removed = app.plugins.unload(&name).await.map_err(plugin_error)?;
+    let body = json!({ "name": name, "loaded": false, "upload_removed": removed });
+    Ok(Json(
+        on_every_node(&app, body, Request::PluginUnload { name }).await,
+    ))
 }

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use instance::{CallFailure, LoadedPlugin};
-pub use registry::{PluginRegistry, PluginView};
+pub use registry::{LoadReport, PluginRegistry, PluginView, Source};
 
 use crate::storage::KvStore;
 use bindings::plugboard::plugin::types::KvError;
@@ -45,6 +45,22 @@ pub enum PluginError {
     Init(String),
     #[error("no plugin named `{0}` in the config")]
     Unknown(String),
+    /// Storage failed or refused (an upload is not swapped in then).
+    #[error("cannot {action}: {error}")]
+    Storage {
+        action: &'static str,
+        error: crate::storage::StorageError,
+    },
+    /// A stored upload was refused when loaded (at start, on a reload).
+    #[error("its uploaded version {version} (uploaded {uploaded_at}) was refused: {error}")]
+    Stored {
+        /// The first 12 hex digits of its SHA-256.
+        version: String,
+        uploaded_at: String,
+        error: Box<PluginError>,
+    },
+    #[error("plugin `{0}` has no uploaded version in storage")]
+    NoUpload(String),
     #[error("plugin `{name}`: {error}")]
     Named {
         name: String,

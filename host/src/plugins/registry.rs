@@ -9,6 +9,18 @@
 //! the config says, instantiates, and its `init` accepts the config) before
 //! it replaces the old one; a version that fails any of that is refused and
 //! the old one keeps serving.
+//!
+//! Where a version comes from: a plugin's **current version** is its
+//! uploaded version when storage holds one ([`PluginStore`]), else its
+//! file. An upload through the admin API is validated, then stored durably,
+//! then swapped in: if storage refuses it, nothing is swapped. It stays the
+//! current version (at start, on a config reload, on
+//! [`PluginRegistry::reload`], on every node sharing the database) until
+//! it is replaced by another upload or removed by
+//! [`PluginRegistry::unload`]. The plugins folder is the fallback: the
+//! folder watcher, a single-node convenience, reloads a changed file only
+//! while the serving version came from the file, never over an upload.
+//! Another node's upload is loaded with [`PluginRegistry::load_stored`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +41,8 @@ use super::logs::{DropCounters, LogDropped, LogLine, PluginLog};
 use super::{Kv, PluginContext, PluginError};
 use crate::config::{Config, OnError, PluginConfig, PluginRuntimeConfig};
 use crate::metrics::{Metrics, PluginHookLabel, PluginLabel, PluginLogLabel, PluginOutcomeLabel};
+use crate::storage::plugins::{too_large, StoredPlugin, MAX_PLUGIN_BYTES};
+use crate::storage::PluginStore;
 
 /// Largest body a formatter may produce.
 pub const MAX_FORMATTED_BODY: usize = 4 * 1024 * 1024;
@@ -71,10 +85,82 @@ struct Breaker {
     trips: u64,
 }
 
+/// Where a loaded version came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The plugin's `file` in the plugins folder.
+    File,
+    /// An upload through the admin API (of this node or another one sharing
+    /// the storage), kept in storage.
+    Upload,
+}
+
+/// The source of the serving version, and when it was uploaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Origin {
+    source: Source,
+    uploaded_at_ms: Option<i64>,
+}
+
+impl Origin {
+    const FILE: Origin = Origin {
+        source: Source::File,
+        uploaded_at_ms: None,
+    };
+
+    fn upload(at_ms: i64) -> Origin {
+        Origin {
+            source: Source::Upload,
+            uploaded_at_ms: Some(at_ms),
+        }
+    }
+
+    fn uploaded_at(&self) -> Option<String> {
+        self.uploaded_at_ms.map(crate::rfc3339_ms)
+    }
+}
+
+/// What a load is asked to load.
+enum Want {
+    /// The current version: the stored upload if there is one, else the file.
+    Current,
+    /// The file (the folder watcher, once it checked the source).
+    File,
+    /// Bytes uploaded now: validated, stored, then swapped in.
+    Upload(Vec<u8>),
+    /// The stored upload, which must exist (another node uploaded it).
+    Stored,
+}
+
+/// Bytes to load and where they come from.
+struct Candidate {
+    bytes: Vec<u8>,
+    origin: Origin,
+    /// For stored bytes: the SHA-256 recorded with them.
+    recorded_sha256: Option<String>,
+    /// Store the bytes (an upload) once they are validated, before the swap.
+    store: bool,
+}
+
+impl Candidate {
+    fn stored(s: StoredPlugin) -> Candidate {
+        Candidate {
+            bytes: s.bytes,
+            origin: Origin::upload(s.uploaded_at_ms),
+            recorded_sha256: Some(s.sha256),
+            store: false,
+        }
+    }
+}
+
 /// One configured plugin and whatever version of it is loaded.
 struct Slot {
     settings: ArcSwap<PluginConfig>,
     current: ArcSwapOption<LoadedPlugin>,
+    /// Where `current` came from (`None` when nothing is loaded). Locked
+    /// while `current` is replaced, so a view sees the two together.
+    origin: Mutex<Option<Origin>>,
     log: Arc<PluginLog>,
     breaker: Mutex<Breaker>,
     swaps: AtomicU64,
@@ -101,6 +187,10 @@ pub struct PluginView {
     pub file: String,
     pub loaded: bool,
     pub sha256: Option<String>,
+    /// Where the serving version came from; `null` when not loaded.
+    pub source: Option<Source>,
+    /// When the serving version was uploaded (RFC 3339), for an upload.
+    pub uploaded_at: Option<String>,
     pub wit_version: &'static str,
     pub exports: Vec<&'static str>,
     pub hooks: Vec<String>,
@@ -137,12 +227,18 @@ pub struct LoadReport {
     pub compile_ms: f64,
     /// False when the same bytes were already serving (nothing swapped).
     pub swapped: bool,
+    /// Where the version came from.
+    pub source: Source,
+    /// When it was uploaded (RFC 3339), for an upload.
+    pub uploaded_at: Option<String>,
 }
 
 /// The plugins of one gateway.
 pub struct PluginRegistry {
     engine: Arc<PluginEngine>,
     kv: Arc<Kv>,
+    /// Uploaded versions.
+    store: Arc<dyn PluginStore>,
     metrics: Arc<Metrics>,
     dir: PathBuf,
     runtime: ArcSwap<PluginRuntimeConfig>,
@@ -166,12 +262,14 @@ impl PluginRegistry {
     pub fn new(
         engine: Arc<PluginEngine>,
         kv: Arc<Kv>,
+        store: Arc<dyn PluginStore>,
         metrics: Arc<Metrics>,
         config: &Config,
     ) -> Self {
         PluginRegistry {
             engine,
             kv,
+            store,
             metrics,
             dir: config.plugins_dir(),
             runtime: ArcSwap::from_pointee(config.plugin_runtime.clone()),
@@ -234,9 +332,11 @@ impl PluginRegistry {
     }
 
     /// Applies the `[[plugins]]` list: loads new plugins, reloads changed
-    /// ones, drops removed ones. With `strict`, the first failure is returned
-    /// (at start-up a broken plugin stops the gateway); otherwise failures
-    /// are logged and the old version keeps serving.
+    /// ones (each from its current version: its stored upload if it has one,
+    /// else its file), drops removed ones (their stored uploads stay, as
+    /// their key-value stores do). With `strict`, the first failure is
+    /// returned (at start-up a broken plugin stops the gateway); otherwise
+    /// failures are logged and the old version keeps serving.
     pub async fn apply(
         &self,
         config: &Config,
@@ -273,6 +373,7 @@ impl PluginRegistry {
                         let s = Arc::new(Slot {
                             settings: ArcSwap::from_pointee(p.clone()),
                             current: ArcSwapOption::empty(),
+                            origin: Mutex::new(None),
                             log: Arc::new(
                                 PluginLog::new(&p.name)
                                     .with_counters(self.log_drop_counters(&p.name)),
@@ -290,7 +391,7 @@ impl PluginRegistry {
             if !changed && slot.current.load().is_some() {
                 continue;
             }
-            match self.load_from_file(&slot, true).await {
+            match self.load(&slot, Want::Current, true).await {
                 Ok(r) => reports.push(r),
                 Err(e) if strict => {
                     return Err(PluginError::Named {
@@ -310,53 +411,179 @@ impl PluginRegistry {
         Ok(reports)
     }
 
-    async fn load_from_file(&self, slot: &Slot, force: bool) -> Result<LoadReport, PluginError> {
-        // The file is read under the load lock (inside `swap`), so a read can
-        // never be overtaken by an upload and then swap stale bytes back in.
-        self.swap(slot, None, force, None).await
+    /// Loads what `want` names as the plugin's new version, under its load
+    /// lock (so a storage read or a file read can never be overtaken by an
+    /// upload and then swap stale bytes back in).
+    async fn load(&self, slot: &Slot, want: Want, force: bool) -> Result<LoadReport, PluginError> {
+        let _loading = slot.loading.lock().await;
+        self.load_locked(slot, want, force).await
     }
 
-    /// Compiles, validates and swaps in `bytes` (or the plugin's file, read
-    /// under the lock, when `None`) as the plugin's new version.
-    /// With `persist_to`, the bytes are written to that file after they pass
-    /// validation and before the swap, under the plugin's load lock, so the
-    /// folder watcher never sees a file that disagrees with what serves.
+    /// The folder watcher's load: the changed file, unless the serving
+    /// version is an upload (`None`: nothing done).
+    async fn load_changed_file(&self, slot: &Slot) -> Result<Option<LoadReport>, PluginError> {
+        let _loading = slot.loading.lock().await;
+        let origin = *slot.origin.lock().unwrap_or_else(|p| p.into_inner());
+        if origin.is_some_and(|o| o.source == Source::Upload) {
+            return Ok(None);
+        }
+        self.load_locked(slot, Want::File, false).await.map(Some)
+    }
+
+    /// [`Self::load`], with the plugin's load lock held.
+    async fn load_locked(
+        &self,
+        slot: &Slot,
+        want: Want,
+        force: bool,
+    ) -> Result<LoadReport, PluginError> {
+        let settings = slot.settings.load_full();
+        let name = settings.name.as_str();
+        let reading = |error| PluginError::Storage {
+            action: "read the uploaded version",
+            error,
+        };
+        let candidate = match want {
+            Want::Current => match self.store.plugin_get(name).await.map_err(reading)? {
+                Some(stored) => Candidate::stored(stored),
+                None => self.file_candidate(&settings).await?,
+            },
+            Want::File => self.file_candidate(&settings).await?,
+            Want::Upload(bytes) => {
+                if bytes.len() > MAX_PLUGIN_BYTES {
+                    return Err(PluginError::Storage {
+                        action: "store the uploaded version",
+                        error: too_large(bytes.len()),
+                    });
+                }
+                Candidate {
+                    bytes,
+                    origin: Origin::upload(crate::now_ms()),
+                    recorded_sha256: None,
+                    store: true,
+                }
+            }
+            Want::Stored => {
+                // The hash first, without the bytes: a signal for the version
+                // that already serves costs no transfer of the component.
+                let info = self
+                    .store
+                    .plugin_list()
+                    .await
+                    .map_err(reading)?
+                    .into_iter()
+                    .find(|i| i.name == name)
+                    .ok_or_else(|| PluginError::NoUpload(name.to_string()))?;
+                let current = slot.current.load_full();
+                if let Some(c) = current.filter(|c| !force && c.sha256 == info.sha256) {
+                    let origin = Origin::upload(info.uploaded_at_ms);
+                    *slot.origin.lock().unwrap_or_else(|p| p.into_inner()) = Some(origin);
+                    return Ok(LoadReport {
+                        name: name.to_string(),
+                        sha256: info.sha256,
+                        exports: c.exports.clone(),
+                        cached: false,
+                        compile_ms: 0.0,
+                        swapped: false,
+                        source: Source::Upload,
+                        uploaded_at: origin.uploaded_at(),
+                    });
+                }
+                match self.store.plugin_get(name).await.map_err(reading)? {
+                    Some(stored) => Candidate::stored(stored),
+                    None => return Err(PluginError::NoUpload(name.to_string())),
+                }
+            }
+        };
+        let recorded = candidate.recorded_sha256.clone();
+        let origin = candidate.origin;
+        self.swap(slot, &settings, candidate, force)
+            .await
+            .map_err(|e| {
+                let e = match recorded {
+                    // Name the uploaded version that was refused: the file
+                    // is not what was tried.
+                    Some(sha256) => PluginError::Stored {
+                        version: sha256.chars().take(12).collect(),
+                        uploaded_at: origin.uploaded_at().unwrap_or_default(),
+                        error: Box::new(e),
+                    },
+                    None => e,
+                };
+                self.refused(slot, e)
+            })
+    }
+
+    /// The plugin's file, read now.
+    async fn file_candidate(&self, settings: &PluginConfig) -> Result<Candidate, PluginError> {
+        let path = self.path_of(settings);
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|e| PluginError::Read {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Candidate {
+            bytes,
+            origin: Origin::FILE,
+            recorded_sha256: None,
+            store: false,
+        })
+    }
+
+    /// Compiles, validates and swaps in `candidate` as the plugin's new
+    /// version (the load lock is held). An upload is stored after it passed
+    /// validation and before the swap: if storage refuses it, it is refused.
+    /// A refusal is returned for the caller to record ([`Self::refused`]).
     async fn swap(
         &self,
         slot: &Slot,
-        bytes: Option<Vec<u8>>,
+        settings: &PluginConfig,
+        candidate: Candidate,
         force: bool,
-        persist_to: Option<&Path>,
     ) -> Result<LoadReport, PluginError> {
-        let _loading = slot.loading.lock().await;
-        let settings = slot.settings.load_full();
-        let bytes = match bytes {
-            Some(b) => b,
-            None => {
-                let path = self.path_of(&settings);
-                tokio::fs::read(&path)
-                    .await
-                    .map_err(|e| PluginError::Read {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    })?
-            }
-        };
-        let persist = persist_to.map(|p| (p.to_path_buf(), bytes.clone()));
+        let Candidate {
+            bytes,
+            origin,
+            recorded_sha256,
+            store,
+        } = candidate;
         let name = settings.name.clone();
         let engine = self.engine.clone();
-        let compiled = tokio::task::spawn_blocking(move || engine.compile(&bytes))
-            .await
-            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        let (compiled, bytes) = tokio::task::spawn_blocking(move || {
+            let compiled = engine.compile(&bytes);
+            (compiled, bytes)
+        })
+        .await
+        .map_err(|e| PluginError::Engine(e.to_string()))?;
         let result = match compiled {
             Err(e) => Err(e),
             Ok(compiled) => {
+                if let Some(recorded) = recorded_sha256.filter(|r| *r != compiled.sha256) {
+                    if !self.serves(&compiled.sha256) {
+                        self.engine.discard(&compiled.sha256);
+                    }
+                    return Err(PluginError::Read {
+                        path: format!("the uploaded version of `{name}`"),
+                        message: format!(
+                            "its SHA-256 is {}, not the {recorded} recorded with it",
+                            compiled.sha256
+                        ),
+                    });
+                }
                 let current = slot.current.load_full();
                 if !force
                     && current
                         .as_ref()
                         .is_some_and(|c| c.sha256 == compiled.sha256)
                 {
+                    // The same bytes serve already: nothing to swap. An upload
+                    // of them still becomes the stored, current version.
+                    if store {
+                        self.store_upload(&name, &compiled.sha256, bytes, origin)
+                            .await?;
+                    }
+                    *slot.origin.lock().unwrap_or_else(|p| p.into_inner()) = Some(origin);
                     return Ok(LoadReport {
                         name,
                         sha256: compiled.sha256,
@@ -364,6 +591,8 @@ impl PluginRegistry {
                         cached: compiled.cached,
                         compile_ms: compiled.took.as_secs_f64() * 1000.0,
                         swapped: false,
+                        source: origin.source,
+                        uploaded_at: origin.uploaded_at(),
                     });
                 }
                 let ctx = Arc::new(PluginContext {
@@ -376,16 +605,23 @@ impl PluginRegistry {
                     log: slot.log.clone(),
                     kv: self.kv.clone(),
                 });
-                match LoadedPlugin::load(
+                let loaded = LoadedPlugin::load(
                     self.engine.clone(),
                     &compiled.component,
                     compiled.sha256.clone(),
                     ctx,
-                    limits(&settings, &self.runtime.load()),
-                    &self.required_hooks(&settings),
+                    limits(settings, &self.runtime.load()),
+                    &self.required_hooks(settings),
                 )
-                .await
-                {
+                .await;
+                let stored = match loaded {
+                    Ok(loaded) if store => self
+                        .store_upload(&name, &compiled.sha256, bytes, origin)
+                        .await
+                        .map(|()| loaded),
+                    other => other,
+                };
+                match stored {
                     Ok(loaded) => Ok((loaded, compiled)),
                     Err(e) => {
                         if !self.serves(&compiled.sha256) {
@@ -401,62 +637,84 @@ impl PluginRegistry {
             outcome: if result.is_ok() { "ok" } else { "refused" }.into(),
         };
         self.metrics.plugin_loads.get_or_create(&outcome).inc();
-        let result = match (result, persist) {
-            (Ok(ok), Some((path, bytes))) => match write_atomically(path.clone(), bytes).await {
-                Ok(()) => Ok(ok),
-                Err(e) => Err(PluginError::Read {
-                    path: path.display().to_string(),
-                    message: format!("cannot write the new version: {e}"),
-                }),
-            },
-            (result, _) => result,
+        let (loaded, compiled) = result?;
+        let report = LoadReport {
+            name: name.clone(),
+            sha256: loaded.sha256.clone(),
+            exports: loaded.exports.clone(),
+            cached: compiled.cached,
+            compile_ms: compiled.took.as_secs_f64() * 1000.0,
+            swapped: true,
+            source: origin.source,
+            uploaded_at: origin.uploaded_at(),
         };
-        match result {
-            Ok((loaded, compiled)) => {
-                let report = LoadReport {
-                    name: name.clone(),
-                    sha256: loaded.sha256.clone(),
-                    exports: loaded.exports.clone(),
-                    cached: compiled.cached,
-                    compile_ms: compiled.took.as_secs_f64() * 1000.0,
-                    swapped: true,
-                };
-                slot.current.store(Some(loaded));
-                slot.swaps.fetch_add(1, Ordering::Relaxed);
-                *slot.breaker.lock().unwrap_or_else(|p| p.into_inner()) = Breaker::default();
-                self.metrics
-                    .plugin_breaker_open
-                    .get_or_create(&PluginLabel {
-                        plugin: name.clone(),
-                    })
-                    .set(0);
-                *slot
-                    .last_load_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = None;
-                slot.log.gateway(
-                    LogLevel::Info,
-                    format!(
-                        "version {} loaded (exports {})",
-                        &report.sha256[..12],
-                        report.exports.join(", ")
-                    ),
-                );
-                tracing::info!(plugin = %name, sha256 = %report.sha256, cached = report.cached, compile_ms = report.compile_ms, "plugin version loaded");
-                Ok(report)
-            }
-            Err(e) => {
-                let text = e.to_string();
-                slot.log
-                    .gateway(LogLevel::Error, format!("new version refused: {text}"));
-                tracing::error!(plugin = %name, error = %text, "plugin version refused");
-                *slot
-                    .last_load_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(text);
-                Err(e)
-            }
+        {
+            let mut serving = slot.origin.lock().unwrap_or_else(|p| p.into_inner());
+            *serving = Some(origin);
+            slot.current.store(Some(loaded));
         }
+        slot.swaps.fetch_add(1, Ordering::Relaxed);
+        *slot.breaker.lock().unwrap_or_else(|p| p.into_inner()) = Breaker::default();
+        self.metrics
+            .plugin_breaker_open
+            .get_or_create(&PluginLabel {
+                plugin: name.clone(),
+            })
+            .set(0);
+        *slot
+            .last_load_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        let from = match origin.source {
+            Source::File => "file",
+            Source::Upload => "upload",
+        };
+        slot.log.gateway(
+            LogLevel::Info,
+            format!(
+                "version {} loaded (exports {}) from the {from}",
+                &report.sha256[..12],
+                report.exports.join(", ")
+            ),
+        );
+        tracing::info!(plugin = %name, sha256 = %report.sha256, source = from, cached = report.cached, compile_ms = report.compile_ms, "plugin version loaded");
+        Ok(report)
+    }
+
+    /// Stores an upload that passed validation (durable on return).
+    async fn store_upload(
+        &self,
+        name: &str,
+        sha256: &str,
+        bytes: Vec<u8>,
+        origin: Origin,
+    ) -> Result<(), PluginError> {
+        self.store
+            .plugin_put(
+                name,
+                sha256,
+                bytes,
+                origin.uploaded_at_ms.unwrap_or_default(),
+            )
+            .await
+            .map_err(|error| PluginError::Storage {
+                action: "store the uploaded version",
+                error,
+            })
+    }
+
+    /// Records a refused version (log line, `last_load_error`).
+    fn refused(&self, slot: &Slot, e: PluginError) -> PluginError {
+        let name = &slot.settings.load().name;
+        let text = e.to_string();
+        slot.log
+            .gateway(LogLevel::Error, format!("new version refused: {text}"));
+        tracing::error!(plugin = %name, error = %text, "plugin version refused");
+        *slot
+            .last_load_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(text);
+        e
     }
 
     /// Whether some plugin serves the component with `sha256` now.
@@ -473,36 +731,73 @@ impl PluginRegistry {
             })
     }
 
-    /// Validates `bytes` as a new version of plugin `name`, writes it to the
-    /// plugin's file and swaps it in. The old version serves until then and
-    /// keeps serving if the new one is refused.
+    /// Validates `bytes` as a new version of plugin `name`, stores it as the
+    /// plugin's uploaded version (durable, so a restart and every node
+    /// sharing the storage load it) and swaps it in. The old version serves
+    /// until then and keeps serving if the new one is refused, storage
+    /// refusing it included. The plugin's file is not touched.
     pub async fn install(&self, name: &str, bytes: Vec<u8>) -> Result<LoadReport, PluginError> {
         let slot = self
             .slot(name)
             .ok_or_else(|| PluginError::Unknown(name.to_string()))?;
-        let path = self.path_of(&slot.settings.load());
-        self.swap(&slot, Some(bytes), false, Some(&path)).await
+        self.load(&slot, Want::Upload(bytes), false).await
     }
 
-    /// Reloads plugin `name` from its file.
+    /// Reloads plugin `name` from its current version: its uploaded version
+    /// if storage holds one, else its file.
     pub async fn reload(&self, name: &str) -> Result<LoadReport, PluginError> {
         let slot = self
             .slot(name)
             .ok_or_else(|| PluginError::Unknown(name.to_string()))?;
-        self.load_from_file(&slot, false).await
+        self.load(&slot, Want::Current, false).await
     }
 
-    /// Unloads plugin `name`: calls fail as unavailable (and get its on-error
-    /// policy) until it is loaded again by a reload, an upload or a config reload.
-    pub fn unload(&self, name: &str) -> Result<(), PluginError> {
+    /// Loads plugin `name`'s stored upload, as when another node signals
+    /// that it uploaded a version: nothing is read beyond its hash, nor
+    /// swapped (`swapped: false`, `compile_ms: 0`), when the serving version
+    /// already has that SHA-256. [`PluginError::NoUpload`] when storage
+    /// holds none (it was unloaded since); the serving version stays.
+    pub async fn load_stored(&self, name: &str) -> Result<LoadReport, PluginError> {
         let slot = self
             .slot(name)
             .ok_or_else(|| PluginError::Unknown(name.to_string()))?;
-        slot.current.store(None);
-        slot.log
-            .gateway(LogLevel::Warn, "unloaded through the admin API".into());
-        tracing::warn!(plugin = %name, "plugin unloaded through the admin API");
-        Ok(())
+        self.load(&slot, Want::Stored, false).await
+    }
+
+    /// Unloads plugin `name` and removes its uploaded version from storage
+    /// (answers whether there was one): calls fail as unavailable (and get
+    /// its on-error policy) until it is loaded again by a reload, an upload
+    /// or a config reload, from its file unless a new version is uploaded.
+    /// If storage refuses the removal, nothing is unloaded.
+    pub async fn unload(&self, name: &str) -> Result<bool, PluginError> {
+        let slot = self
+            .slot(name)
+            .ok_or_else(|| PluginError::Unknown(name.to_string()))?;
+        let _loading = slot.loading.lock().await;
+        let removed =
+            self.store
+                .plugin_delete(name)
+                .await
+                .map_err(|error| PluginError::Storage {
+                    action: "remove the uploaded version",
+                    error,
+                })?;
+        {
+            let mut origin = slot.origin.lock().unwrap_or_else(|p| p.into_inner());
+            *origin = None;
+            slot.current.store(None);
+        }
+        let also = if removed {
+            "; its uploaded version is removed"
+        } else {
+            ""
+        };
+        slot.log.gateway(
+            LogLevel::Warn,
+            format!("unloaded through the admin API{also}"),
+        );
+        tracing::warn!(plugin = %name, upload_removed = removed, "plugin unloaded through the admin API");
+        Ok(removed)
     }
 
     /// The on-error policy of plugin `name` for `hook`: its `on_error`, else
@@ -730,7 +1025,12 @@ impl PluginRegistry {
             .into_iter()
             .map(|(name, slot)| {
                 let s = slot.settings.load();
-                let current = slot.current.load_full();
+                // Under the origin's lock: the version and its source together.
+                let (current, origin) = {
+                    let origin = slot.origin.lock().unwrap_or_else(|p| p.into_inner());
+                    (slot.current.load_full(), *origin)
+                };
+                let origin = origin.filter(|_| current.is_some());
                 let b = slot.breaker.lock().unwrap_or_else(|p| p.into_inner());
                 let open = b.open_until.is_some_and(|u| Instant::now() < u);
                 if !open {
@@ -746,6 +1046,8 @@ impl PluginRegistry {
                     file: self.path_of(&s).display().to_string(),
                     loaded: current.is_some(),
                     sha256: current.as_ref().map(|c| c.sha256.clone()),
+                    source: origin.map(|o| o.source),
+                    uploaded_at: origin.and_then(|o| o.uploaded_at()),
                     wit_version: super::instance::WIT_VERSION,
                     exports: current
                         .as_ref()
@@ -837,11 +1139,18 @@ impl PluginRegistry {
                 for slot in slots {
                     let path = this.path_of(&slot.settings.load());
                     if changed.iter().any(|c| same_file(c, &path)) {
-                        match this.load_from_file(&slot, false).await {
-                            Ok(r) if r.swapped => {
+                        match this.load_changed_file(&slot).await {
+                            Ok(Some(r)) if r.swapped => {
                                 tracing::info!(plugin = %r.name, "plugin file changed; new version swapped in")
                             }
-                            Ok(_) => {}
+                            Ok(Some(_)) => {}
+                            Ok(None) => {
+                                slot.log.gateway(
+                                    LogLevel::Warn,
+                                    "file changed; not loaded: an uploaded version is current until it is unloaded or replaced".into(),
+                                );
+                                tracing::warn!(plugin = %slot.settings.load().name, "plugin file changed; not loaded: an uploaded version is current until it is unloaded or replaced")
+                            }
                             Err(e) => {
                                 tracing::error!(plugin = %slot.settings.load().name, error = %e, "changed plugin file refused; the previous version keeps serving")
                             }
@@ -852,13 +1161,6 @@ impl PluginRegistry {
         });
         Some(watcher)
     }
-}
-
-/// Replaces `path` with `bytes` (see [`super::engine::write_replacing`]).
-async fn write_atomically(path: PathBuf, bytes: Vec<u8>) -> std::io::Result<()> {
-    tokio::task::spawn_blocking(move || super::engine::write_replacing(&path, &bytes))
-        .await
-        .map_err(std::io::Error::other)?
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -5,10 +5,11 @@
 //! by concern, one trait each: [`SessionStore`] (open connections),
 //! [`OutboxStore`] (webhook events and their delivery queues), [`KvStore`]
 //! (plugins' key-value stores), [`MessageStore`] (messages and conversation
-//! lists), [`GroupStore`] (groups and members) and [`ControlStore`]
-//! (business control messages). Each trait's module lists the properties
-//! any engine must keep. A [`Backend`] bundles one engine's implementation
-//! of all six; the server is built with one.
+//! lists), [`GroupStore`] (groups and members), [`ControlStore`]
+//! (business control messages) and [`PluginStore`] (uploaded plugin
+//! versions). Each trait's module lists the properties any engine must
+//! keep. A [`Backend`] bundles one engine's implementation of all of them;
+//! the server is built with one.
 //!
 //! Engines: [`sqlite`] (embedded; the default) and [`postgres`] (several
 //! gateway processes may share one database).
@@ -23,6 +24,7 @@ pub mod groups;
 pub mod kv;
 pub mod messages;
 pub mod outbox;
+pub mod plugins;
 pub mod postgres;
 pub mod sessions;
 pub mod sqlite;
@@ -34,6 +36,7 @@ pub use groups::GroupStore;
 pub use kv::KvStore;
 pub use messages::MessageStore;
 pub use outbox::{ClaimedEvent, EndpointState, EventFilter, NewEvent, OutboxStore, Settlement};
+pub use plugins::PluginStore;
 pub use sessions::{Presence, SessionEvents, SessionRecord, SessionStore};
 pub use sqlite::SqliteStorage;
 
@@ -87,6 +90,7 @@ pub struct Backend {
     pub messages: Arc<dyn MessageStore>,
     pub groups: Arc<dyn GroupStore>,
     pub controls: Arc<dyn ControlStore>,
+    pub plugin_store: Arc<dyn PluginStore>,
     pub health: Arc<dyn Health>,
     /// Node leases and gap reads; only engines that several processes share.
     pub cluster: Option<Arc<dyn cluster::ClusterStore>>,
@@ -96,7 +100,14 @@ impl Backend {
     /// A backend whose every concern is served by one engine value.
     pub fn from_engine<E>(engine: &'static str, store: Arc<E>) -> Backend
     where
-        E: SessionStore + OutboxStore + KvStore + MessageStore + GroupStore + ControlStore + Health,
+        E: SessionStore
+            + OutboxStore
+            + KvStore
+            + MessageStore
+            + GroupStore
+            + ControlStore
+            + PluginStore
+            + Health,
     {
         Backend {
             engine,
@@ -106,6 +117,7 @@ impl Backend {
             messages: store.clone(),
             groups: store.clone(),
             controls: store.clone(),
+            plugin_store: store.clone(),
             health: store,
             cluster: None,
         }

@@ -20,6 +20,11 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "messages", include_str!("migrations/0002_messages.sql")),
     (3, "controls", include_str!("migrations/0003_controls.sql")),
     (4, "cluster", include_str!("migrations/0004_cluster.sql")),
+    (
+        5,
+        "plugin_versions",
+        include_str!("migrations/0005_plugin_versions.sql"),
+    ),
 ];
 
 /// Why the schema could not be brought up to date.

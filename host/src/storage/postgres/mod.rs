@@ -80,6 +80,7 @@ mod kv;
 mod messages;
 mod migrations;
 mod outbox;
+mod plugins;
 mod sessions;
 
 use std::future::Future;

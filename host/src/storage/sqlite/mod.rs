@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 
 mod controls;
 mod messages;
+mod plugins;
 
 impl From<rusqlite::Error> for StorageError {
     fn from(e: rusqlite::Error) -> StorageError {
@@ -43,7 +44,12 @@ const NOT_HEAD: i64 = i64::MAX;
 /// The schema is created with `IF NOT EXISTS` statements and brought up to
 /// date by [`migrate`] (columns added since the first release); a database
 /// recording a higher version was written by a newer gateway and is refused.
-const SCHEMA_VERSION: i64 = 1;
+///
+/// Versions: 1, the first release; 2, `plugin_versions` (uploaded plugin
+/// versions, see [`plugins`]), which a version-1 database gets at open. An
+/// older gateway refuses a version-2 database rather than start without
+/// the uploaded versions it cannot see.
+const SCHEMA_VERSION: i64 = 2;
 
 /// Most writes grouped into one transaction.
 const MAX_BATCH: usize = 1024;
@@ -165,6 +171,7 @@ impl SqliteStorage {
         writer.execute_batch(SCHEMA).map_err(open_err)?;
         writer.execute_batch(messages::SCHEMA).map_err(open_err)?;
         writer.execute_batch(controls::SCHEMA).map_err(open_err)?;
+        writer.execute_batch(plugins::SCHEMA).map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
         writer
             .pragma_update(None, "user_version", SCHEMA_VERSION)

@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use plugboard_tests::{Cluster, ClusterOptions, Gateway, GatewayOptions, Receiver, WsClient};
+use plugboard_tests::{Cluster, ClusterOptions, Gateway, GatewayOptions, Receiver, WsClient, WAIT};
 use reqwest::Method;
 use serde_json::json;
 
@@ -483,4 +483,114 @@ async fn a_single_node_has_no_cluster_view() {
     let (status, body) = gw.admin(Method::GET, "/admin/cluster", None).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "not_clustered", "{body}");
+}
+
+/// Request bodies the receiver answered 200, as JSON.
+fn bodies(rx: &Receiver) -> Vec<serde_json::Value> {
+    rx.attempts()
+        .into_iter()
+        .filter(|a| a.answered == 200)
+        .map(|a| a.body)
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_uploaded_to_one_node_serves_on_every_node_with_no_failed_call() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read(plugboard_tests::plugins::ECHO_FORMATTER).unwrap();
+    let v2 = std::fs::read(plugboard_tests::plugins::ECHO_FORMATTER_V2).unwrap();
+    std::fs::write(dir.path().join("echo.wasm"), &v1).unwrap();
+    let extra = format!(
+        "[plugin_runtime]\ndir = {:?}\nwatch = false\n\
+         [[plugins]]\nname = \"echo\"\nfile = \"echo.wasm\"\non_error = \"fail-closed\"\n\
+         [plugins.config]\nversion = \"x\"\n\
+         [[webhooks]]\nname = \"rx\"\nurl = \"{}\"\nsecret = \"{}\"\nformatter = \"echo\"\n",
+        dir.path().display().to_string(),
+        rx.url,
+        plugboard_tests::receiver::SECRET
+    );
+    let cluster = Cluster::start(ClusterOptions::default().extra(&extra)).await;
+    // Traffic across nodes all along: messages node a → node b, and
+    // connections opening and closing on every node (their events go
+    // through the formatter).
+    let mut talker = WsClient::connect(cluster.node(0), "talker").await;
+    let mut hearer = WsClient::connect(cluster.node(1), "hearer").await;
+    let mut sent = 0usize;
+    for swap in 0..6usize {
+        let (bytes, label) = if swap % 2 == 0 {
+            (&v2, "echo-v2")
+        } else {
+            (&v1, "echo")
+        };
+        let want = sha256_hex(bytes);
+        send_many(&talker, "person", "hearer", &format!("s{swap}"), 10);
+        sent += 10;
+        let churn = WsClient::connect(cluster.node(swap % 3), &format!("churn{swap}")).await;
+        let resp = reqwest::Client::new()
+            .put(cluster.node(swap % 3).url("/admin/plugins/echo"))
+            .bearer_auth(plugboard_tests::gateway::ADMIN_TOKEN)
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let answer: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(answer["sha256"], want.as_str(), "{answer}");
+        let nodes = answer["nodes"]
+            .as_array()
+            .expect("every other node's report");
+        assert_eq!(nodes.len(), 2, "{answer}");
+        for n in nodes {
+            assert_eq!(n["answered"], true, "{answer}");
+            assert_eq!(n["report"]["sha256"], want.as_str(), "{answer}");
+        }
+        churn.close(1000, "");
+        // Every node serves the new version now, as its own view says.
+        for (i, gw) in cluster.running() {
+            let (_, view) = gw.admin(Method::GET, "/admin/plugins", None).await;
+            let echo = view["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "echo")
+                .cloned()
+                .unwrap();
+            assert_eq!(echo["sha256"], want.as_str(), "node {i}: {view}");
+        }
+        // An event created after the swap, on any node, is formatted by it.
+        let user = format!("probe{swap}");
+        let probe = WsClient::connect(cluster.node((swap + 1) % 3), &user).await;
+        let body =
+            plugboard_tests::wait_until(&format!("the opened event of {user}"), WAIT, || {
+                bodies(&rx).into_iter().find(|b| {
+                    b["data"]["user_id"] == user.as_str() && b["event"] == "connection.opened"
+                })
+            })
+            .await;
+        assert_eq!(body["plugin"], label, "swap {swap}: {body}");
+        probe.close(1000, "");
+    }
+    let talked = collect(&mut talker, "", sent).await;
+    assert_eq!(talked.acks.len(), sent);
+    let heard = collect(&mut hearer, "talker", sent).await;
+    assert_eq!(heard.messages, (1..=sent as u64).collect::<Vec<_>>());
+    for (i, gw) in cluster.running() {
+        let m = gw.metrics().await;
+        let failed: f64 = m
+            .series("plugboard_plugin_calls_total")
+            .iter()
+            .filter(|s| s.label("outcome") != Some("ok"))
+            .map(|s| s.value)
+            .sum();
+        assert_eq!(failed, 0.0, "node {i} had failed plugin calls");
+    }
 }

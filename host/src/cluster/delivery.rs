@@ -86,6 +86,11 @@ impl ClusterDelivery {
         let node_id = lease.node_id().to_string();
         let fanout = nats.subscribe(subjects.fanout()).await?;
         let requests = nats.subscribe(subjects.node(&node_id)).await?;
+        // Once the server has both subscriptions, read the live nodes again:
+        // a node that joins later is heard of by its first beat, which it
+        // sends after its join, so no node is missed in between.
+        nats.flush().await?;
+        lease.refresh_peers().await;
         let (publisher, queue) = mpsc::unbounded_channel();
         let delivery = Arc::new(ClusterDelivery {
             local,

@@ -19,6 +19,12 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("migrations/0001_core.sql")),
     (2, "messages", include_str!("migrations/0002_messages.sql")),
     (3, "controls", include_str!("migrations/0003_controls.sql")),
+    (4, "cluster", include_str!("migrations/0004_cluster.sql")),
+    (
+        5,
+        "endpoint_leases",
+        include_str!("migrations/0005_endpoint_leases.sql"),
+    ),
 ];
 
 /// Why the schema could not be brought up to date.

@@ -158,7 +158,12 @@ async fn keep(
             // Unanswered by the time the lease would end: lost.
             let limit = held_until.map_or(ttl, |until| until.saturating_duration_since(sent));
             let asked = shared.storage.endpoint_lease(&name, &shared.holder, ttl);
-            match tokio::time::timeout(limit, asked).await {
+            let answer = tokio::select! {
+                // Stopping does not wait for storage: the release follows.
+                _ = stop.cancelled() => break,
+                answer = tokio::time::timeout(limit, asked) => answer,
+            };
+            match answer {
                 Ok(Ok(granted)) => {
                     if failing {
                         failing = false;

@@ -286,6 +286,10 @@ pub struct OutboxConfig {
     /// Longest honoured `Retry-After`.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
+    /// Length of an endpoint's delivery lease: the one process holding it
+    /// delivers the endpoint, renewing it every third of this.
+    #[serde(with = "humantime_serde")]
+    pub endpoint_lease: Duration,
 }
 
 impl Default for OutboxConfig {
@@ -309,6 +313,7 @@ impl Default for OutboxConfig {
             request_timeout: s(10),
             max_in_flight: 32,
             max_retry_after: s(3600),
+            endpoint_lease: s(10),
         }
     }
 }
@@ -921,6 +926,7 @@ impl Config {
             ("server.body_timeout", self.server.body_timeout),
             ("outbox.request_timeout", self.outbox.request_timeout),
             ("outbox.disable_after", self.outbox.disable_after),
+            ("outbox.endpoint_lease", self.outbox.endpoint_lease),
             (
                 "conversations.prune_interval",
                 self.conversations.prune_interval,
@@ -1040,6 +1046,12 @@ impl Config {
         }
         if o.max_in_flight == 0 {
             return Err(key_err("outbox.max_in_flight", "must be at least 1"));
+        }
+        if o.endpoint_lease < o.request_timeout {
+            return Err(key_err(
+                "outbox.endpoint_lease",
+                "must be at least outbox.request_timeout",
+            ));
         }
         for (i, key) in self.auth.api_keys.iter().enumerate() {
             if key.len() < 16 {
@@ -1554,6 +1566,22 @@ mod tests {
             "webhooks[0].events",
         );
         check_err("[outbox]\nretry_schedule = []", "outbox.retry_schedule");
+    }
+
+    #[test]
+    fn an_endpoint_lease_is_positive_and_at_least_one_request_long() {
+        let outbox = |toml: &str| Config::from_toml(&format!("[outbox]\n{toml}"));
+        let c = outbox("request_timeout = \"2s\"\nendpoint_lease = \"2s\"").unwrap();
+        assert_eq!(c.outbox.endpoint_lease, Duration::from_secs(2));
+        let err = |toml: &str| outbox(toml).unwrap_err().to_string();
+        assert_eq!(
+            err("endpoint_lease = \"0s\""),
+            "config key `outbox.endpoint_lease`: must be greater than zero"
+        );
+        assert_eq!(
+            err("request_timeout = \"20s\"\nendpoint_lease = \"15s\""),
+            "config key `outbox.endpoint_lease`: must be at least outbox.request_timeout"
+        );
     }
 
     #[test]

@@ -107,6 +107,10 @@ pub struct Metrics {
     pub webhook_pending: Family<EndpointLabel, Gauge>,
     pub webhook_failed: Family<EndpointLabel, Gauge>,
     pub webhook_endpoint_disabled: Family<EndpointLabel, Gauge>,
+    /// 1 while this process holds the endpoint's delivery lease.
+    pub webhook_endpoint_leader: Family<EndpointLabel, Gauge>,
+    /// Times this process took an endpoint's delivery lease.
+    pub webhook_lease_takeovers: Family<EndpointLabel, Counter>,
     pub storage_commit_seconds: Histogram,
     pub storage_batch_size: Histogram,
     pub open_latency_seconds: Histogram,
@@ -192,6 +196,8 @@ impl Metrics {
             webhook_pending: Family::default(),
             webhook_failed: Family::default(),
             webhook_endpoint_disabled: Family::default(),
+            webhook_endpoint_leader: Family::default(),
+            webhook_lease_takeovers: Family::default(),
             storage_commit_seconds: latency_histogram(),
             storage_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             open_latency_seconds: latency_histogram(),
@@ -295,6 +301,16 @@ impl Metrics {
             "webhook_endpoint_disabled",
             "1 when an endpoint is disabled (by 410, continuous failure or config)",
             m.webhook_endpoint_disabled.clone(),
+        );
+        r.register(
+            "webhook_endpoint_leader",
+            "1 while this process holds the endpoint's delivery lease (it alone delivers the endpoint)",
+            m.webhook_endpoint_leader.clone(),
+        );
+        r.register(
+            "webhook_lease_takeovers",
+            "Times this process took an endpoint's delivery lease",
+            m.webhook_lease_takeovers.clone(),
         );
         r.register(
             "storage_commit_seconds",

@@ -315,6 +315,7 @@ impl Server {
             wakeup.clone(),
             config.outbox.clone(),
             Some(plugins.clone()),
+            crate::outbox::lease_holder(&config.node_id),
         )?);
         outbox.reconcile(&config.webhooks, &config.outbox).await?;
         outbox.start_maintenance();

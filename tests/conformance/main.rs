@@ -16,6 +16,7 @@ use plugboard::storage::Backend;
 mod controls;
 mod groups;
 mod kv;
+mod leases;
 mod messages;
 mod outbox;
 mod plugins;

@@ -23,6 +23,7 @@ mod routes;
 mod security;
 mod storage;
 mod webhooks;
+mod webhooks_nodes;
 
 use plugboard_tests::{Gateway, GatewayOptions, Receiver};
 

@@ -121,7 +121,7 @@ fn migrations_are_recorded_and_applied_once() {
         &url,
         "SELECT string_agg(version::text, ',' ORDER BY version) FROM plugboard_schema",
     );
-    assert_eq!(versions.trim(), "1,2,3,4,5");
+    assert_eq!(versions.trim(), "1,2,3,4,5,6");
     server.drop_database(&url);
 }
 

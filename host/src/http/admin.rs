@@ -39,6 +39,12 @@ pub fn routes() -> Vec<Route> {
         ),
         Route::new(
             Method::POST,
+            "/admin/webhooks/{name}/disable",
+            BodyKind::None,
+            disable,
+        ),
+        Route::new(
+            Method::POST,
             "/admin/webhooks/{name}/retry-failed",
             BodyKind::None,
             retry_failed,
@@ -204,6 +210,19 @@ async fn enable(
         Enable::Unknown => Err(ApiError::not_found(format!(
             "no webhook endpoint `{name}` in the config"
         ))),
+    }
+}
+
+async fn disable(
+    State(app): State<Arc<App>>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    if app.outbox.disable(&name).await? {
+        Ok(Json(json!({ "name": name, "enabled": false })))
+    } else {
+        Err(ApiError::not_found(format!(
+            "no webhook endpoint `{name}` in the config"
+        )))
     }
 }
 

@@ -9,7 +9,14 @@
 //! for too long, saying so in the log, the metrics and the admin API.
 //! Nothing is dropped: a delivery that exhausts its retries is kept as
 //! `failed` and can be queued again through the admin API.
+//!
+//! Gateway processes sharing one database each run a worker per endpoint,
+//! and one at a time delivers it: the one whose process holds the
+//! endpoint's [`lease`]. The endpoint's state (disabled, re-enabled, failed
+//! deliveries put back) is in storage, so the admin API of any process
+//! changes it for the worker that delivers, and every process shows it.
 
+pub mod lease;
 pub mod sign;
 pub mod worker;
 
@@ -58,12 +65,24 @@ pub(crate) struct Shared {
     pub settings: ArcSwap<OutboxConfig>,
     /// Formatter plugins named by endpoints.
     pub plugins: Option<Arc<crate::plugins::PluginRegistry>>,
+    /// Who this process is to the endpoints' delivery leases.
+    pub holder: String,
+}
+
+/// A holder id for the endpoints' delivery leases: the node id, and what
+/// tells this start of the process from any other.
+pub fn lease_holder(node_id: &str) -> String {
+    format!("{node_id}/{}", ulid::Ulid::new())
 }
 
 struct WorkerHandle {
     config: Arc<ArcSwap<WebhookConfig>>,
-    /// Set when the endpoint was disabled at run time (410, continuous failure).
+    /// Set when the endpoint is disabled at run time (410, continuous
+    /// failure, the admin API): this process's view of the shared state,
+    /// which the worker follows from storage.
     disabled: Arc<AtomicBool>,
+    /// Whether this process holds the endpoint's delivery lease.
+    leading: lease::LeaseWatch,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -85,7 +104,15 @@ pub struct EndpointView {
     pub skipped_total: i64,
     pub oldest_pending_at: Option<String>,
     pub last_error: Option<String>,
+    /// The holder of the endpoint's delivery lease (`<node_id>/<run>`), or
+    /// `None` while no process holds it.
+    pub leader: Option<String>,
+    /// When that lease ends unless renewed.
+    pub lease_until: Option<String>,
 }
+
+/// `disabled_reason` of an endpoint disabled through the admin API.
+pub const ADMIN_DISABLED: &str = "disabled through the admin API";
 
 /// What `enable` did.
 #[derive(Debug, PartialEq, Eq)]
@@ -104,12 +131,15 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// `holder` names this process to the endpoints' delivery leases
+    /// ([`lease_holder`]): unique to this start of this node.
     pub fn new(
         storage: Arc<dyn OutboxStore>,
         metrics: Arc<Metrics>,
         wakeup: Wakeup,
         settings: OutboxConfig,
         plugins: Option<Arc<crate::plugins::PluginRegistry>>,
+        holder: String,
     ) -> anyhow::Result<Outbox> {
         let client = reqwest::Client::builder()
             .user_agent(concat!("plugboard/", env!("CARGO_PKG_VERSION")))
@@ -124,6 +154,7 @@ impl Outbox {
                 client,
                 settings: ArcSwap::from_pointee(settings),
                 plugins,
+                holder,
             }),
             workers: Mutex::new(HashMap::new()),
             maintenance: CancellationToken::new(),
@@ -208,11 +239,14 @@ impl Outbox {
                 let config = Arc::new(ArcSwap::from_pointee(ep.clone()));
                 let disabled = Arc::new(AtomicBool::new(false));
                 let stop = CancellationToken::new();
+                let lease = lease::Lease::start(self.shared.clone(), config.clone());
+                let leading = lease.watch();
                 let task = tokio::spawn(worker::run(
                     self.shared.clone(),
                     state,
                     config.clone(),
                     disabled.clone(),
+                    lease,
                     stop.clone(),
                 ));
                 workers.insert(
@@ -220,6 +254,7 @@ impl Outbox {
                     WorkerHandle {
                         config,
                         disabled,
+                        leading,
                         stop,
                         task,
                     },
@@ -263,6 +298,31 @@ impl Outbox {
         } else {
             Enable::StillDisabledInConfig
         })
+    }
+
+    /// Disables an endpoint at run time, as a 410 would: nothing is sent
+    /// (by whichever process delivers it) until it is re-enabled, and its
+    /// events keep queueing. An endpoint already disabled keeps its first
+    /// reason. `false` for an endpoint not in the config.
+    pub async fn disable(&self, name: &str) -> Result<bool, StorageError> {
+        let Some((disabled, _)) = self.handle_flag(name) else {
+            return Ok(false);
+        };
+        self.shared
+            .storage
+            .endpoint_set_disabled(name, Some(ADMIN_DISABLED.to_string()), crate::now_ms())
+            .await?;
+        if !disabled.swap(true, Ordering::AcqRel) {
+            tracing::warn!(endpoint = %name, "webhook endpoint disabled through the admin API; its events are kept until it is re-enabled");
+        }
+        self.shared
+            .metrics
+            .webhook_endpoint_disabled
+            .get_or_create(&EndpointLabel {
+                endpoint: name.to_string(),
+            })
+            .set(1);
+        Ok(true)
     }
 
     /// Queues an endpoint's failed deliveries again. Returns how many, or
@@ -309,21 +369,31 @@ impl Outbox {
         let mut out = Vec::new();
         let mut depth = 0;
         for (cfg, runtime_disabled) in configs {
-            let state = match self.shared.storage.endpoint_state(&cfg.name).await {
-                Ok(state) => state.unwrap_or_default(),
-                Err(e) if e.is_unavailable() => return Err(e),
-                Err(_) => EndpointState::default(),
-            };
+            // The shared state when it reads; this process's view if not.
+            let (state, runtime_disabled) =
+                match self.shared.storage.endpoint_state(&cfg.name).await {
+                    Ok(Some(state)) => {
+                        let disabled = state.disabled_at.is_some();
+                        (state, disabled)
+                    }
+                    Ok(None) => (EndpointState::default(), runtime_disabled),
+                    Err(e) if e.is_unavailable() => return Err(e),
+                    Err(_) => (EndpointState::default(), runtime_disabled),
+                };
             let label = EndpointLabel {
                 endpoint: cfg.name.clone(),
             };
             let m = &self.shared.metrics;
             m.webhook_pending.get_or_create(&label).set(state.pending);
             m.webhook_failed.get_or_create(&label).set(state.failed);
+            let disabled = runtime_disabled || !cfg.enabled;
+            m.webhook_endpoint_disabled
+                .get_or_create(&label)
+                .set(i64::from(disabled));
             depth += state.pending;
             let ts = |v: Option<i64>| v.map(crate::rfc3339_ms);
             out.push(EndpointView {
-                disabled: runtime_disabled || !cfg.enabled,
+                disabled,
                 name: cfg.name,
                 url: crate::config::redact_url(&cfg.url),
                 events: cfg.events,
@@ -337,30 +407,38 @@ impl Outbox {
                 skipped_total: state.skipped_total,
                 oldest_pending_at: ts(state.oldest_pending_at),
                 last_error: state.last_error,
+                leader: state.lease_holder,
+                lease_until: ts(state.lease_until),
             });
         }
         self.shared.metrics.outbox_depth.set(depth);
         Ok(out)
     }
 
-    /// Waits until every enabled endpoint has nothing due or in flight, or
-    /// `limit` passes. Returns what is still outstanding.
+    /// Waits until every enabled endpoint this process delivers (holds the
+    /// lease of) has nothing due or in flight, or `limit` passes. Returns
+    /// what is still outstanding. What another process delivers is left to
+    /// it.
     pub async fn flush(&self, limit: Duration) -> i64 {
         let deadline = tokio::time::Instant::now() + limit;
-        let names: Vec<String> = {
-            let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-            workers
-                .iter()
-                .filter(|(_, w)| w.config.load().enabled && !w.disabled.load(Ordering::Acquire))
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
         loop {
+            let names: Vec<String> = {
+                let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+                workers
+                    .iter()
+                    .filter(|(_, w)| {
+                        w.config.load().enabled
+                            && !w.disabled.load(Ordering::Acquire)
+                            && w.leading.holds()
+                    })
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            };
             self.shared.wakeup.wake();
             let left = self
                 .shared
                 .storage
-                .deliveries_outstanding(names.clone(), crate::now_ms())
+                .deliveries_outstanding(names, crate::now_ms())
                 .await
                 .unwrap_or(i64::MAX);
             if left == 0 || tokio::time::Instant::now() >= deadline {
@@ -370,9 +448,11 @@ impl Outbox {
         }
     }
 
-    /// Stops every worker. In-flight requests are abandoned; they are sent
-    /// again once their leases end (SQLite also voids leases when it next
-    /// opens; PostgreSQL, shared with live processes, does not).
+    /// Stops every worker and releases its endpoint's delivery lease, so
+    /// another process takes over at once. In-flight requests are
+    /// abandoned; they are sent again once their claims' leases end (SQLite
+    /// also voids those when it next opens; PostgreSQL, shared with live
+    /// processes, does not).
     pub async fn stop(&self) {
         self.maintenance.cancel();
         let handles: Vec<WorkerHandle> = {

@@ -7,6 +7,17 @@
 //! due retry, or a new event. Up to `outbox.max_in_flight` requests run at
 //! once, each for different users.
 //!
+//! The worker works only while its process holds the endpoint's delivery
+//! lease ([`super::lease`]): without it, it neither fans out nor claims, and
+//! a lease lost mid-way stops the next claim (requests already claimed are
+//! finished and settled; their claims keep them to this worker). Endpoint
+//! state is shared through storage: before each claim round the worker
+//! reads whether the endpoint is disabled (by another process's worker or
+//! admin API as well as this one's), and its rounds also follow the
+//! lease's renewals, so what another process recorded (events, a
+//! re-enable, failed deliveries put back) is picked up within a renewal
+//! period even when nothing wakes this process.
+//!
 //! While storage is unavailable the worker does not spin or stop: it waits
 //! with a growing backoff (up to the idle period), ignoring wake-ups, and
 //! picks up where the queue stands once storage answers again. Nothing is
@@ -23,6 +34,7 @@ use rand::Rng;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::lease::Lease;
 use super::sign::sign;
 use super::Shared;
 use crate::config::{OnError, OutboxConfig, WebhookConfig};
@@ -43,6 +55,7 @@ pub(crate) async fn run(
     state: EndpointState,
     config: Arc<ArcSwap<WebhookConfig>>,
     disabled: Arc<AtomicBool>,
+    lease: Lease,
     stop: CancellationToken,
 ) {
     let name = config.load().name.clone();
@@ -58,6 +71,7 @@ pub(crate) async fn run(
             .set(1);
     }
     let mut wake = shared.wakeup.subscribe();
+    let mut leading = lease.watch();
     let mut inflight: JoinSet<()> = JoinSet::new();
     let mut linger_until: Option<tokio::time::Instant> = None;
     let mut outage = Backoff::new(OUTAGE_FIRST, MAX_IDLE);
@@ -70,26 +84,30 @@ pub(crate) async fn run(
         while inflight.try_join_next().is_some() {}
         let cfg = config.load_full();
         let settings = shared.settings.load_full();
+        // Another process's worker delivers this endpoint meanwhile.
+        let leads = leading.holds();
         // 1. Move new events into this endpoint's queue.
         let accepts = {
             let cfg = cfg.clone();
             Arc::new(move |t: &str| cfg.accepts(t)) as Arc<dyn Fn(&str) -> bool + Send + Sync>
         };
-        loop {
-            match shared
-                .storage
-                .endpoint_fanout(&name, accepts.clone(), FANOUT_STEP)
-                .await
-            {
-                Ok(n) if n == FANOUT_STEP => continue,
-                Ok(_) => break,
-                Err(e) if e.is_unavailable() => {
-                    unavailable = Some(e);
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(endpoint = %name, error = %e, "webhook fan-out failed");
-                    break;
+        if leads {
+            loop {
+                match shared
+                    .storage
+                    .endpoint_fanout(&name, accepts.clone(), FANOUT_STEP)
+                    .await
+                {
+                    Ok(n) if n == FANOUT_STEP => {}
+                    Ok(_) => break,
+                    Err(e) if e.is_unavailable() => {
+                        unavailable = Some(e);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(endpoint = %name, error = %e, "webhook fan-out failed");
+                        break;
+                    }
                 }
             }
         }
@@ -100,7 +118,22 @@ pub(crate) async fn run(
             idle = linger_until
                 .unwrap()
                 .saturating_duration_since(tokio::time::Instant::now());
-        } else if unavailable.is_none() && cfg.enabled && !disabled.load(Ordering::Acquire) {
+        } else if unavailable.is_none() && cfg.enabled && leads {
+            // The shared state: disabled or re-enabled by any process.
+            match shared.storage.endpoint_disabled(&name).await {
+                Ok(reason) => follow_disabled(&shared, &name, &disabled, reason),
+                Err(e) if e.is_unavailable() => unavailable = Some(e),
+                Err(e) => {
+                    tracing::error!(endpoint = %name, error = %e, "cannot read whether the endpoint is disabled");
+                }
+            }
+        }
+        if !lingering
+            && unavailable.is_none()
+            && cfg.enabled
+            && !disabled.load(Ordering::Acquire)
+            && leading.holds()
+        {
             linger_until = None;
             let per_request = cfg.batch_max.max(1);
             // One claim for every free request slot: while the storage
@@ -109,11 +142,11 @@ pub(crate) async fn run(
             let free = settings.max_in_flight.saturating_sub(inflight.len());
             if free > 0 {
                 let now = crate::now_ms();
-                let lease =
+                let claimed_until =
                     now + (settings.request_timeout + Duration::from_secs(5)).as_millis() as i64;
                 match shared
                     .storage
-                    .deliveries_claim(&name, now, per_request * free, lease)
+                    .deliveries_claim(&name, now, per_request * free, claimed_until)
                     .await
                 {
                     Ok(claimed) => {
@@ -180,10 +213,38 @@ pub(crate) async fn run(
                     linger_until = Some(tokio::time::Instant::now() + cfg.batch_linger);
                 }
             }
+            // Taken, renewed or lost: a renewal is also the turn at which
+            // what other processes recorded is picked up.
+            Ok(()) = leading.changed() => {}
             _ = tokio::time::sleep(idle), if inflight.len() < settings.max_in_flight => {}
         }
     }
     inflight.abort_all();
+    // After the flush (shutdown) or removal: another process takes over now.
+    lease.end().await;
+}
+
+/// Applies the disabled state read from storage (`reason`) to the worker's
+/// flag and gauge; a change there was made by another process (this one's
+/// own changes set the flag as they record them).
+fn follow_disabled(shared: &Shared, name: &str, disabled: &AtomicBool, reason: Option<String>) {
+    let now = reason.is_some();
+    if disabled.swap(now, Ordering::AcqRel) == now {
+        return;
+    }
+    shared
+        .metrics
+        .webhook_endpoint_disabled
+        .get_or_create(&EndpointLabel {
+            endpoint: name.to_string(),
+        })
+        .set(i64::from(now));
+    match reason {
+        Some(reason) => tracing::warn!(endpoint = %name, reason = %reason,
+            "webhook endpoint was disabled by another gateway process; delivery stops, its events are kept"),
+        None => tracing::info!(endpoint = %name,
+            "webhook endpoint was re-enabled by another gateway process; delivery resumes"),
+    }
 }
 
 /// What one request came to.

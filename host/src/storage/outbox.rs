@@ -24,8 +24,28 @@
 //!   long. Whether leases are also voided when the storage opens is the
 //!   engine's: SQLite does (one process owns the file), PostgreSQL does
 //!   not (another live process may hold them).
+//! - **One holder per endpoint lease.** [`OutboxStore::endpoint_lease`]
+//!   grants an endpoint's delivery lease to one holder (a worker of one
+//!   process) at a time: it is taken only when no one holds it, when its
+//!   holder let it lapse, or by its own holder (a renewal); two concurrent
+//!   takers never both get it. A lease granted by a call sent at local time
+//!   `t` lasts at least until `t + ttl` in real time, so a holder that
+//!   counts from when it sent the call never believes it holds a lease
+//!   another has taken. [`OutboxStore::endpoint_release`] frees it at once,
+//!   and only for its holder. Engines shared by several processes keep
+//!   lease times on the database's clock, so the processes' clocks never
+//!   have to agree; SQLite, owned by one process, grants every request
+//!   (there is no one to exclude) and only remembers the last grant for
+//!   [`EndpointState::lease_holder`]. The endpoint lease chooses which
+//!   worker works; the per-delivery claim leases above still keep two
+//!   workers from sending one delivery, should two ever overlap.
+//! - **Endpoint state is shared.** A disable, a re-enable or failed
+//!   deliveries put back are in storage the moment the call resolves, for
+//!   every process's workers to read ([`OutboxStore::endpoint_disabled`]
+//!   is cheap enough to ask before every claim round).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -101,6 +121,11 @@ pub struct EndpointState {
     /// Creation time (unix ms) of the oldest undelivered event.
     pub oldest_pending_at: Option<i64>,
     pub last_error: Option<String>,
+    /// Who holds the endpoint's delivery lease now (`None` when no one does,
+    /// or the last holder's lease lapsed).
+    pub lease_holder: Option<String>,
+    /// When that lease ends (unix ms; the database's clock where it has one).
+    pub lease_until: Option<i64>,
 }
 
 /// The outbox and delivery contract.
@@ -153,6 +178,20 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Puts failed deliveries of an endpoint back in the queue. Returns how many.
     async fn endpoint_retry_failed(&self, name: &str, now: i64) -> Result<usize>;
+
+    /// The reason an endpoint is disabled at run time, or `None` when it is
+    /// not (or is unknown): one row read, for the worker's every round.
+    async fn endpoint_disabled(&self, name: &str) -> Result<Option<String>>;
+
+    /// Takes or renews the endpoint's delivery lease for `holder`: true when
+    /// `holder` holds it for `ttl` from now, false when another holder's
+    /// lease is live (nothing changes then). See the module docs.
+    async fn endpoint_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool>;
+
+    /// Ends `holder`'s lease of the endpoint at once (nothing if another
+    /// holds it), so another process's worker can take it without waiting
+    /// for it to lapse.
+    async fn endpoint_release(&self, name: &str, holder: &str) -> Result<()>;
 
     /// Durable state and counts of one endpoint.
     async fn endpoint_state(&self, name: &str) -> Result<Option<EndpointState>>;

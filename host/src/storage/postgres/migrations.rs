@@ -25,6 +25,11 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "plugin_versions",
         include_str!("migrations/0005_plugin_versions.sql"),
     ),
+    (
+        6,
+        "endpoint_leases",
+        include_str!("migrations/0006_endpoint_leases.sql"),
+    ),
 ];
 
 /// Why the schema could not be brought up to date.

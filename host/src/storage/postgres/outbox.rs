@@ -21,11 +21,27 @@
 //! - **Leases** end at `lease_until` and are not voided at start: another
 //!   live process may hold them (see the module doc of `postgres`). A claim
 //!   takes a leased delivery once its lease has ended, as on SQLite.
+//! - **Endpoint leases** (`endpoint_leases`, one row per endpoint) are not
+//!   writes of the writer: each take, renewal or release is one statement
+//!   on a pooled connection of its own, so it never waits for the write
+//!   lock or behind a burst of messages, and a batch that fails cannot take
+//!   a renewal with it. Nothing else is ordered by them, so the write lock
+//!   has nothing to add: the row decides. A take updates the row only
+//!   where it is free (its holder's own, or lapsed) and inserts it only
+//!   where there is none, so of two takers the second finds the row the
+//!   first left (READ COMMITTED re-checks its condition on it, or the
+//!   insert meets the first one's row) and gets nothing. A row it cannot
+//!   take is not locked. Times are the database's clock (`now_ms!`).
+//! - **Endpoint state** read by the workers each round
+//!   (`endpoint_disabled`) is one statement on a pooled connection too:
+//!   a primary-key read, with no transaction around it.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_postgres::Row;
 
-use super::{insert_events, PostgresStorage, Transaction};
+use super::{insert_events, map_err, map_pool_err, PostgresStorage, Transaction};
 use crate::storage::{
     ClaimedEvent, EndpointState, EventFilter, NewEvent, OutboxStore, Result, Settlement,
     StorageError,
@@ -34,11 +50,38 @@ use crate::storage::{
 /// `next_at` of a delivery row waiting behind an earlier one of its key.
 const NOT_HEAD: i64 = i64::MAX;
 
+/// The database's clock in unix milliseconds, in SQL: endpoint lease times.
+macro_rules! now_ms {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
+/// Takes or renews an endpoint's lease (`$1` endpoint, `$2` holder, `$3`
+/// its length in ms): the row is updated where it is this holder's or has
+/// lapsed, inserted where there is none; answers whether either happened.
+const TAKE_LEASE: &str = concat!(
+    "WITH now AS MATERIALIZED (SELECT ",
+    now_ms!(),
+    " AS ms),
+     renewed AS (
+         UPDATE endpoint_leases l SET holder = $2, lease_until = now.ms + $3 FROM now
+         WHERE l.endpoint = $1 AND (l.holder = $2 OR l.lease_until <= now.ms)
+         RETURNING 1),
+     inserted AS (
+         INSERT INTO endpoint_leases (endpoint, holder, lease_until)
+         SELECT $1, $2, now.ms + $3 FROM now
+         WHERE NOT EXISTS (SELECT 1 FROM renewed)
+         ON CONFLICT (endpoint) DO NOTHING
+         RETURNING 1)
+     SELECT EXISTS (SELECT 1 FROM renewed) OR EXISTS (SELECT 1 FROM inserted)"
+);
+
 type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
 
 async fn endpoint_state_of(t: &Transaction<'_>, name: &str) -> PgResult<Option<EndpointState>> {
     let stmt = t
-        .prepare_cached(
+        .prepare_cached(concat!(
             "SELECT e.name, e.cursor, e.disabled_at, e.disabled_reason, e.failing_since,
                     e.delivered_total, e.last_error, e.skipped_total,
                     (SELECT COUNT(*) FROM deliveries d
@@ -47,9 +90,14 @@ async fn endpoint_state_of(t: &Transaction<'_>, name: &str) -> PgResult<Option<E
                      WHERE d.endpoint = e.name AND d.state = 'failed'),
                     (SELECT o.created_at FROM deliveries d JOIN outbox o ON o.seq = d.event_seq
                      WHERE d.endpoint = e.name AND d.state = 'pending'
-                     ORDER BY d.event_seq LIMIT 1)
-             FROM endpoints e WHERE e.name = $1",
-        )
+                     ORDER BY d.event_seq LIMIT 1),
+                    l.holder, l.lease_until
+             FROM endpoints e
+             LEFT JOIN endpoint_leases l ON l.endpoint = e.name AND l.lease_until > ",
+            now_ms!(),
+            "
+             WHERE e.name = $1"
+        ))
         .await?;
     Ok(t.query_opt(&stmt, &[&name]).await?.map(|r| EndpointState {
         name: r.get(0),
@@ -63,6 +111,8 @@ async fn endpoint_state_of(t: &Transaction<'_>, name: &str) -> PgResult<Option<E
         pending: r.get(8),
         failed: r.get(9),
         oldest_pending_at: r.get(10),
+        lease_holder: r.get(11),
+        lease_until: r.get(12),
     }))
 }
 
@@ -408,6 +458,39 @@ impl OutboxStore for PostgresStorage {
             })
         })
         .await
+    }
+
+    async fn endpoint_disabled(&self, name: &str) -> Result<Option<String>> {
+        let conn = self.pool.get().await.map_err(map_pool_err)?;
+        let stmt = conn
+            .prepare_cached("SELECT disabled_reason FROM endpoints WHERE name = $1")
+            .await
+            .map_err(map_err)?;
+        let row = conn.query_opt(&stmt, &[&name]).await.map_err(map_err)?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    async fn endpoint_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let conn = self.pool.get().await.map_err(map_pool_err)?;
+        let stmt = conn.prepare_cached(TAKE_LEASE).await.map_err(map_err)?;
+        let row = conn
+            .query_one(&stmt, &[&name, &holder, &ttl_ms])
+            .await
+            .map_err(map_err)?;
+        Ok(row.get(0))
+    }
+
+    async fn endpoint_release(&self, name: &str, holder: &str) -> Result<()> {
+        let conn = self.pool.get().await.map_err(map_pool_err)?;
+        let stmt = conn
+            .prepare_cached("DELETE FROM endpoint_leases WHERE endpoint = $1 AND holder = $2")
+            .await
+            .map_err(map_err)?;
+        conn.execute(&stmt, &[&name, &holder])
+            .await
+            .map_err(map_err)?;
+        Ok(())
     }
 
     async fn endpoint_state(&self, name: &str) -> Result<Option<EndpointState>> {

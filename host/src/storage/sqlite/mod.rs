@@ -14,7 +14,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -116,6 +116,10 @@ pub struct SqliteStorage {
     jobs: Arc<JobQueue>,
     /// Read connections; WAL lets each read a consistent snapshot beside the writer.
     readers: Arc<Vec<Mutex<Connection>>>,
+    /// The last grant of each endpoint's delivery lease: (holder, until).
+    /// One process owns the file, so every request is granted; this only
+    /// answers who asked last (`EndpointState::lease_holder`).
+    leases: Mutex<std::collections::HashMap<String, (String, i64)>>,
 }
 
 /// Read connections kept open.
@@ -214,7 +218,11 @@ impl SqliteStorage {
                 target: path.display().to_string(),
                 message: e.to_string(),
             })?;
-        Ok(SqliteStorage { jobs, readers })
+        Ok(SqliteStorage {
+            jobs,
+            readers,
+            leases: Mutex::default(),
+        })
     }
 
     /// Runs `f` in the next write transaction; resolves after the commit.
@@ -875,9 +883,51 @@ impl OutboxStore for SqliteStorage {
         .await
     }
 
-    async fn endpoint_state(&self, name: &str) -> Result<Option<EndpointState>> {
+    async fn endpoint_disabled(&self, name: &str) -> Result<Option<String>> {
         let name = name.to_string();
-        self.read(move |conn| endpoint_state_of(conn, &name)).await
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT disabled_reason FROM endpoints WHERE name = ?1")?
+                .query_row(params![name], |r| r.get(0))
+                .optional()
+                .map(Option::flatten)
+        })
+        .await
+    }
+
+    /// Always granted: the one process that owns the file has no one to
+    /// exclude (its workers are one per endpoint). Remembered for the
+    /// endpoint's state.
+    async fn endpoint_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let until = crate::now_ms().saturating_add(ttl_ms);
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), (holder.to_string(), until));
+        Ok(true)
+    }
+
+    async fn endpoint_release(&self, name: &str, holder: &str) -> Result<()> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if leases.get(name).is_some_and(|(h, _)| h == holder) {
+            leases.remove(name);
+        }
+        Ok(())
+    }
+
+    async fn endpoint_state(&self, name: &str) -> Result<Option<EndpointState>> {
+        let key = name.to_string();
+        let mut state = self.read(move |conn| endpoint_state_of(conn, &key)).await?;
+        if let Some(state) = &mut state {
+            let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((holder, until)) = leases.get(name) {
+                if *until > crate::now_ms() {
+                    state.lease_holder = Some(holder.clone());
+                    state.lease_until = Some(*until);
+                }
+            }
+        }
+        Ok(state)
     }
 
     async fn deliveries_outstanding(&self, names: Vec<String>, now: i64) -> Result<i64> {

@@ -1532,6 +1532,47 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_needs_postgres_and_sane_leases() {
+        const PG: &str = "[storage]\nbackend = \"postgres\"\nurl = \"postgres://db/x\"\n";
+        let c = Config::from_toml(&format!("{PG}[cluster]\n")).unwrap();
+        assert_eq!(c.cluster, Some(ClusterConfig::default()));
+        assert!(
+            Config::from_toml("").unwrap().cluster.is_none(),
+            "no section: a single node"
+        );
+        check_err("[cluster]\n", "cluster");
+        check_err(
+            &format!("{PG}[cluster]\nnats_urls = []\n"),
+            "cluster.nats_urls",
+        );
+        check_err(
+            &format!("{PG}[cluster]\nnode_id = \"a.b\"\n"),
+            "cluster.node_id",
+        );
+        check_err(
+            &format!("{PG}[cluster]\nsubject_prefix = \"x y\"\n"),
+            "cluster.subject_prefix",
+        );
+        check_err(
+            &format!("{PG}[cluster]\nlease_ttl = \"3s\"\nlease_renew = \"2s\"\n"),
+            "cluster.lease_renew",
+        );
+        check_err(
+            &format!("{PG}node_id = \"one\"\n[cluster]\nnode_id = \"two\"\n"),
+            "node_id",
+        );
+        let shown = Config::from_toml(&format!(
+            "{PG}[cluster]\nnats_urls = [\"nats://user:pw@nats:4222\"]\n"
+        ))
+        .unwrap()
+        .redacted();
+        assert_eq!(
+            shown.cluster.unwrap().nats_urls,
+            vec!["nats://***@nats:4222".to_string()]
+        );
+    }
+
+    #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
         assert_eq!(Config::from_toml("").unwrap(), Config::default());

@@ -43,6 +43,10 @@ pub struct ClusterOptions {
     pub webhook_url: Option<String>,
     /// Extra TOML merged over every node's config, `[cluster]` included.
     pub extra: String,
+    /// A private, durable PostgreSQL server instead of a database on the
+    /// shared one, for a test that stops or kills it
+    /// ([`Cluster::postgres`]).
+    pub private_postgres: bool,
 }
 
 impl Default for ClusterOptions {
@@ -53,6 +57,7 @@ impl Default for ClusterOptions {
             lease_renew: Duration::from_millis(500),
             webhook_url: None,
             extra: String::new(),
+            private_postgres: false,
         }
     }
 }
@@ -76,6 +81,12 @@ impl ClusterOptions {
     pub fn lease(mut self, ttl: Duration, renew: Duration) -> Self {
         self.lease_ttl = ttl;
         self.lease_renew = renew;
+        self
+    }
+
+    /// The cluster runs on a private, durable PostgreSQL server.
+    pub fn private_postgres(mut self) -> Self {
+        self.private_postgres = true;
         self
     }
 
@@ -140,13 +151,18 @@ fn node_options(overrides: &toml::Table, webhook: Option<&str>, database: &str) 
     opts
 }
 
-/// The cluster's database on the shared PostgreSQL server, dropped with it.
+/// The cluster's database on the shared PostgreSQL server, dropped with
+/// it; or on a private server, removed with it.
 struct ClusterDatabase {
     url: String,
+    private: Option<crate::postgres::PgServer>,
 }
 
 impl Drop for ClusterDatabase {
     fn drop(&mut self) {
+        if self.private.is_some() {
+            return;
+        }
         let url = std::mem::take(&mut self.url);
         // In the background, as the gateway harness's databases: a failure
         // only leaves the database to the server's removal at exit.
@@ -178,17 +194,28 @@ impl Cluster {
             opts.lease_renew,
             opts.lease_ttl
         );
-        let (nats, url) = tokio::task::spawn_blocking(|| {
+        let private = opts.private_postgres;
+        let (nats, url, server) = tokio::task::spawn_blocking(move || {
             let nats = NatsServer::start();
-            let url = crate::postgres::shared().create_database();
-            (nats, url)
+            if private {
+                let server =
+                    crate::postgres::PgServer::start(crate::postgres::PgOptions::durable());
+                let url = server.create_database();
+                (nats, url, Some(server))
+            } else {
+                let url = crate::postgres::shared().create_database();
+                (nats, url, None)
+            }
         })
         .await
         .unwrap_or_else(|e| match e.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),
             Err(e) => panic!("starting NATS and creating the cluster's database: {e}"),
         });
-        let database = ClusterDatabase { url };
+        let database = ClusterDatabase {
+            url,
+            private: server,
+        };
         let extra: toml::Table = opts
             .extra
             .parse()
@@ -385,7 +412,22 @@ impl Cluster {
     /// tuples-only output (see [`crate::PgServer::psql`]). Panics on any
     /// error. Blocking (a short command).
     pub fn psql(&self, sql: &str) -> String {
-        crate::postgres::shared().psql(&self.database.url, sql)
+        match &self.database.private {
+            Some(server) => server.psql(&self.database.url, sql),
+            None => crate::postgres::shared().psql(&self.database.url, sql),
+        }
+    }
+
+    /// The cluster's private PostgreSQL server, to stop, kill or restart
+    /// it; panics unless it was started with
+    /// [`ClusterOptions::private_postgres`] (the shared server serves
+    /// every test of the process).
+    #[track_caller]
+    pub fn postgres(&self) -> &crate::postgres::PgServer {
+        self.database
+            .private
+            .as_ref()
+            .expect("ClusterOptions::private_postgres() gives a cluster a server of its own")
     }
 
     #[track_caller]

@@ -17,6 +17,20 @@ use plugboard_tests::{Cluster, ClusterOptions, Gateway, GatewayOptions, Receiver
 use reqwest::Method;
 use serde_json::json;
 
+/// At most two clusters (six gateway processes) at a time in this test
+/// process: more would starve the 2-core machines these tests run on,
+/// beside the rest of the suite.
+static CLUSTERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Starts a cluster once a slot is free; the permit is held for the test.
+async fn start(opts: ClusterOptions) -> (Cluster, tokio::sync::SemaphorePermit<'static>) {
+    let permit = CLUSTERS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    (Cluster::start(opts).await, permit)
+}
+
 /// Sends `count` messages from `c` to a channel, without waiting.
 fn send_many(c: &WsClient, kind: &str, id: &str, tag: &str, count: usize) {
     for i in 0..count {
@@ -88,7 +102,7 @@ fn assert_in_order_once(what: &str, seqs: &[u64]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_device_on_every_node_sees_each_channel_in_seq_order() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let (cluster, _slot) = start(ClusterOptions::default()).await;
     let members: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
     let (status, body) = cluster
         .node(0)
@@ -156,7 +170,7 @@ async fn every_device_on_every_node_sees_each_channel_in_seq_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_kicks_controls_and_lists_reach_any_node() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let (cluster, _slot) = start(ClusterOptions::default()).await;
     let mut carol = WsClient::connect_device(cluster.node(2), "carol", "phone").await;
     let mut dave = WsClient::connect(cluster.node(1), "dave").await;
 
@@ -262,7 +276,7 @@ async fn pushes_kicks_controls_and_lists_reach_any_node() {
 async fn churn_over_three_nodes_reports_each_connection_and_transition_once() {
     plugboard_tests::raise_fd_limit();
     let rx = Receiver::start().await;
-    let cluster = Cluster::start(ClusterOptions::default().with_receiver(&rx.url)).await;
+    let (cluster, _slot) = start(ClusterOptions::default().with_receiver(&rx.url)).await;
     let mut ids = Vec::new();
     for i in 0..60usize {
         let user = format!("churner{i}");
@@ -327,7 +341,7 @@ async fn churn_over_three_nodes_reports_each_connection_and_transition_once() {
 async fn a_killed_node_is_closed_once_by_a_survivor_and_its_clients_catch_up_elsewhere() {
     let rx = Receiver::start().await;
     let ttl = Duration::from_secs(3);
-    let mut cluster = Cluster::start(ClusterOptions::default().with_receiver(&rx.url)).await;
+    let (mut cluster, _slot) = start(ClusterOptions::default().with_receiver(&rx.url)).await;
     let mut sender = WsClient::connect(cluster.node(0), "sender").await;
     let mut victims = Vec::new();
     for i in 0..5 {
@@ -408,7 +422,7 @@ async fn a_killed_node_is_closed_once_by_a_survivor_and_its_clients_catch_up_els
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_going_away_under_load_loses_nothing_acknowledged() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let (cluster, _slot) = start(ClusterOptions::default()).await;
     let mut sender = WsClient::connect(cluster.node(0), "talker").await;
     let mut listeners = Vec::new();
     for node in [1, 2] {
@@ -454,7 +468,7 @@ async fn nats_going_away_under_load_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_sends_its_clients_elsewhere_with_nothing_lost() {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    let (mut cluster, _slot) = start(ClusterOptions::default()).await;
     let mut sender = WsClient::connect(cluster.node(0), "boss").await;
     let mut worker = WsClient::connect(cluster.node(2), "worker").await;
     send_many(&sender, "person", "worker", "one", 15);
@@ -518,7 +532,7 @@ async fn a_plugin_uploaded_to_one_node_serves_on_every_node_with_no_failed_call(
         rx.url,
         plugboard_tests::receiver::SECRET
     );
-    let cluster = Cluster::start(ClusterOptions::default().extra(&extra)).await;
+    let (cluster, _slot) = start(ClusterOptions::default().extra(&extra)).await;
     // Traffic across nodes all along: messages node a → node b, and
     // connections opening and closing on every node (their events go
     // through the formatter).
@@ -583,14 +597,169 @@ async fn a_plugin_uploaded_to_one_node_serves_on_every_node_with_no_failed_call(
     assert_eq!(talked.acks.len(), sent);
     let heard = collect(&mut hearer, "talker", sent).await;
     assert_eq!(heard.messages, (1..=sent as u64).collect::<Vec<_>>());
+    // No call failed on any node (only the endpoint's lease holder formats).
+    let mut ok_calls = 0.0;
     for (i, gw) in cluster.running() {
-        let m = gw.metrics().await;
-        let failed: f64 = m
-            .series("plugboard_plugin_calls_total")
-            .iter()
-            .filter(|s| s.label("outcome") != Some("ok"))
-            .map(|s| s.value)
-            .sum();
-        assert_eq!(failed, 0.0, "node {i} had failed plugin calls");
+        let (_, text) = gw.get_text("/metrics").await;
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("plugboard_plugin_calls_total{"))
+        {
+            let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            if line.contains("outcome=\"ok\"") {
+                ok_calls += value;
+            } else {
+                assert_eq!(value, 0.0, "node {i}: {line}");
+            }
+        }
+    }
+    assert!(ok_calls > 0.0, "the formatter was called");
+}
+
+/// Sends `count` messages from `c` to `to`, one at a time; a send refused
+/// (storage unavailable) is sent again with the same `client_msg_id`, as a
+/// client would. Returns the acknowledged seqs and how many were refused.
+async fn send_through(c: &mut WsClient, to: &str, count: usize) -> (Vec<u64>, usize) {
+    let (mut acked, mut refused) = (Vec::new(), 0usize);
+    for n in 0..count {
+        let cmid = format!("m{n}");
+        loop {
+            let answer = c
+                .request(
+                    json!({"type": "send", "channel_type": "person", "channel_id": to,
+                                "client_msg_id": cmid, "payload": {"n": n}}),
+                )
+                .await;
+            match answer["type"].as_str() {
+                Some("sendack") => {
+                    acked.push(answer["seq"].as_u64().unwrap());
+                    break;
+                }
+                Some("error") => {
+                    // storage_unavailable, or a commit whose answer was
+                    // lost: the same client_msg_id makes the retry safe.
+                    if answer["code"] == "storage_unavailable" {
+                        refused += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => panic!("unexpected answer to a send: {answer}"),
+            }
+        }
+    }
+    (acked, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_under_load_loses_nothing_on_any_node() {
+    // Leases long enough to ride out the restart: no node fences.
+    let (cluster, _slot) = start(
+        ClusterOptions::default()
+            .private_postgres()
+            .lease(Duration::from_secs(20), Duration::from_secs(1))
+            .extra("[storage]\nconnect_timeout = \"1s\"\nstatement_timeout = \"3s\"\n"),
+    )
+    .await;
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for w in 0..3usize {
+        writers.push(WsClient::connect(cluster.node(w), &format!("writer{w}")).await);
+        readers.push(WsClient::connect(cluster.node((w + 1) % 3), &format!("reader{w}")).await);
+    }
+    const COUNT: usize = 60;
+    let mut tasks = Vec::new();
+    for (w, mut c) in writers.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let out = send_through(&mut c, &format!("reader{w}"), COUNT).await;
+            (c, out)
+        }));
+    }
+    // Restart PostgreSQL while the three writers send.
+    let pg = cluster.postgres();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| {
+        pg.stop();
+        std::thread::sleep(Duration::from_secs(2));
+        pg.start_again();
+    });
+    let mut refused_total = 0;
+    let mut keep = Vec::new();
+    for t in tasks {
+        let (c, (acked, refused)) = t.await.unwrap();
+        assert_eq!(
+            acked,
+            (1..=COUNT as u64).collect::<Vec<_>>(),
+            "one seq per message, in order"
+        );
+        refused_total += refused;
+        keep.push(c);
+    }
+    assert!(refused_total > 0, "the restart was felt by the writers");
+    // Every reader, on another node than its writer, got every message once, in order.
+    for (w, r) in readers.iter_mut().enumerate() {
+        let seen = collect(r, &format!("writer{w}"), COUNT).await;
+        assert_eq!(
+            seen.messages,
+            (1..=COUNT as u64).collect::<Vec<_>>(),
+            "reader{w}"
+        );
+    }
+    // Every node is ready again and takes new connections.
+    for (i, gw) in cluster.running() {
+        plugboard_tests::wait_until_async(WAIT, || async {
+            (gw.get_text("/readyz").await.0 == 200).then_some(())
+        })
+        .await;
+        let fresh = WsClient::connect(gw, &format!("fresh{i}")).await;
+        drop(fresh);
+        assert_eq!(
+            gw.metric("plugboard_cluster_fenced", "").await,
+            0.0,
+            "node {i}"
+        );
+    }
+    drop(keep);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_control_replayed_to_another_node_is_refused() {
+    use hmac::{Hmac, Mac};
+    let secret = "control-signing-secret-0123";
+    let (cluster, _slot) = start(ClusterOptions::default().extra(&format!(
+        "[control]\nrequire_signature = true\nsigning_secret = \"{secret}\"\n"
+    )))
+    .await;
+    let body =
+        json!({"kind": "signed", "payload": {}, "targets": {"users": ["nobody"]}}).to_string();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{body}").as_bytes());
+    let signature = format!("v1={}", plugboard::hex(&mac.finalize().into_bytes()));
+    let mut answers = Vec::new();
+    for node in [0, 1, 2] {
+        let resp = reqwest::Client::new()
+            .post(cluster.node(node).url("/v1/control"))
+            .bearer_auth(plugboard_tests::gateway::API_KEY)
+            .header("content-type", "application/json")
+            .header("plugboard-timestamp", ts.to_string())
+            .header("plugboard-signature", &signature)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let answer: serde_json::Value = resp.json().await.unwrap();
+        answers.push((status, answer["error"]["code"].clone()));
+    }
+    assert_eq!(answers[0].0, 200, "{answers:?}");
+    for replay in &answers[1..] {
+        assert_eq!(
+            (replay.0, replay.1.as_str()),
+            (401, Some("replayed_request")),
+            "{answers:?}"
+        );
     }
 }

@@ -148,6 +148,10 @@ fn the_documented_validation_errors_are_the_ones_printed() {
         "[storage]\nbackend = \"postgres\"\n",
         "[storage]\nbackend = \"postgres\"\nurl = \"mysql://root@db/x\"\n",
         "[storage]\npool_size = 0\n",
+        "[cluster]\n",
+        "[storage]\nbackend = \"postgres\"\nurl = \"postgres://db/x\"\n[cluster]\nnats_urls = []\n",
+        "[storage]\nbackend = \"postgres\"\nurl = \"postgres://db/x\"\n[cluster]\nnats_urls = [\"http://127.0.0.1:4222\"]\n",
+        "[storage]\nbackend = \"postgres\"\nurl = \"postgres://db/x\"\n[cluster]\nlease_renew = \"5s\"\n",
     ] {
         let message = load_error(toml);
         assert!(

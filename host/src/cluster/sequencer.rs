@@ -73,10 +73,44 @@ enum Input {
     Resync,
 }
 
+/// Where missed messages are read back from (the database; a fake in the
+/// unit tests).
+#[async_trait::async_trait]
+trait Source: Send + Sync + 'static {
+    /// Messages of `channel` after `after`, at most `limit`, with members.
+    async fn fill(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Appended>, StorageError>;
+    /// The newest `seq` of each channel.
+    async fn heads(&self, channels: Vec<String>) -> Result<Vec<(String, u64)>, StorageError>;
+}
+
+/// Where committed messages go once in order: this node's fan-out.
+pub type Sink = Arc<dyn Fn(Appended, Option<String>) + Send + Sync>;
+
 /// Reads what a gap misses: messages and the members to fan them out to.
 struct Filler {
     store: Arc<dyn ClusterStore>,
     groups: Arc<dyn GroupStore>,
+}
+
+#[async_trait::async_trait]
+impl Source for Filler {
+    async fn fill(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Appended>, StorageError> {
+        Filler::fill(self, channel, after, limit).await
+    }
+
+    async fn heads(&self, channels: Vec<String>) -> Result<Vec<(String, u64)>, StorageError> {
+        self.store.channel_heads(channels).await
+    }
 }
 
 impl Filler {
@@ -153,13 +187,22 @@ impl Sequencer {
         gap_wait: Duration,
         metrics: Arc<Metrics>,
     ) -> Sequencer {
-        let filler = Arc::new(Filler { store, groups });
+        let sink: Sink = Arc::new(move |a, origin| local.fan_out(a, origin));
+        Sequencer::with(sink, Arc::new(Filler { store, groups }), gap_wait, metrics)
+    }
+
+    fn with(
+        sink: Sink,
+        filler: Arc<dyn Source>,
+        gap_wait: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Sequencer {
         let shards = (0..SHARDS)
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let shard = Shard {
                     channels: HashMap::new(),
-                    local: local.clone(),
+                    sink: sink.clone(),
                     filler: filler.clone(),
                     me: tx.downgrade(),
                     gap_wait,
@@ -206,8 +249,8 @@ struct Chan {
 
 struct Shard {
     channels: HashMap<String, Chan>,
-    local: Arc<LocalDelivery>,
-    filler: Arc<Filler>,
+    sink: Sink,
+    filler: Arc<dyn Source>,
     me: mpsc::WeakUnboundedSender<Input>,
     gap_wait: Duration,
     metrics: Arc<Metrics>,
@@ -249,7 +292,7 @@ impl Shard {
     }
 
     fn deliver(&self, appended: Appended, origin: Option<String>) {
-        self.local.fan_out(appended, origin);
+        (self.sink)(appended, origin);
     }
 
     fn message(&mut self, appended: Appended, origin: Option<String>) {
@@ -295,6 +338,12 @@ impl Shard {
                 c.tries = 0;
                 return;
             };
+            if *entry.key() < c.next {
+                // Delivered meanwhile by another way (read back): a duplicate.
+                entry.remove();
+                self.metrics.cluster_duplicates.inc();
+                continue;
+            }
             if *entry.key() != c.next {
                 return;
             }
@@ -378,8 +427,16 @@ impl Shard {
                 continue;
             }
             c.next += 1;
-            got += 1;
-            self.deliver(a, None);
+            // A message read back that is also held (a resync reads up to
+            // the head) goes out as held: with its origin, so the sending
+            // connection gets only its `sendack`.
+            match c.held.remove(&a.message.seq) {
+                Some((held, origin)) => self.deliver(held, origin),
+                None => {
+                    got += 1;
+                    self.deliver(a, None);
+                }
+            }
             self.drain(&key);
         }
         if got > 0 {
@@ -440,7 +497,7 @@ impl Shard {
         tokio::spawn(async move {
             for chunk in known.chunks(500) {
                 let keys = chunk.iter().map(|(k, _)| k.clone()).collect();
-                let heads: HashMap<String, u64> = match filler.store.channel_heads(keys).await {
+                let heads: HashMap<String, u64> = match filler.heads(keys).await {
                     Ok(h) => h.into_iter().collect(),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot compare channels with the database after a gap in routing");
@@ -482,5 +539,127 @@ impl Shard {
                 let _ = me.send(input);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::storage::messages::Channel;
+
+    /// The database as the fake has it: every message of one channel.
+    struct Db(Mutex<Vec<u64>>);
+
+    fn message(seq: u64) -> Appended {
+        Appended {
+            message: StoredMessage {
+                id: format!("msg_{seq}"),
+                channel: Channel::person("a", "b"),
+                sender: "a".into(),
+                system: false,
+                seq,
+                version: seq,
+                client_msg_id: None,
+                payload: RawValue::from_string("{}".into()).unwrap(),
+                created_at: 0,
+            },
+            duplicate: false,
+            members: Arc::new(vec!["a".into(), "b".into()]),
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Source for Db {
+        async fn fill(
+            &self,
+            _channel: &str,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<Appended>, StorageError> {
+            let all = self.0.lock().unwrap().clone();
+            Ok(all
+                .into_iter()
+                .filter(|s| *s > after)
+                .take(limit)
+                .map(message)
+                .collect())
+        }
+
+        async fn heads(&self, channels: Vec<String>) -> Result<Vec<(String, u64)>, StorageError> {
+            let head = self.0.lock().unwrap().iter().copied().max().unwrap_or(0);
+            Ok(channels.into_iter().map(|c| (c, head)).collect())
+        }
+    }
+
+    type Out = Arc<Mutex<Vec<(u64, Option<String>)>>>;
+
+    fn sequencer(committed: &[u64]) -> (Sequencer, Out) {
+        let out: Out = Arc::default();
+        let seen = out.clone();
+        let sink: Sink =
+            Arc::new(move |a, origin| seen.lock().unwrap().push((a.message.seq, origin)));
+        let db = Arc::new(Db(Mutex::new(committed.to_vec())));
+        let s = Sequencer::with(
+            sink,
+            db,
+            Duration::from_millis(20),
+            Arc::new(Metrics::new()),
+        );
+        (s, out)
+    }
+
+    async fn until(out: &Out, n: usize) -> Vec<(u64, Option<String>)> {
+        for _ in 0..500 {
+            if out.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        out.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn reordered_and_repeated_messages_come_out_once_in_order() {
+        let (s, out) = sequencer(&[1, 2, 3, 4, 5]);
+        for seq in [1, 3, 2, 2, 5, 4, 1] {
+            s.submit(message(seq), None);
+        }
+        let got: Vec<u64> = until(&out, 5).await.into_iter().map(|(s, _)| s).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_is_filled_from_the_database_and_the_held_keep_their_origin() {
+        let (s, out) = sequencer(&[1, 2, 3, 4]);
+        s.submit(message(1), None);
+        // 2 and 3 never arrive; 4 is this node's own, from connection c.
+        s.submit(message(4), Some("c".into()));
+        let got = until(&out, 4).await;
+        assert_eq!(
+            got,
+            vec![(1, None), (2, None), (3, None), (4, Some("c".to_string()))]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resync_finds_a_lost_last_message_and_repeats_nothing_held() {
+        let (s, out) = sequencer(&[1, 2, 3]);
+        s.submit(message(1), None);
+        until(&out, 1).await;
+        // 3 is held (own), 2 lost; a resync reads 2 and 3 back before the
+        // gap timer: 3 must still go out once, with its origin.
+        s.submit(message(3), Some("c".into()));
+        s.resync();
+        let got = until(&out, 3).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            out.lock().unwrap().clone(),
+            vec![(1, None), (2, None), (3, Some("c".to_string()))],
+            "{got:?}"
+        );
     }
 }

@@ -51,11 +51,36 @@ fn db(e: tokio_postgres::Error) -> MigrationError {
     MigrationError::Database(super::map_err(e).to_string())
 }
 
+/// Longest wait for another gateway to finish migrating.
+const MIGRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Applies the missing migrations. Returns the versions applied.
 pub(super) async fn apply(conn: &mut Object) -> Result<Vec<i32>, MigrationError> {
-    conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(db)?;
+    // Polled rather than waited for in one statement: a wait longer than
+    // `storage.statement_timeout` (several nodes starting together on a
+    // slow disk) is not an error, and the wait stays bounded.
+    let deadline = std::time::Instant::now() + MIGRATION_WAIT;
+    let mut told = false;
+    loop {
+        let row = conn
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db)?;
+        if row.get::<_, bool>(0) {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(MigrationError::Database(format!(
+                "another gateway has been migrating this database for more than {} s; is one stuck?",
+                MIGRATION_WAIT.as_secs()
+            )));
+        }
+        if !told {
+            tracing::info!("waiting for another gateway to finish migrating the database");
+            told = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let result = apply_locked(conn).await;
     let _ = conn
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])

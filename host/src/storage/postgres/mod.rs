@@ -38,6 +38,13 @@
 //! - a control target's state moves with `UPDATE … WHERE state IN (…)
 //!   RETURNING`, so each move, and its event, happens once.
 //!
+//! **Outside the lock**: lease bookkeeping (cluster nodes' leases in
+//! `cluster.rs`, on a small pool of their own so a renewal never waits for
+//! the main pool; webhook endpoints' delivery leases in `outbox.rs`) and
+//! the seen signatures of signed control requests are single statements on
+//! the database's clock whose row locks order them; a reap, which closes
+//! sessions, is a write under the lock.
+//!
 //! Exactly-once close (`DELETE … RETURNING`), idempotency keys and control
 //! moves would hold on row locks and unique indexes alone; sequences, the
 //! outbox order, cursors and fan-out, claims and presence need the lock.

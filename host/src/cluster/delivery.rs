@@ -38,6 +38,10 @@ use crate::metrics::{Metrics, OutcomeLabel};
 use crate::storage::groups::GroupStore;
 use crate::storage::messages::Appended;
 
+/// How long a node waits for the others to apply a reload or a plugin
+/// change (compiling a component can take seconds).
+const OPS_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How often a publisher tells the others its last frame number.
 const BEAT: Duration = Duration::from_secs(1);
 /// Room left under the NATS payload limit for the frame's other fields.
@@ -171,15 +175,23 @@ impl ClusterDelivery {
                 .inc_by(peers.len() as u64);
             return peers.iter().map(|p| (p.node_id.clone(), None)).collect();
         }
+        let wait = match request {
+            Request::Reload
+            | Request::PluginLoad { .. }
+            | Request::PluginReload { .. }
+            | Request::PluginUnload { .. }
+            | Request::Plugins => OPS_TIMEOUT.max(self.request_timeout),
+            _ => self.request_timeout,
+        };
         let asks = peers.iter().map(|peer| {
             let subject = self.subjects.node(&peer.node_id);
             let payload = payload.clone();
             async move {
-                let answer = tokio::time::timeout(
-                    self.request_timeout,
-                    self.nats.request(subject, payload),
-                )
-                .await;
+                let ask = async_nats::Request::new()
+                    .payload(payload)
+                    .timeout(Some(wait));
+                let answer =
+                    tokio::time::timeout(wait, self.nats.send_request(subject, ask)).await;
                 let outcome = match answer {
                     Ok(Ok(m)) => match serde_json::from_slice::<Reply>(&m.payload) {
                         Ok(reply) => Ok(reply),

@@ -17,9 +17,11 @@
 //! with the database's heads and fills what is behind, which covers a lost
 //! last message that no later one would reveal.
 //!
-//! A channel seen for the first time starts at the `seq` it arrives with
-//! (its earlier messages reached no session of this node live; clients
-//! read them with `sync`). A channel idle for a while is forgotten, and so
+//! A channel is followed from the first message that has a member with a
+//! session on this node; it starts at the `seq` that message has (its
+//! earlier messages reached no session of this node live; clients read
+//! them with `sync`). Messages of channels nobody here follows are dropped
+//! at once, so what a node tracks grows with its own users. A channel idle for a while is forgotten, and so
 //! is a gap the database cannot fill after repeated tries: its held
 //! messages are fanned out and the gap is counted
 //! (`plugboard_cluster_gaps_total{outcome="skipped"}`); clients' catch-up
@@ -90,6 +92,11 @@ trait Source: Send + Sync + 'static {
 
 /// Where committed messages go once in order: this node's fan-out.
 pub type Sink = Arc<dyn Fn(Appended, Option<String>) + Send + Sync>;
+
+/// Whether any member of a message has a session on this node: a channel
+/// nobody here follows is not tracked (so memory follows this node's
+/// users, not the whole cluster's traffic).
+pub type Wanted = Arc<dyn Fn(&Appended) -> bool + Send + Sync>;
 
 /// Reads what a gap misses: messages and the members to fan them out to.
 struct Filler {
@@ -187,12 +194,25 @@ impl Sequencer {
         gap_wait: Duration,
         metrics: Arc<Metrics>,
     ) -> Sequencer {
+        let registry = local.registry().clone();
+        let wanted: Wanted = Arc::new(move |a: &Appended| {
+            a.members
+                .iter()
+                .any(|m| !registry.user_sessions(m).is_empty())
+        });
         let sink: Sink = Arc::new(move |a, origin| local.fan_out(a, origin));
-        Sequencer::with(sink, Arc::new(Filler { store, groups }), gap_wait, metrics)
+        Sequencer::with(
+            sink,
+            wanted,
+            Arc::new(Filler { store, groups }),
+            gap_wait,
+            metrics,
+        )
     }
 
     fn with(
         sink: Sink,
+        wanted: Wanted,
         filler: Arc<dyn Source>,
         gap_wait: Duration,
         metrics: Arc<Metrics>,
@@ -203,6 +223,7 @@ impl Sequencer {
                 let shard = Shard {
                     channels: HashMap::new(),
                     sink: sink.clone(),
+                    wanted: wanted.clone(),
                     filler: filler.clone(),
                     me: tx.downgrade(),
                     gap_wait,
@@ -250,6 +271,7 @@ struct Chan {
 struct Shard {
     channels: HashMap<String, Chan>,
     sink: Sink,
+    wanted: Wanted,
     filler: Arc<dyn Source>,
     me: mpsc::WeakUnboundedSender<Input>,
     gap_wait: Duration,
@@ -298,6 +320,10 @@ impl Shard {
     fn message(&mut self, appended: Appended, origin: Option<String>) {
         let key = appended.message.channel.key.clone();
         let seq = appended.message.seq;
+        if !self.channels.contains_key(&key) && !(self.wanted)(&appended) {
+            // Nobody here to deliver to, and nothing followed yet.
+            return;
+        }
         let c = self.channels.entry(key.clone()).or_insert_with(|| Chan {
             next: seq,
             held: BTreeMap::new(),
@@ -605,6 +631,7 @@ mod tests {
         let db = Arc::new(Db(Mutex::new(committed.to_vec())));
         let s = Sequencer::with(
             sink,
+            Arc::new(|_: &Appended| true),
             db,
             Duration::from_millis(20),
             Arc::new(Metrics::new()),

@@ -37,7 +37,10 @@ pub struct WireMessage {
 
 impl WireMessage {
     pub fn of(a: &Appended, with_members: bool) -> WireMessage {
-        let m = &a.message;
+        WireMessage::message(&a.message, with_members.then(|| a.members.as_ref().clone()))
+    }
+
+    fn message(m: &StoredMessage, members: Option<Vec<String>>) -> WireMessage {
         WireMessage {
             id: m.id.clone(),
             channel_type: m.channel.kind,
@@ -49,7 +52,7 @@ impl WireMessage {
             client_msg_id: m.client_msg_id.clone(),
             payload: m.payload.clone(),
             created_at: m.created_at,
-            members: with_members.then(|| a.members.as_ref().clone()),
+            members,
         }
     }
 
@@ -115,19 +118,7 @@ impl WirePush {
     pub fn of(push: &Push) -> WirePush {
         match push {
             Push::Message(m) => WirePush::Message {
-                message: WireMessage {
-                    id: m.id.clone(),
-                    channel_type: m.channel.kind,
-                    channel_key: m.channel.key.clone(),
-                    sender: m.sender.clone(),
-                    system: m.system,
-                    seq: m.seq,
-                    version: m.version,
-                    client_msg_id: m.client_msg_id.clone(),
-                    payload: m.payload.clone(),
-                    created_at: m.created_at,
-                    members: None,
-                },
+                message: WireMessage::message(m, None),
             },
             Push::ConversationChanged(body) => WirePush::ConversationChanged { body: body.clone() },
             Push::Control(c) => WirePush::Control {

@@ -41,7 +41,7 @@ use super::logs::{DropCounters, LogDropped, LogLine, PluginLog};
 use super::{Kv, PluginContext, PluginError};
 use crate::config::{Config, OnError, PluginConfig, PluginRuntimeConfig};
 use crate::metrics::{Metrics, PluginHookLabel, PluginLabel, PluginLogLabel, PluginOutcomeLabel};
-use crate::storage::plugins::{too_large, StoredPlugin, MAX_PLUGIN_BYTES};
+use crate::storage::plugins::{check_size, StoredPlugin};
 use crate::storage::PluginStore;
 
 /// Largest body a formatter may produce.
@@ -450,10 +450,10 @@ impl PluginRegistry {
             },
             Want::File => self.file_candidate(&settings).await?,
             Want::Upload(bytes) => {
-                if bytes.len() > MAX_PLUGIN_BYTES {
+                if let Err(error) = check_size(bytes.len()) {
                     return Err(PluginError::Storage {
                         action: "store the uploaded version",
-                        error: too_large(bytes.len()),
+                        error,
                     });
                 }
                 Candidate {

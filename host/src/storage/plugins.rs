@@ -27,11 +27,14 @@ use super::{Result, StorageError};
 /// `PUT /admin/plugins/{name}` too.
 pub const MAX_PLUGIN_BYTES: usize = 64 * 1024 * 1024;
 
-/// The refusal of a version over [`MAX_PLUGIN_BYTES`].
-pub fn too_large(len: usize) -> StorageError {
-    StorageError::Quota(format!(
-        "a plugin version is at most {MAX_PLUGIN_BYTES} bytes, not {len}"
-    ))
+/// Refuses a version larger than [`MAX_PLUGIN_BYTES`] (`Quota`).
+pub fn check_size(len: usize) -> Result<()> {
+    if len > MAX_PLUGIN_BYTES {
+        return Err(StorageError::Quota(format!(
+            "a plugin version is at most {MAX_PLUGIN_BYTES} bytes, not {len}"
+        )));
+    }
+    Ok(())
 }
 
 /// A plugin's stored version, bytes included.

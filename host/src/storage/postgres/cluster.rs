@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::messages::{big, message_from_row, Checked, MESSAGE_COLUMNS};
-use super::sessions::close_one;
+use super::sessions::close_node;
 use super::{map_err, map_pool_err, PostgresStorage};
 use crate::storage::cluster::{ClusterStore, Joined, NodeInfo, Renewal};
 use crate::storage::messages::StoredMessage;
@@ -129,21 +129,7 @@ impl ClusterStore for PostgresStorage {
                 if marked == 0 {
                     return Ok(None);
                 }
-                let ids: Vec<String> = t
-                    .query(
-                        "SELECT connection_id FROM sessions WHERE node_id = $1 ORDER BY opened_at",
-                        &[&node],
-                    )
-                    .await?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                let mut closed = 0;
-                for id in ids {
-                    if close_one(t, &id, &events).await?.is_some() {
-                        closed += 1;
-                    }
-                }
+                let closed = close_node(t, &node, &events).await?;
                 Ok(Some(closed))
             })
         })

@@ -7,9 +7,7 @@
 use async_trait::async_trait;
 
 use super::PostgresStorage;
-use crate::storage::plugins::{
-    too_large, PluginStore, StoredPlugin, StoredPluginInfo, MAX_PLUGIN_BYTES,
-};
+use crate::storage::plugins::{check_size, PluginStore, StoredPlugin, StoredPluginInfo};
 use crate::storage::Result;
 
 #[async_trait]
@@ -21,9 +19,7 @@ impl PluginStore for PostgresStorage {
         bytes: Vec<u8>,
         uploaded_at_ms: i64,
     ) -> Result<()> {
-        if bytes.len() > MAX_PLUGIN_BYTES {
-            return Err(too_large(bytes.len()));
-        }
+        check_size(bytes.len())?;
         let (name, sha256) = (name.to_string(), sha256_hex.to_string());
         // The normal lane: a large write must not hold up the bookkeeping one.
         self.write(move |t| {

@@ -42,7 +42,7 @@ async fn presence_of(
     })
 }
 
-pub(super) async fn close_one(
+async fn close_one(
     t: &Transaction<'_>,
     connection_id: &str,
     events: &SessionEvents,
@@ -59,6 +59,31 @@ pub(super) async fn close_one(
     let presence = presence_of(t, &record.user_id).await?;
     insert_events(t, &events(&record, presence)).await?;
     Ok(Some(presence))
+}
+
+/// Closes every session recorded for `node`, oldest first, each with its
+/// events. Returns how many it closed.
+pub(super) async fn close_node(
+    t: &Transaction<'_>,
+    node: &str,
+    events: &SessionEvents,
+) -> std::result::Result<usize, tokio_postgres::Error> {
+    let ids: Vec<String> = t
+        .query(
+            "SELECT connection_id FROM sessions WHERE node_id = $1 ORDER BY opened_at",
+            &[&node],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut closed = 0;
+    for id in ids {
+        if close_one(t, &id, events).await?.is_some() {
+            closed += 1;
+        }
+    }
+    Ok(closed)
 }
 
 #[async_trait]
@@ -117,27 +142,8 @@ impl SessionStore for PostgresStorage {
 
     async fn close_node_sessions(&self, node_id: &str, events: SessionEvents) -> Result<usize> {
         let node = node_id.to_string();
-        self.write(move |t| {
-            Box::pin(async move {
-                let ids: Vec<String> = t
-                    .query(
-                        "SELECT connection_id FROM sessions WHERE node_id = $1 ORDER BY opened_at",
-                        &[&node],
-                    )
-                    .await?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                let mut closed = 0;
-                for id in ids {
-                    if close_one(t, &id, &events).await?.is_some() {
-                        closed += 1;
-                    }
-                }
-                Ok(closed)
-            })
-        })
-        .await
+        self.write(move |t| Box::pin(async move { close_node(t, &node, &events).await }))
+            .await
     }
 
     async fn presence(&self, user_id: &str) -> Result<(Presence, Vec<SessionRecord>)> {

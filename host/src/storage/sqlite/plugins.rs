@@ -6,9 +6,7 @@ use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
 
 use super::SqliteStorage;
-use crate::storage::plugins::{
-    too_large, PluginStore, StoredPlugin, StoredPluginInfo, MAX_PLUGIN_BYTES,
-};
+use crate::storage::plugins::{check_size, PluginStore, StoredPlugin, StoredPluginInfo};
 use crate::storage::Result;
 
 // A rowid table on purpose: a component is up to 64 MiB, and in a WITHOUT
@@ -32,9 +30,7 @@ impl PluginStore for SqliteStorage {
         bytes: Vec<u8>,
         uploaded_at_ms: i64,
     ) -> Result<()> {
-        if bytes.len() > MAX_PLUGIN_BYTES {
-            return Err(too_large(bytes.len()));
-        }
+        check_size(bytes.len())?;
         let (name, sha256) = (name.to_string(), sha256_hex.to_string());
         // The normal lane: a large write must not hold up the bookkeeping one.
         self.write(move |conn| {

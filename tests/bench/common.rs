@@ -35,6 +35,14 @@ use crate::cli::StorageArg;
 /// The instant all nanosecond stamps count from.
 pub(crate) static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
 
+/// An instant as nanoseconds on the clock of [`now_ns`].
+pub(crate) fn ns_at(at: Instant) -> u64 {
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    at.into_std()
+        .checked_duration_since(epoch)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 pub(crate) fn now_ns() -> u64 {
     EPOCH
         .get_or_init(std::time::Instant::now)
@@ -838,12 +846,7 @@ impl Storage {
             // not move the gateway to the harness's non-durable server.
             Engine::Sqlite => Ok(opts.engine(Engine::Sqlite)),
             Engine::Postgres => {
-                let pg = self
-                    .pg
-                    .clone()
-                    .ok_or_else(|| anyhow::anyhow!("no PostgreSQL server"))?;
-                let url =
-                    blocking("creating a database", move || pg.server.create_database()).await?;
+                let url = self.create_database().await?;
                 Ok(opts.postgres_database(&url))
             }
         }
@@ -872,7 +875,17 @@ impl Storage {
         }
     }
 
-    async fn drop_database(&self, url: String) {
+    /// A fresh database on the private server (for a cluster's nodes).
+    pub(crate) async fn create_database(&self) -> anyhow::Result<String> {
+        let pg = self
+            .pg
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no PostgreSQL server"))?;
+        blocking("creating a database", move || pg.server.create_database()).await
+    }
+
+    /// Drops a database of the private server; a failure is printed.
+    pub(crate) async fn drop_database(&self, url: String) {
         if let Some(pg) = self.pg.clone() {
             let dropped = blocking("dropping a database", move || {
                 pg.server.try_drop_database(&url)

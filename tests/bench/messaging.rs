@@ -351,16 +351,6 @@ fn main() -> ExitCode {
 }
 
 // ---------------------------------------------------------------------------
-// Clock and process facts
-
-fn ns_at(at: Instant) -> u64 {
-    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
-    at.into_std()
-        .checked_duration_since(epoch)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-// ---------------------------------------------------------------------------
 // The gateway's metrics
 
 /// The gateway's own view of an interval, as report lines.

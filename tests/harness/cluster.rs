@@ -1,7 +1,9 @@
 //! A cluster of gateway processes for a test: N gateways (`node-a`,
 //! `node-b`, …) on one PostgreSQL database of their own (on the test
-//! process's shared server, [`crate::postgres::shared`]), routed through
-//! one private NATS server ([`NatsServer`]).
+//! process's shared server, [`crate::postgres::shared`]; on a private
+//! server with [`ClusterOptions::private_postgres`]; or the caller's, as a
+//! benchmark's, with [`ClusterOptions::database`]), routed through one
+//! private NATS server ([`NatsServer`]).
 //!
 //! Each node has its own data folder, config file and port. A test can
 //! kill a node (SIGKILL: its data folder stays), terminate it (SIGTERM: a
@@ -47,6 +49,10 @@ pub struct ClusterOptions {
     /// shared one, for a test that stops or kills it
     /// ([`Cluster::postgres`]).
     pub private_postgres: bool,
+    /// A database the caller made and keeps (on a server of its own, as a
+    /// benchmark's): the cluster runs on it and neither creates nor drops
+    /// it. Takes precedence over `private_postgres`.
+    pub database: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +64,7 @@ impl Default for ClusterOptions {
             webhook_url: None,
             extra: String::new(),
             private_postgres: false,
+            database: None,
         }
     }
 }
@@ -87,6 +94,13 @@ impl ClusterOptions {
     /// The cluster runs on a private, durable PostgreSQL server.
     pub fn private_postgres(mut self) -> Self {
         self.private_postgres = true;
+        self
+    }
+
+    /// The cluster runs on the database at `url`, which the caller created
+    /// and drops (see [`ClusterOptions::database`]).
+    pub fn database(mut self, url: &str) -> Self {
+        self.database = Some(url.to_string());
         self
     }
 
@@ -151,16 +165,22 @@ fn node_options(overrides: &toml::Table, webhook: Option<&str>, database: &str) 
     opts
 }
 
-/// The cluster's database on the shared PostgreSQL server, dropped with
-/// it; or on a private server, removed with it.
+/// The cluster's database: on the shared PostgreSQL server, dropped with
+/// it; on a private server, removed with it; or the caller's, left alone.
 struct ClusterDatabase {
     url: String,
-    private: Option<crate::postgres::PgServer>,
+    owner: DatabaseOwner,
+}
+
+enum DatabaseOwner {
+    Shared,
+    Private(crate::postgres::PgServer),
+    Caller,
 }
 
 impl Drop for ClusterDatabase {
     fn drop(&mut self) {
-        if self.private.is_some() {
+        if !matches!(self.owner, DatabaseOwner::Shared) {
             return;
         }
         let url = std::mem::take(&mut self.url);
@@ -195,27 +215,34 @@ impl Cluster {
             opts.lease_ttl
         );
         let private = opts.private_postgres;
-        let (nats, url, server) = tokio::task::spawn_blocking(move || {
+        let given = opts.database.clone();
+        let (nats, database) = tokio::task::spawn_blocking(move || {
             let nats = NatsServer::start();
-            if private {
+            let database = if let Some(url) = given {
+                ClusterDatabase {
+                    url,
+                    owner: DatabaseOwner::Caller,
+                }
+            } else if private {
                 let server =
                     crate::postgres::PgServer::start(crate::postgres::PgOptions::durable());
-                let url = server.create_database();
-                (nats, url, Some(server))
+                ClusterDatabase {
+                    url: server.create_database(),
+                    owner: DatabaseOwner::Private(server),
+                }
             } else {
-                let url = crate::postgres::shared().create_database();
-                (nats, url, None)
-            }
+                ClusterDatabase {
+                    url: crate::postgres::shared().create_database(),
+                    owner: DatabaseOwner::Shared,
+                }
+            };
+            (nats, database)
         })
         .await
         .unwrap_or_else(|e| match e.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),
             Err(e) => panic!("starting NATS and creating the cluster's database: {e}"),
         });
-        let database = ClusterDatabase {
-            url,
-            private: server,
-        };
         let extra: toml::Table = opts
             .extra
             .parse()
@@ -410,11 +437,16 @@ impl Cluster {
 
     /// Runs `sql` on the cluster's database with `psql`; its unaligned,
     /// tuples-only output (see [`crate::PgServer::psql`]). Panics on any
-    /// error. Blocking (a short command).
+    /// error (and on a database given by [`ClusterOptions::database`]: its
+    /// server is the caller's). Blocking (a short command).
+    #[track_caller]
     pub fn psql(&self, sql: &str) -> String {
-        match &self.database.private {
-            Some(server) => server.psql(&self.database.url, sql),
-            None => crate::postgres::shared().psql(&self.database.url, sql),
+        match &self.database.owner {
+            DatabaseOwner::Private(server) => server.psql(&self.database.url, sql),
+            DatabaseOwner::Shared => crate::postgres::shared().psql(&self.database.url, sql),
+            DatabaseOwner::Caller => {
+                panic!("Cluster::psql: the cluster runs on the caller's database; use its server")
+            }
         }
     }
 
@@ -424,10 +456,10 @@ impl Cluster {
     /// every test of the process).
     #[track_caller]
     pub fn postgres(&self) -> &crate::postgres::PgServer {
-        self.database
-            .private
-            .as_ref()
-            .expect("ClusterOptions::private_postgres() gives a cluster a server of its own")
+        match &self.database.owner {
+            DatabaseOwner::Private(server) => server,
+            _ => panic!("ClusterOptions::private_postgres() gives a cluster a server of its own"),
+        }
     }
 
     #[track_caller]

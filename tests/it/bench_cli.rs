@@ -3,7 +3,8 @@
 //! code 2 and clap's message, never a panic; `--storage` has the same shape
 //! wherever it exists (`sqlite`, `postgres` or `both`, anything else refused
 //! with exit code 2); the hidden `--baseline-server` first argument still
-//! turns a program into its baseline server.
+//! turns a program into its baseline server, and `--hold-connections` turns
+//! bench-cluster into a holder of idle connections.
 
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use tokio::time::timeout;
 
 /// Each program's executable, the options its `--help` must list, and one
 /// of its numeric options.
-const BENCHES: [(&str, &[&str], &str); 4] = [
+const BENCHES: [(&str, &[&str], &str); 5] = [
     (
         env!("CARGO_BIN_EXE_bench-connections"),
         &[
@@ -82,6 +83,23 @@ const BENCHES: [(&str, &[&str], &str); 4] = [
         "--pairs",
     ),
     (env!("CARGO_BIN_EXE_bench-plugins"), &["--calls"], "--calls"),
+    (
+        env!("CARGO_BIN_EXE_bench-cluster"),
+        &[
+            "--quick",
+            "--nodes",
+            "--pairs",
+            "--window",
+            "--duration",
+            "--paced-rate",
+            "--group",
+            "--fanout-runs",
+            "--idle",
+            "--holders",
+            "--concurrency",
+        ],
+        "--pairs",
+    ),
 ];
 
 /// A program that ignored its arguments would start a benchmark of minutes.
@@ -121,10 +139,12 @@ async fn help_lists_every_option_and_exits_0() {
                     "{exe} {args:?} does not list {option}:\n{stdout}"
                 );
             }
-            assert!(
-                !stdout.contains("--baseline-server"),
-                "{exe} {args:?} lists the hidden argument:\n{stdout}"
-            );
+            for hidden in ["--baseline-server", "--hold-connections"] {
+                assert!(
+                    !stdout.contains(hidden),
+                    "{exe} {args:?} lists the hidden argument {hidden}:\n{stdout}"
+                );
+            }
         }
     }
 }
@@ -179,6 +199,62 @@ async fn baseline_server_argument_still_starts_the_baseline() {
             .unwrap()
             .unwrap();
         child.kill().await.unwrap();
+    }
+}
+
+/// bench-cluster starts itself with `--hold-connections ADDRS FIRST COUNT`
+/// to hold idle connections: it reports what it opened and what failed on
+/// one line, holds until its standard input closes, and refuses malformed
+/// arguments with its usage and exit code 2.
+#[tokio::test]
+async fn hold_connections_argument_reports_and_holds_until_stdin_closes() {
+    let exe = env!("CARGO_BIN_EXE_bench-cluster");
+    // A port nothing listens on: every connection fails, and says why.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let mut child = Command::new(exe)
+        .args(["--hold-connections", &addr, "0", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Held here: tokio's `Child::wait` closes a stdin the child still owns.
+    let stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = timeout(LIMIT, lines.next_line())
+        .await
+        .expect("the holder reports")
+        .unwrap()
+        .expect("a report line");
+    assert!(line.starts_with("held 0 3 "), "{line}");
+    assert!(line.contains("TCP connect"), "{line}");
+    // Still holding: it waits for its standard input to close.
+    assert!(
+        timeout(Duration::from_millis(300), child.wait())
+            .await
+            .is_err(),
+        "the holder exited before its standard input closed"
+    );
+    drop(stdin);
+    let status = timeout(LIMIT, child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    for args in [
+        &["--hold-connections"][..],
+        &["--hold-connections", "nowhere", "0", "1"],
+        &["--hold-connections", &addr, "first", "1"],
+        &["--hold-connections", &addr, "0", "1", "extra"],
+    ] {
+        let out = run(exe, args).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("usage: bench-cluster --hold-connections"),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
     }
 }
 

@@ -62,6 +62,13 @@
 //!    message the user through the API), then over R runs: one page of 100
 //!    through the API, the full list through the API in pages of 100, and
 //!    the full list through `sync_conversations` frames with limit 500.
+//! 5. **Instructions per message.** One more gateway under valgrind's
+//!    callgrind (`plugboard_tests::callgrind`): one sender, one receiver,
+//!    8 in flight; after a warm-up of 200 messages the counters are zeroed,
+//!    N more are sent (`--instructions`, 2,000), each acknowledged,
+//!    delivered and received as a webhook, and the instructions per
+//!    message are printed by thread. A figure the machine's load does not
+//!    move; without valgrind the phase says so and counts nothing.
 //!
 //! Every wait is bounded. A failure is reported, with what was seen, and is
 //! not a crash: a benchmark prints figures, it asserts nothing. All traffic
@@ -124,6 +131,7 @@ const GROUP: &str = "Group fan-out";
 const SYNC: &str = "Conversation sync";
 const CONNECTIONS: &str = "Connections";
 const PHASES: &str = "Phases";
+const INSTRUCTIONS: &str = "Instructions per message";
 
 /// Messages through the gateway (persisted, delivered, written to the outbox
 /// and delivered as webhooks) beside a bare tokio-tungstenite relay measured
@@ -210,6 +218,11 @@ struct Cli {
     /// Skip the conversation sync
     #[arg(long, help_heading = PHASES)]
     no_sync: bool,
+
+    /// Messages counted under valgrind's callgrind (one sender, one
+    /// receiver, 8 in flight), 0 to skip [default: 2000; --quick: 300]
+    #[arg(long, value_name = "N", value_parser = cli::clamped(0, 1_000_000), help_heading = INSTRUCTIONS)]
+    instructions: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -235,6 +248,8 @@ struct Options {
     sync: bool,
     quick: bool,
     storage: StorageArg,
+    /// Messages counted under callgrind (0: no count).
+    instructions: usize,
 }
 
 impl Default for Options {
@@ -261,6 +276,7 @@ impl Default for Options {
             sync: true,
             quick: false,
             storage: StorageArg::Sqlite,
+            instructions: 2000,
         }
     }
 }
@@ -279,6 +295,7 @@ impl Options {
             conversations: 100,
             sync_runs: 10,
             quick: true,
+            instructions: 300,
             ..Options::default()
         }
     }
@@ -314,6 +331,7 @@ impl From<Cli> for Options {
             sync: base.sync && !cli.no_sync,
             quick: base.quick,
             storage: cli.storage.storage,
+            instructions: cli.instructions.unwrap_or(base.instructions),
         }
     }
 }
@@ -424,6 +442,13 @@ async fn start_gateway(
     storage: &Storage,
     engine: Engine,
 ) -> anyhow::Result<Gateway> {
+    storage
+        .start_gateway(engine, gateway_options(hook_url, opts))
+        .await
+}
+
+/// The options of every gateway of the run.
+fn gateway_options(hook_url: &str, opts: &Options) -> GatewayOptions {
     let batch = if opts.webhook_batch > 1 {
         format!("batch_max = {}\n", opts.webhook_batch)
     } else {
@@ -437,7 +462,7 @@ async fn start_gateway(
     if opts.webhooks {
         gw_opts = gw_opts.extra(&webhooks);
     }
-    storage.start_gateway(engine, gw_opts).await
+    gw_opts
 }
 
 /// A column label: "gateway, max" with one engine; the engine above the
@@ -1974,6 +1999,12 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             syncs.push(conversation_sync(&opts, &storage, engine, &hooks, &hook_url, &http).await);
         }
     }
+    let mut counts = Vec::new();
+    if opts.instructions > 0 {
+        for &engine in &storage.engines {
+            counts.push(instructions(&opts, &storage, engine, &hooks, &hook_url).await);
+        }
+    }
     let load_end = load_average();
     let fsync_end = fsync_probe().await;
 
@@ -2024,6 +2055,9 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     }
     if !syncs.is_empty() {
         report_sync(&storage, &syncs);
+    }
+    if opts.instructions > 0 {
+        report_instructions(&opts, &counts);
     }
     Ok(())
 }
@@ -2467,6 +2501,285 @@ fn report_sync(storage: &Storage, syncs: &[SyncResult]) {
         }
         for n in &s.notes {
             println!("  {prefix}note: {n}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Instructions per message
+
+/// Sends in flight in the counted run, as in the issue's reference figure.
+const COUNTED_WINDOW: usize = 8;
+/// Messages sent before the counters are zeroed.
+const COUNTED_WARMUP: usize = 200;
+
+/// What callgrind counted for one engine.
+struct CountResult {
+    engine: Engine,
+    messages: usize,
+    counts: Option<plugboard_tests::callgrind::Counts>,
+    /// Wall time of the counted messages under callgrind.
+    took: Duration,
+    notes: Vec<String>,
+}
+
+/// Sends `n` messages from `sender` to `peer`, `COUNTED_WINDOW` in flight,
+/// and waits until each is acknowledged and `receiver` has it. Numbered
+/// from `first`.
+async fn send_counted(
+    sender: &mut ClientWs,
+    receiver: &mut ClientWs,
+    peer: &str,
+    first: usize,
+    n: usize,
+    limit: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    let (mut sent, mut acked, mut got) = (0usize, 0usize, 0usize);
+    while acked < n || got < n {
+        while sent < n && sent - acked < COUNTED_WINDOW {
+            let frame = format!(
+                r#"{{"type":"send","id":{},"channel_type":"person","channel_id":"{peer}","payload":{{"text":"message {} of the counted run","t":{}}}}}"#,
+                first + sent,
+                first + sent,
+                now_ns()
+            );
+            sender
+                .feed(Message::text(frame))
+                .await
+                .map_err(|e| format!("send failed: {e}"))?;
+            sent += 1;
+        }
+        sender
+            .flush()
+            .await
+            .map_err(|e| format!("send failed: {e}"))?;
+        tokio::select! {
+            msg = sender.next() => match &msg {
+                Some(Ok(m @ Message::Text(_))) => match frame_of(m) {
+                    Some(f) if f.kind == "sendack" => acked += 1,
+                    Some(f) if f.kind == "error" => {
+                        return Err(format!("a send was refused: {}", f.code.unwrap_or_default()))
+                    }
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    return Err(format!("sender: {}", ended_by(msg)))
+                }
+                Some(Ok(_)) => {}
+            },
+            msg = receiver.next() => match &msg {
+                Some(Ok(m @ Message::Text(_))) => {
+                    if frame_of(m).is_some_and(|f| f.kind == "message") {
+                        got += 1;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    return Err(format!("receiver: {}", ended_by(msg)))
+                }
+                Some(Ok(_)) => {}
+            },
+            _ = sleep_until(deadline) => {
+                return Err(format!("{acked} of {n} acknowledged and {got} delivered after {limit:?}"))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One gateway on `engine` under callgrind: a warm-up, the counters zeroed,
+/// `opts.instructions` messages, each delivered and (with the webhook
+/// endpoint) sent as a webhook, then the counts.
+async fn instructions(
+    opts: &Options,
+    storage: &Storage,
+    engine: Engine,
+    hooks: &Hooks,
+    hook_url: &str,
+) -> CountResult {
+    let n = opts.instructions;
+    let mut r = CountResult {
+        engine,
+        messages: n,
+        counts: None,
+        took: Duration::ZERO,
+        notes: Vec::new(),
+    };
+    if let Some(why) = plugboard_tests::callgrind::unavailable() {
+        r.notes.push(format!("not counted: {why}"));
+        return r;
+    }
+    let cg = match plugboard_tests::callgrind::Callgrind::new() {
+        Ok(cg) => cg,
+        Err(e) => {
+            r.notes
+                .push(format!("not counted: a temporary folder: {e}"));
+            return r;
+        }
+    };
+    let launcher = cg.launcher();
+    let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+    let tag = log_tag(storage, engine, "instructions");
+    eprintln!("[{tag}] starting the gateway under callgrind");
+    let gw = match storage
+        .start_gateway(engine, gateway_options(hook_url, opts).launcher(&launcher))
+        .await
+    {
+        Ok(gw) => gw,
+        Err(e) => {
+            r.notes.push(format!("{e:#}"));
+            return r;
+        }
+    };
+    let outcome = async {
+        let server: SocketAddr = gw
+            .addr
+            .parse()
+            .map_err(|e| format!("gateway address: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let url = |u: &str| format!("ws://{server}/v1/ws?token={}", gw.token(u, None, None));
+        let source = Ipv4Addr::new(127, 0, 0, 2);
+        let mut sender = connect_one(server, source, &url("counted-sender"), deadline).await?;
+        let mut receiver = connect_one(server, source, &url("counted-receiver"), deadline).await?;
+        // Every message here is slow under callgrind; the limits are generous.
+        let limit = |k: usize| Duration::from_secs(60 + k as u64 / 5);
+        let hooks_before = hooks.messages();
+        send_counted(
+            &mut sender,
+            &mut receiver,
+            "counted-receiver",
+            0,
+            COUNTED_WARMUP,
+            limit(COUNTED_WARMUP),
+        )
+        .await?;
+        let want = hooks_before + COUNTED_WARMUP as u64;
+        if opts.webhooks && !wait_for(limit(COUNTED_WARMUP), || hooks.messages() >= want).await {
+            return Err("the warm-up's webhooks did not all arrive".to_string());
+        }
+        sleep(Duration::from_millis(500)).await;
+        cg.zero(gw.pid())?;
+        let started = Instant::now();
+        send_counted(
+            &mut sender,
+            &mut receiver,
+            "counted-receiver",
+            COUNTED_WARMUP,
+            n,
+            limit(n),
+        )
+        .await?;
+        let want = want + n as u64;
+        if opts.webhooks && !wait_for(limit(n), || hooks.messages() >= want).await {
+            return Err(format!(
+                "{} of the {n} webhooks arrived",
+                hooks.messages().saturating_sub(want - n as u64)
+            ));
+        }
+        let took = started.elapsed();
+        let counts = cg.dump(gw.pid())?;
+        Ok::<_, String>((counts, took, sender, receiver))
+    }
+    .await;
+    match outcome {
+        Ok((counts, took, _s, _r)) => {
+            eprintln!(
+                "[{tag}] {n} messages: {:.2} M instructions each",
+                counts.total as f64 / n as f64 / 1e6
+            );
+            r.counts = Some(counts);
+            r.took = took;
+        }
+        Err(e) => r.notes.push(e),
+    }
+    storage.finish(gw).await;
+    r
+}
+
+fn report_instructions(opts: &Options, results: &[CountResult]) {
+    println!();
+    println!("== {INSTRUCTIONS} ==");
+    println!(
+        "{} messages from one sender to one receiver, {COUNTED_WINDOW} in flight, each persisted, delivered and {}; counted by {} (--tool=callgrind --separate-threads=yes) over every thread of the gateway, after a warm-up of {COUNTED_WARMUP} messages. A count the machine's load does not move; the lines under \"tokio workers\" are lower bounds (async tasks are polled from many places).",
+        thousands(opts.instructions as f64),
+        if opts.webhooks {
+            format!("sent as a webhook (batch_max {})", opts.webhook_batch)
+        } else {
+            "written to the outbox (no endpoint)".to_string()
+        },
+        plugboard_tests::callgrind::version()
+    );
+    let labels: Vec<String> = results
+        .iter()
+        .map(|r| engine_name(r.engine).to_string())
+        .collect();
+    let per =
+        |r: &CountResult, v: u64| format!("{:.0} k", v as f64 / r.messages.max(1) as f64 / 1e3);
+    let mut rows: Vec<(String, Vec<String>, String)> = vec![(
+        "instructions per message, in all".into(),
+        results
+            .iter()
+            .map(|r| r.counts.as_ref().map_or("-".into(), |c| per(r, c.total)))
+            .collect(),
+        String::new(),
+    )];
+    use plugboard_tests::callgrind::{ThreadKind, TASKS};
+    for kind in [
+        ThreadKind::Writer,
+        ThreadKind::Workers,
+        ThreadKind::Blocking,
+        ThreadKind::Checkpoint,
+        ThreadKind::Other,
+    ] {
+        rows.push((
+            format!("  {}", kind.label()),
+            results
+                .iter()
+                .map(|r| {
+                    r.counts.as_ref().map_or("-".into(), |c| {
+                        let v = c.threads.iter().filter(|t| t.0 == kind).map(|t| t.1).sum();
+                        per(r, v)
+                    })
+                })
+                .collect(),
+            String::new(),
+        ));
+        if kind == ThreadKind::Workers {
+            for (label, _) in TASKS {
+                rows.push((
+                    format!("    {label}"),
+                    results
+                        .iter()
+                        .map(|r| {
+                            r.counts.as_ref().map_or("-".into(), |c| {
+                                let v = c.tasks.iter().filter(|t| t.0 == label).map(|t| t.1).sum();
+                                per(r, v)
+                            })
+                        })
+                        .collect(),
+                    String::new(),
+                ));
+            }
+        }
+    }
+    rows.push((
+        "messages per second under callgrind".into(),
+        results
+            .iter()
+            .map(|r| {
+                if r.counts.is_some() && r.took > Duration::ZERO {
+                    format!("{:.0}", r.messages as f64 / r.took.as_secs_f64())
+                } else {
+                    "-".into()
+                }
+            })
+            .collect(),
+        String::new(),
+    ));
+    table(&labels, &rows);
+    for r in results {
+        for n in &r.notes {
+            println!("note ({}): {n}", engine_name(r.engine));
         }
     }
 }

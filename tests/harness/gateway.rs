@@ -125,6 +125,10 @@ pub struct GatewayOptions {
     /// shared server (a benchmark's, on a durable [`crate::PgServer`]);
     /// the test owns it, the gateway never drops it.
     pub database_url: Option<String>,
+    /// A command the gateway binary runs under, with its arguments (a
+    /// benchmark's `valgrind --tool=callgrind …`); empty: run it directly.
+    /// Kept across restarts.
+    pub launcher: Vec<String>,
 }
 
 impl GatewayOptions {
@@ -152,6 +156,12 @@ impl GatewayOptions {
     pub fn extra(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
         self.extra.push('\n');
+        self
+    }
+
+    /// Runs the gateway binary under `command` (see [`GatewayOptions::launcher`]).
+    pub fn launcher(mut self, command: &[&str]) -> Self {
+        self.launcher = command.iter().map(|a| a.to_string()).collect();
         self
     }
 }
@@ -305,6 +315,7 @@ pub struct RestartHandle {
     dir: Arc<tempfile::TempDir>,
     config_path: PathBuf,
     storage: Storage,
+    launcher: Arc<Vec<String>>,
 }
 
 impl RestartHandle {
@@ -313,6 +324,7 @@ impl RestartHandle {
             self.dir.clone(),
             self.config_path.clone(),
             self.storage.clone(),
+            self.launcher.clone(),
         )
         .await
     }
@@ -347,6 +359,7 @@ pub struct Gateway {
     log: Arc<Mutex<Vec<String>>>,
     http: reqwest::Client,
     storage: Storage,
+    launcher: Arc<Vec<String>>,
 }
 
 impl Gateway {
@@ -361,7 +374,7 @@ impl Gateway {
             config_text(&dir.path().join("data"), &opts, storage.url()),
         )
         .unwrap();
-        Self::spawn(dir, config_path, storage).await
+        Self::spawn(dir, config_path, storage, Arc::new(opts.launcher)).await
     }
 
     /// The storage engine this gateway runs on.
@@ -386,11 +399,24 @@ impl Gateway {
             dir: self.dir.clone(),
             config_path: self.config_path.clone(),
             storage: self.storage.clone(),
+            launcher: self.launcher.clone(),
         }
     }
 
-    async fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf, storage: Storage) -> Gateway {
-        let mut command = Command::new(binary());
+    async fn spawn(
+        dir: Arc<tempfile::TempDir>,
+        config_path: PathBuf,
+        storage: Storage,
+        launcher: Arc<Vec<String>>,
+    ) -> Gateway {
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
         // SIGXFSZ ignored, so that a test that caps the gateway's file size
         // (`limit_file_size`) sees failed writes rather than a killed
         // process. Without a cap the signal never comes.
@@ -461,6 +487,7 @@ impl Gateway {
             log,
             http: reqwest::Client::new(),
             storage,
+            launcher,
         }
     }
 

@@ -8,6 +8,7 @@
 //! Nothing here sleeps to wait for an outcome: helpers wait for the event
 //! they expect, with a timeout, and fail with what they saw instead.
 
+pub mod callgrind;
 pub mod client;
 pub mod cluster;
 pub mod gateway;

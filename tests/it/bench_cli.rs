@@ -79,6 +79,7 @@ const BENCHES: [(&str, &[&str], &str); 5] = [
             "--no-baseline",
             "--no-group",
             "--no-sync",
+            "--instructions",
         ],
         "--pairs",
     ),

@@ -19,12 +19,14 @@
 
 use std::sync::Arc;
 
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::delivery::CloseReason;
 use crate::storage::controls::{Deliverable, TargetEvents};
-use crate::storage::messages::StoredMessage;
-use crate::storage::{NewEvent, Presence, SessionEvents, SessionRecord};
+use crate::storage::messages::{ChannelType, StoredMessage};
+use crate::storage::{event_data, NewEvent, Presence, SessionEvents, SessionRecord};
 
 /// Every event type, as named in the envelope's `type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,6 +108,10 @@ pub fn type_names() -> impl Iterator<Item = &'static str> {
 }
 
 fn event(kind: EventType, order_key: &str, created_at: i64, data: Value) -> NewEvent {
+    event_raw(kind, order_key, created_at, event_data(&data))
+}
+
+fn event_raw(kind: EventType, order_key: &str, created_at: i64, data: Box<RawValue>) -> NewEvent {
     NewEvent {
         id: crate::new_id("evt"),
         event_type: kind.as_str().to_string(),
@@ -204,24 +210,40 @@ pub fn session_closed(info: CloseInfo, closed_at: Option<i64>) -> SessionEvents 
 }
 
 /// `message.created` of a committed message; `channel_id` is the channel
-/// as the sender named it and `payload` the payload read as a value.
-pub fn message_created(m: &StoredMessage, channel_id: &str, payload: Value) -> NewEvent {
-    event(
+/// as the sender named it. The payload goes into the event as stored.
+pub fn message_created(m: &StoredMessage, channel_id: &str) -> NewEvent {
+    /// The fields in the order the docs list them; the payload goes in as
+    /// stored, without being parsed again.
+    #[derive(Serialize)]
+    struct Data<'a> {
+        message_id: &'a str,
+        channel_type: ChannelType,
+        channel_id: &'a str,
+        sender: &'a str,
+        system: bool,
+        seq: u64,
+        version: u64,
+        client_msg_id: Option<&'a str>,
+        payload: &'a RawValue,
+        created_at: String,
+    }
+    let data = Data {
+        message_id: &m.id,
+        channel_type: m.channel.kind,
+        channel_id,
+        sender: &m.sender,
+        system: m.system,
+        seq: m.seq,
+        version: m.version,
+        client_msg_id: m.client_msg_id.as_deref(),
+        payload: &m.payload,
+        created_at: crate::rfc3339_ms(m.created_at),
+    };
+    event_raw(
         EventType::MessageCreated,
         &m.channel.key,
         m.created_at,
-        json!({
-            "message_id": m.id,
-            "channel_type": m.channel.kind,
-            "channel_id": channel_id,
-            "sender": m.sender,
-            "system": m.system,
-            "seq": m.seq,
-            "version": m.version,
-            "client_msg_id": m.client_msg_id,
-            "payload": payload,
-            "created_at": crate::rfc3339_ms(m.created_at),
-        }),
+        event_data(&data),
     )
 }
 
@@ -373,6 +395,11 @@ mod tests {
     /// The event is in the catalogue, has an event id, and is ordered by
     /// what its type declares (the builders below use user `alice`, group
     /// `team`, control `ctl_1` and node `edge-1`).
+    /// An event's data, parsed.
+    fn data_of(e: &NewEvent) -> Value {
+        serde_json::from_str(e.data.get()).expect("event data is JSON")
+    }
+
     #[track_caller]
     fn check(e: &NewEvent) {
         let kind = EventType::ALL
@@ -418,8 +445,8 @@ mod tests {
         };
         let closed = session_closed(info, Some(3_500))(&record, Presence::default());
         assert_eq!(closed.len(), 2, "connection.closed and user.offline");
-        assert_eq!(closed[0].data["duration_ms"], 2_500);
-        assert_eq!(closed[1].data["reason"], "kicked");
+        assert_eq!(data_of(&closed[0])["duration_ms"], 2_500);
+        assert_eq!(data_of(&closed[1])["reason"], "kicked");
         let target = Deliverable {
             control_id: "ctl_1".into(),
             user_id: "alice".into(),
@@ -433,7 +460,7 @@ mod tests {
             redelivery: false,
         };
         let acked = control_acked("phone", "conn_1")(&target);
-        assert_eq!(acked.data["device_id"], "phone");
+        assert_eq!(data_of(&acked)["device_id"], "phone");
         let message = StoredMessage {
             id: "msg_1".into(),
             channel: Channel::group("team"),
@@ -442,13 +469,25 @@ mod tests {
             seq: 1,
             version: 1,
             client_msg_id: None,
-            payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            payload: RawValue::from_string(r#"{"text": "hi", "n": 1.50}"#.into()).unwrap(),
             created_at: 0,
         };
         let mut all = Vec::new();
         all.extend(opened);
         all.extend(closed);
-        all.push(message_created(&message, "team", json!({})));
+        let created = message_created(&message, "team");
+        // The payload goes in as stored, byte for byte.
+        assert!(
+            created
+                .data
+                .get()
+                .contains(r#""payload":{"text": "hi", "n": 1.50}"#),
+            "{}",
+            created.data.get()
+        );
+        assert_eq!(data_of(&created)["payload"]["text"], "hi");
+        assert_eq!(data_of(&created)["client_msg_id"], Value::Null);
+        all.push(created);
         all.push(control_delivered()(&target));
         all.push(acked);
         all.push(control_expired()(&target));

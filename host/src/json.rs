@@ -63,9 +63,97 @@ pub fn check_depth(text: &str, max: usize) -> Result<(), TooDeep> {
     }
 }
 
+/// Whether `text` reads back as a JSON value (`serde_json::Value`), without
+/// building one: what the raw-text parse of a frame lets through and a value
+/// parse refuses (a number out of `f64` range such as `1e400`) is refused
+/// here too, and nothing is allocated for what is accepted.
+pub fn check_reads_back(text: &str) -> Result<(), serde_json::Error> {
+    serde_json::from_str::<ReadsBack>(text).map(drop)
+}
+
+/// A JSON value read the way `serde_json::Value` reads it, and dropped.
+struct ReadsBack;
+
+impl<'de> serde::Deserialize<'de> for ReadsBack {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ReadsBack, D::Error> {
+        d.deserialize_any(ReadsBackVisitor)
+    }
+}
+
+struct ReadsBackVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ReadsBackVisitor {
+    type Value = ReadsBack;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<ReadsBack, E> {
+        Ok(ReadsBack)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<ReadsBack, E> {
+        Ok(ReadsBack)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<ReadsBack, E> {
+        Ok(ReadsBack)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<ReadsBack, E> {
+        Ok(ReadsBack)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<ReadsBack, E> {
+        Ok(ReadsBack)
+    }
+    fn visit_unit<E>(self) -> Result<ReadsBack, E> {
+        Ok(ReadsBack)
+    }
+    fn visit_none<E>(self) -> Result<ReadsBack, E> {
+        Ok(ReadsBack)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<ReadsBack, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ReadsBack, A::Error> {
+        while seq.next_element::<ReadsBack>()?.is_some() {}
+        Ok(ReadsBack)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ReadsBack, A::Error> {
+        while map.next_entry::<ReadsBack, ReadsBack>()?.is_some() {}
+        Ok(ReadsBack)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_back_as_a_value_parse_does() {
+        for ok in [
+            "{}",
+            "[1, -2, 3.5, 1e300, true, null, \"\\u00e9\"]",
+            "{\"a\": {\"b\": [\"\\ud83d\\ude00\"]}}",
+            "18446744073709551616",
+        ] {
+            assert!(check_reads_back(ok).is_ok(), "{ok}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(ok).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "1e400",
+            "[-1e400]",
+            "{\"a\": 1e999}",
+            "\"\\ud800\"",
+            "{\"\\udfff\": 1}",
+        ] {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(bad).is_err(),
+                "{bad}"
+            );
+            assert!(check_reads_back(bad).is_err(), "{bad}");
+        }
+    }
 
     #[track_caller]
     fn check(text: &str, expect: usize) {

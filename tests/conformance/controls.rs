@@ -70,7 +70,9 @@ fn events(kind: &'static str) -> TargetEvents {
         event_type: format!("test.control.{kind}"),
         order_key: d.user_id.clone(),
         created_at: 1,
-        data: serde_json::json!({ "control_id": d.control_id, "user_id": d.user_id }),
+        data: plugboard::storage::event_data(
+            &serde_json::json!({ "control_id": d.control_id, "user_id": d.user_id }),
+        ),
     })
 }
 

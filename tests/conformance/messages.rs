@@ -42,7 +42,9 @@ pub(crate) fn event() -> EventBuilder {
         event_type: "message.created".to_string(),
         order_key: m.channel.key.clone(),
         created_at: m.created_at,
-        data: serde_json::json!({ "message_id": m.id, "seq": m.seq, "version": m.version }),
+        data: plugboard::storage::event_data(
+            &serde_json::json!({ "message_id": m.id, "seq": m.seq, "version": m.version }),
+        ),
     })
 }
 

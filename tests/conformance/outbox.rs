@@ -37,7 +37,7 @@ pub fn event(key: &str, n: usize) -> NewEvent {
         event_type: "test.event".to_string(),
         order_key: key.to_string(),
         created_at: n as i64,
-        data: serde_json::json!({ "n": n }),
+        data: plugboard::storage::event_data(&serde_json::json!({ "n": n })),
     }
 }
 

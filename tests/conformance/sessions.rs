@@ -27,7 +27,9 @@ fn events(kind: &'static str) -> SessionEvents {
             event_type: format!("test.{kind}"),
             order_key: r.user_id.clone(),
             created_at: 1,
-            data: serde_json::json!({ "connections": p.connections, "devices": p.devices }),
+            data: plugboard::storage::event_data(
+                &serde_json::json!({ "connections": p.connections, "devices": p.devices }),
+            ),
         }]
     })
 }
@@ -67,12 +69,12 @@ fn traced(kind: &'static str) -> SessionEvents {
             event_type: format!("test.{kind}"),
             order_key: r.user_id.clone(),
             created_at: 1,
-            data: serde_json::json!({
+            data: plugboard::storage::event_data(&serde_json::json!({
                 "connection": r.connection_id,
                 "device": r.device_id,
                 "connections": p.connections,
                 "devices": p.devices,
-            }),
+            })),
         }]
     })
 }

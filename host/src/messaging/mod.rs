@@ -253,10 +253,10 @@ impl Messaging {
         // The one nesting check of every path that sends (frames, the API):
         // whatever is accepted must read back inside every envelope.
         json::check_depth(payload, MAX_DEPTH)?;
-        // The `message.created` event holds the payload as a value; it is read
-        // here, before anything is written, so a payload that would not read
-        // back is refused instead of becoming `null` in the event.
-        let payload_value: Value = serde_json::from_str(payload).map_err(|e| {
+        // Everything that takes the payload (webhook receivers, plugins, the
+        // API's answers) reads it as a value: one that would not read back is
+        // refused here, before anything is written.
+        json::check_reads_back(payload).map_err(|e| {
             MessagingError::BadRequest(format!("`payload` does not read back: {e}"))
         })?;
         if kind == ChannelType::Person && req.channel_id == m.system_user && !req.system {
@@ -278,9 +278,8 @@ impl Messaging {
             max_members: m.max_group_members,
         };
         let recipient = req.channel_id.to_string();
-        let event = Box::new(move |msg: &StoredMessage| {
-            crate::events::message_created(msg, &recipient, payload_value)
-        });
+        let event =
+            Box::new(move |msg: &StoredMessage| crate::events::message_created(msg, &recipient));
         // Runs on the writer right after the commit, in commit order: the
         // seam keeps that order per channel.
         let delivery = self.delivery.clone();

@@ -35,7 +35,9 @@ pub use controls::ControlStore;
 pub use groups::GroupStore;
 pub use kv::KvStore;
 pub use messages::MessageStore;
-pub use outbox::{ClaimedEvent, EndpointState, EventFilter, NewEvent, OutboxStore, Settlement};
+pub use outbox::{
+    event_data, ClaimedEvent, EndpointState, EventFilter, NewEvent, OutboxStore, Settlement,
+};
 pub use plugins::PluginStore;
 pub use sessions::{Presence, SessionEvents, SessionRecord, SessionStore};
 pub use sqlite::SqliteStorage;

@@ -53,7 +53,7 @@ use serde::Serialize;
 use super::Result;
 
 /// An event to append to the outbox.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct NewEvent {
     /// `evt_…`; doubles as the webhook id and idempotency key.
     pub id: String,
@@ -62,7 +62,26 @@ pub struct NewEvent {
     pub order_key: String,
     /// Unix milliseconds.
     pub created_at: i64,
-    pub data: serde_json::Value,
+    /// The event's `data` as JSON text, serialised once where the event is
+    /// built and stored as it is (see [`event_data`]).
+    pub data: Box<serde_json::value::RawValue>,
+}
+
+impl PartialEq for NewEvent {
+    fn eq(&self, other: &NewEvent) -> bool {
+        self.id == other.id
+            && self.event_type == other.event_type
+            && self.order_key == other.order_key
+            && self.created_at == other.created_at
+            && self.data.get() == other.data.get()
+    }
+}
+
+/// An event's `data` as JSON text.
+pub fn event_data<T: Serialize + ?Sized>(value: &T) -> Box<serde_json::value::RawValue> {
+    // Serialising to text fails only for maps with keys that are not
+    // strings, which no event has.
+    serde_json::value::to_raw_value(value).expect("event data serialises to JSON")
 }
 
 /// Decides which event types an endpoint takes.

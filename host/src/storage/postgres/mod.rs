@@ -572,7 +572,7 @@ pub(crate) async fn insert_events(
                     &e.event_type,
                     &e.order_key,
                     &e.created_at,
-                    &e.data.to_string(),
+                    &e.data.get(),
                 ],
             )
             .await?;
@@ -584,7 +584,7 @@ pub(crate) async fn insert_events(
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let keys: Vec<&str> = events.iter().map(|e| e.order_key.as_str()).collect();
     let times: Vec<i64> = events.iter().map(|e| e.created_at).collect();
-    let data: Vec<String> = events.iter().map(|e| e.data.to_string()).collect();
+    let data: Vec<&str> = events.iter().map(|e| e.data.get()).collect();
     let stmt = t
         .prepare_cached(
             "INSERT INTO outbox (id, type, order_key, created_at, data)

@@ -465,7 +465,7 @@ pub(super) fn insert_events(conn: &Connection, events: &[NewEvent]) -> rusqlite:
             e.event_type,
             e.order_key,
             e.created_at,
-            e.data.to_string()
+            e.data.get()
         ])?;
     }
     Ok(())

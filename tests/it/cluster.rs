@@ -54,7 +54,28 @@ struct Seen {
 async fn collect(c: &mut WsClient, channel_id: &str, want: usize) -> Seen {
     let mut seen = Seen::default();
     while seen.messages.len() + seen.acks.len() < want {
-        let f = c.next_json().await;
+        let f = match tokio::time::timeout(WAIT, c.next_json_or_closed()).await {
+            Ok(Some(f)) => f,
+            // Which seqs never came tells a loss from a slow node.
+            failed => {
+                let mut got: Vec<u64> = seen.messages.iter().chain(&seen.acks).copied().collect();
+                got.sort_unstable();
+                let missing: Vec<u64> = (1..=want as u64)
+                    .filter(|s| got.binary_search(s).is_err())
+                    .collect();
+                panic!(
+                    "{} on {channel_id}, {} of {want} frames in: messages {:?}, sendacks {:?}; of 1..={want} not seen: {missing:?}",
+                    if failed.is_err() {
+                        format!("no frame within {WAIT:?}")
+                    } else {
+                        "connection closed".to_string()
+                    },
+                    seen.messages.len() + seen.acks.len(),
+                    seen.messages,
+                    seen.acks
+                )
+            }
+        };
         match f["type"].as_str() {
             Some("message") if f["channel_id"] == channel_id => {
                 seen.messages.push(f["seq"].as_u64().unwrap())

@@ -110,25 +110,25 @@ async fn example_formatters_in_rust_javascript_and_python_shape_the_webhooks() {
         .any(|v| v["post_type"] == "notice" && v["online"] == true));
     assert!(b.iter().all(|v| v["time"].is_u64()));
 
-    // WuKongIM: online-status strings, with the event in the query.
-    let b = wait_bodies(&wukong, 2).await;
+    // WuKongIM: online-status strings, with the event in the query: one
+    // request for each of connection.opened, user.online, connection.closed
+    // and user.offline (the two of the open may arrive before either of the
+    // close).
+    let b = wait_bodies(&wukong, 4).await;
     let statuses: Vec<String> = b
         .iter()
         .flat_map(|v| v.as_array().cloned().unwrap_or_default())
         .filter_map(|s| s.as_str().map(str::to_string))
         .collect();
-    assert!(
+    let with_status = |status: &str| {
         statuses
             .iter()
-            .any(|s| s.starts_with("alice-") && s.split('-').nth(2) == Some("1")),
-        "{statuses:?}"
-    );
-    assert!(
-        statuses
-            .iter()
-            .any(|s| s.starts_with("alice-") && s.split('-').nth(2) == Some("0")),
-        "{statuses:?}"
-    );
+            .filter(|s| s.starts_with("alice-") && s.split('-').nth(2) == Some(status))
+            .count()
+    };
+    assert_eq!(statuses.len(), 4, "{statuses:?}");
+    assert_eq!(with_status("1"), 2, "online twice: {statuses:?}");
+    assert_eq!(with_status("0"), 2, "offline twice: {statuses:?}");
 
     // JavaScript: Slack-style bot message.
     let b = wait_bodies(&card, 4).await;

@@ -18,7 +18,10 @@
 //! last message that no later one would reveal.
 //!
 //! A channel is followed from the first message that has a member with a
-//! session on this node; it starts at the `seq` that message has (its
+//! session on this node. Messages committed by different nodes may cross
+//! in transit, so the first one seen need not be the first one owed: unless
+//! it is the channel's first (`seq` 1), it is held for `cluster.gap_wait`,
+//! and the channel starts at the lowest `seq` that arrived by then (its
 //! earlier messages reached no session of this node live; clients read
 //! them with `sync`). Messages of channels nobody here follows are dropped
 //! at once, so what a node tracks grows with its own users. A channel idle for a while is forgotten, and so
@@ -259,8 +262,11 @@ impl Sequencer {
 }
 
 struct Chan {
-    /// The `seq` owed next.
+    /// The `seq` owed next; while `starting`, the lowest that has arrived.
     next: u64,
+    /// Followed since less than `gap_wait`: where the channel starts is
+    /// not known yet, and everything is held.
+    starting: bool,
     held: BTreeMap<u64, (Appended, Option<String>)>,
     timer: bool,
     filling: bool,
@@ -324,8 +330,29 @@ impl Shard {
             // Nobody here to deliver to, and nothing followed yet.
             return;
         }
+        if !self.channels.contains_key(&key) && seq > 1 {
+            // A message committed before this one may still be on its way
+            // from another node: wait for it before choosing where to start.
+            let mut held = BTreeMap::new();
+            held.insert(seq, (appended, origin));
+            self.channels.insert(
+                key.clone(),
+                Chan {
+                    next: seq,
+                    starting: true,
+                    held,
+                    timer: true,
+                    filling: false,
+                    tries: 0,
+                    touched: Instant::now(),
+                },
+            );
+            self.later(self.gap_wait, Input::GapTimer { channel: key });
+            return;
+        }
         let c = self.channels.entry(key.clone()).or_insert_with(|| Chan {
             next: seq,
+            starting: false,
             held: BTreeMap::new(),
             timer: false,
             filling: false,
@@ -333,6 +360,15 @@ impl Shard {
             touched: Instant::now(),
         });
         c.touched = Instant::now();
+        if c.starting {
+            if !c.held.contains_key(&seq) {
+                c.next = c.next.min(seq);
+                c.held.insert(seq, (appended, origin));
+            } else {
+                self.metrics.cluster_duplicates.inc();
+            }
+            return;
+        }
         if seq < c.next || c.held.contains_key(&seq) {
             self.metrics.cluster_duplicates.inc();
             return;
@@ -407,6 +443,14 @@ impl Shard {
             return;
         };
         c.timer = false;
+        if c.starting {
+            // The channel starts at the lowest that came; what is held above
+            // it with gaps between is handled as any gap.
+            c.starting = false;
+            self.drain(&key);
+            self.after_fill(&key);
+            return;
+        }
         let Some((&first, _)) = c.held.first_key_value() else {
             return;
         };
@@ -512,7 +556,7 @@ impl Shard {
         let known: Vec<(String, u64)> = self
             .channels
             .iter()
-            .filter(|(_, c)| !c.filling)
+            .filter(|(_, c)| !c.filling && !c.starting)
             .map(|(k, c)| (k.clone(), c.next))
             .collect();
         if known.is_empty() {
@@ -657,6 +701,36 @@ mod tests {
         }
         let got: Vec<u64> = until(&out, 5).await.into_iter().map(|(s, _)| s).collect();
         assert_eq!(got, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn the_first_messages_of_a_channel_may_arrive_crossed() {
+        // 1 and 2 were committed by two other nodes; 2's frame came first.
+        let (s, out) = sequencer(&[1, 2, 3]);
+        s.submit(message(2), None);
+        s.submit(message(1), None);
+        s.submit(message(3), None);
+        let got: Vec<u64> = until(&out, 3).await.into_iter().map(|(s, _)| s).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_channel_first_seen_mid_way_starts_there_and_reads_nothing_older() {
+        // 1 to 4 went out before anybody here was a member.
+        let (s, out) = sequencer(&[1, 2, 3, 4, 5, 6]);
+        s.submit(message(6), None);
+        s.submit(message(5), Some("c".into()));
+        let got = until(&out, 2).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            out.lock().unwrap().clone(),
+            vec![(5, Some("c".to_string())), (6, None)],
+            "{got:?}"
+        );
+        // Followed now: the next one goes out at once.
+        s.submit(message(7), None);
+        let got: Vec<u64> = until(&out, 3).await.into_iter().map(|(s, _)| s).collect();
+        assert_eq!(got, vec![5, 6, 7]);
     }
 
     #[tokio::test]

@@ -392,14 +392,14 @@ mod tests {
         assert_ne!(service_order_key("a"), service_order_key("b"));
     }
 
-    /// The event is in the catalogue, has an event id, and is ordered by
-    /// what its type declares (the builders below use user `alice`, group
-    /// `team`, control `ctl_1` and node `edge-1`).
     /// An event's data, parsed.
     fn data_of(e: &NewEvent) -> Value {
         serde_json::from_str(e.data.get()).expect("event data is JSON")
     }
 
+    /// The event is in the catalogue, has an event id, and is ordered by
+    /// what its type declares (the builders below use user `alice`, group
+    /// `team`, control `ctl_1` and node `edge-1`).
     #[track_caller]
     fn check(e: &NewEvent) {
         let kind = EventType::ALL

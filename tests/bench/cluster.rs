@@ -90,17 +90,6 @@ const HOLD_FLAG: &str = "--hold-connections";
 /// The line a holder prints once its connections are open.
 const HELD: &str = "held ";
 
-/// Merged over the harness's test defaults: production heartbeat and auth
-/// deadline, quiet logs.
-const GATEWAY_TOML: &str = r#"
-[gateway]
-ping_interval = "25s"
-pong_timeout = "10s"
-auth_timeout = "10s"
-[log]
-level = "warn"
-"#;
-
 /// Longest wait for outstanding sendacks after the load stops, and for the
 /// receivers to get what was acknowledged.
 const GRACE: Duration = Duration::from_secs(10);
@@ -199,23 +188,7 @@ fn main() -> ExitCode {
     // Before anything starts: the gateways and the holders inherit it.
     plugboard_tests::raise_fd_limit();
     let _ = now_ns();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bench-cluster: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(opts)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-cluster: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_program("bench-cluster", run(opts))
 }
 
 // ---------------------------------------------------------------------------
@@ -298,6 +271,20 @@ async fn start_cluster(storage: &Storage, n: usize, hook_url: &str) -> anyhow::R
             storage.drop_database(database).await;
             Err(anyhow::anyhow!("the cluster of {n} did not start: {e}"))
         }
+    }
+}
+
+/// A cluster of `opts.nodes`, or one node without `[cluster]`.
+async fn start_nodes(
+    cluster: bool,
+    storage: &Storage,
+    opts: &Options,
+    hook_url: &str,
+) -> anyhow::Result<Nodes> {
+    if cluster {
+        start_cluster(storage, opts.nodes, hook_url).await
+    } else {
+        start_single(storage, hook_url).await
     }
 }
 
@@ -736,12 +723,7 @@ async fn one_to_one(
     opts: &Options,
     hook_url: &str,
 ) -> (LoadResult, LoadResult) {
-    let started = if setup.cluster {
-        start_cluster(storage, opts.nodes, hook_url).await
-    } else {
-        start_single(storage, hook_url).await
-    };
-    let nodes = match started {
+    let nodes = match start_nodes(setup.cluster, storage, opts, hook_url).await {
         Ok(n) => n,
         Err(e) => {
             let failed = || LoadResult {
@@ -987,12 +969,7 @@ async fn fanout_setup(
     } else {
         "1 node".to_string()
     };
-    let started = if cluster {
-        start_cluster(storage, opts.nodes, hook_url).await
-    } else {
-        start_single(storage, hook_url).await
-    };
-    match started {
+    match start_nodes(cluster, storage, opts, hook_url).await {
         Ok(nodes) => {
             let r = fanout(&nodes, storage, opts, &label).await;
             nodes.finish(storage).await;
@@ -1040,17 +1017,7 @@ fn hold_connections(args: Vec<String>) -> ExitCode {
         return usage();
     }
     plugboard_tests::raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bench-cluster {HOLD_FLAG}: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    run_program(&format!("bench-cluster {HOLD_FLAG}"), async move {
         let n = addrs.len();
         let batches = (0..n).map(|node| {
             let urls: Vec<String> = (first..first + count)
@@ -1103,8 +1070,8 @@ fn hold_connections(args: Vec<String>) -> ExitCode {
             "holder: {} of {open} connections still open at the end",
             alive.load(Ordering::SeqCst)
         );
-    });
-    ExitCode::SUCCESS
+        Ok(())
+    })
 }
 
 /// A running holder and what it reported.
@@ -1287,12 +1254,7 @@ async fn idle_setup(
         ("1 node".to_string(), opts.idle.div_ceil(opts.nodes))
     };
     let holders = opts.holders.min(count.max(1));
-    let started = if cluster {
-        start_cluster(storage, opts.nodes, hook_url).await
-    } else {
-        start_single(storage, hook_url).await
-    };
-    match started {
+    match start_nodes(cluster, storage, opts, hook_url).await {
         Ok(nodes) => {
             let r = idle(&nodes, count, holders, &label).await;
             nodes.finish(storage).await;

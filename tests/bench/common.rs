@@ -31,6 +31,44 @@ use plugboard_tests::{Engine, Gateway, GatewayOptions, PgOptions, PgServer};
 
 use crate::cli::StorageArg;
 
+/// The gateway config of the benchmarks that measure through a gateway,
+/// merged over the harness's test defaults: production heartbeat and auth
+/// deadline, quiet logs (the harness logs at debug, a line per frame).
+pub(crate) const GATEWAY_TOML: &str = r#"
+[gateway]
+ping_interval = "25s"
+pong_timeout = "10s"
+auth_timeout = "10s"
+[log]
+level = "warn"
+"#;
+
+/// Runs `main` to its end on a multi-threaded runtime. A runtime that cannot
+/// start, or an error `main` returns, is printed as `program: …` and exits
+/// with failure.
+pub(crate) fn run_program(
+    program: &str,
+    main: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Nanoseconds since the clock every task of this process shares.
 /// The instant all nanosecond stamps count from.
 pub(crate) static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();

@@ -33,6 +33,7 @@
 //! All traffic stays on 127.0.0.x.
 
 mod cli;
+mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -65,17 +66,6 @@ const NOFILE_WANTED: u64 = 300_000;
 /// The hidden argument that turns this executable into the baseline server.
 const BASELINE_FLAG: &str = "--baseline-server";
 const BASELINE_READY: &str = "baseline: listening on ";
-
-/// The gateway's config for this benchmark, merged over the harness's test
-/// defaults: production heartbeat and auth deadline, quiet logs, no webhooks.
-const GATEWAY_TOML: &str = r#"
-[gateway]
-ping_interval = "25s"
-pong_timeout = "10s"
-auth_timeout = "10s"
-[log]
-level = "warn"
-"#;
 
 /// How many idle, authenticated WebSocket connections one gateway holds,
 /// what each costs in resident memory, and how fast they open, beside a bare
@@ -707,7 +697,8 @@ async fn bench_gateway(
     tokens: &Arc<Vec<String>>,
     opts: &Options,
 ) -> anyhow::Result<(Run, GatewayExtras)> {
-    let gw = Gateway::start(GatewayOptions::default().extra(GATEWAY_TOML)).await;
+    // No webhook endpoint here: connections only.
+    let gw = Gateway::start(GatewayOptions::default().extra(common::GATEWAY_TOML)).await;
     let pid = gw.pid();
     let server: SocketAddr = gw.addr.parse()?;
     let (mut run, shared, handles) = ramp_and_measure("gateway", server, pid, tokens, opts).await;

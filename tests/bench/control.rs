@@ -319,28 +319,11 @@ impl From<Cli> for Options {
 }
 
 fn main() -> std::process::ExitCode {
-    use std::process::ExitCode;
     let opts = Options::from(Cli::parse());
     // Before anything starts: the gateways inherit the limit.
     plugboard_tests::raise_fd_limit();
     let _ = now_ns();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bench-control: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(opts)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-control: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_program("bench-control", run(opts))
 }
 
 // ---------------------------------------------------------------------------

@@ -111,17 +111,6 @@ const TARGET_FANOUT_MS: f64 = 200.0;
 const BASELINE_FLAG: &str = "--baseline-server";
 const BASELINE_READY: &str = "baseline: listening on ";
 
-/// Merged over the harness's test defaults: production heartbeat and auth
-/// deadline, quiet logs (the harness logs at debug, a line per frame).
-const GATEWAY_TOML: &str = r#"
-[gateway]
-ping_interval = "25s"
-pong_timeout = "10s"
-auth_timeout = "10s"
-[log]
-level = "warn"
-"#;
-
 /// Longest wait for a sender's outstanding sendacks after the load stops,
 /// and for the receivers to get what was acknowledged.
 const ACK_GRACE: Duration = Duration::from_secs(10);
@@ -349,23 +338,7 @@ fn main() -> ExitCode {
     // Before anything starts: the gateways and the baseline inherit the limit.
     plugboard_tests::raise_fd_limit();
     let _ = now_ns();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bench-messaging: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(opts)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-messaging: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_program("bench-messaging", run(opts))
 }
 
 // ---------------------------------------------------------------------------
@@ -2729,16 +2702,20 @@ fn report_instructions(opts: &Options, results: &[CountResult]) {
         .iter()
         .map(|r| engine_name(r.engine).to_string())
         .collect();
-    let per =
-        |r: &CountResult, v: u64| format!("{:.0} k", v as f64 / r.messages.max(1) as f64 / 1e3);
-    let mut rows: Vec<(String, Vec<String>, String)> = vec![(
-        "instructions per message, in all".into(),
-        results
+    // One row of instructions per message, `count` picking them from a run's counts.
+    let row = |name: String, count: &dyn Fn(&plugboard_tests::callgrind::Counts) -> u64| {
+        let cells = results
             .iter()
-            .map(|r| r.counts.as_ref().map_or("-".into(), |c| per(r, c.total)))
-            .collect(),
-        String::new(),
-    )];
+            .map(|r| {
+                r.counts.as_ref().map_or("-".into(), |c| {
+                    format!("{:.0} k", count(c) as f64 / r.messages.max(1) as f64 / 1e3)
+                })
+            })
+            .collect();
+        (name, cells, String::new())
+    };
+    let mut rows: Vec<(String, Vec<String>, String)> =
+        vec![row("instructions per message, in all".into(), &|c| c.total)];
     use plugboard_tests::callgrind::{ThreadKind, TASKS};
     for kind in [
         ThreadKind::Writer,
@@ -2747,34 +2724,14 @@ fn report_instructions(opts: &Options, results: &[CountResult]) {
         ThreadKind::Checkpoint,
         ThreadKind::Other,
     ] {
-        rows.push((
-            format!("  {}", kind.label()),
-            results
-                .iter()
-                .map(|r| {
-                    r.counts.as_ref().map_or("-".into(), |c| {
-                        let v = c.threads.iter().filter(|t| t.0 == kind).map(|t| t.1).sum();
-                        per(r, v)
-                    })
-                })
-                .collect(),
-            String::new(),
-        ));
+        rows.push(row(format!("  {}", kind.label()), &|c| {
+            c.threads.iter().filter(|t| t.0 == kind).map(|t| t.1).sum()
+        }));
         if kind == ThreadKind::Workers {
             for (label, _) in TASKS {
-                rows.push((
-                    format!("    {label}"),
-                    results
-                        .iter()
-                        .map(|r| {
-                            r.counts.as_ref().map_or("-".into(), |c| {
-                                let v = c.tasks.iter().filter(|t| t.0 == label).map(|t| t.1).sum();
-                                per(r, v)
-                            })
-                        })
-                        .collect(),
-                    String::new(),
-                ));
+                rows.push(row(format!("    {label}"), &|c| {
+                    c.tasks.iter().filter(|t| t.0 == label).map(|t| t.1).sum()
+                }));
             }
         }
     }

@@ -283,9 +283,9 @@ mod tests {
     #[test]
     fn the_largest_inclusive_entry_of_a_function_is_taken() {
         let annotated = "\
-  128,983,191 ( 5.08%)  /work/main/host/src/gateway/session.rs:plugboard::gateway::session::run::{{closure}} [/x/gateway-under-test]
-   14,137,612 ( 0.56%)  /work/main/host/src/messaging/mod.rs:plugboard::gateway::session::run::{{closure}}
-    9,000,000 ( 0.30%)  /work/main/host/src/gateway/session.rs:plugboard::gateway::session::handle_frame::{{closure}} [/x/gateway-under-test]
+  128,983,191 ( 5.08%)  host/src/gateway/session.rs:plugboard::gateway::session::run::{{closure}} [gateway-under-test]
+   14,137,612 ( 0.56%)  host/src/messaging/mod.rs:plugboard::gateway::session::run::{{closure}}
+    9,000,000 ( 0.30%)  host/src/gateway/session.rs:plugboard::gateway::session::handle_frame::{{closure}} [gateway-under-test]
 ";
         assert_eq!(
             inclusive(annotated, "plugboard::gateway::session::run::{{closure}}"),

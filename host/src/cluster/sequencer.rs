@@ -330,42 +330,29 @@ impl Shard {
             // Nobody here to deliver to, and nothing followed yet.
             return;
         }
-        if !self.channels.contains_key(&key) && seq > 1 {
-            // A message committed before this one may still be on its way
-            // from another node: wait for it before choosing where to start.
-            let mut held = BTreeMap::new();
-            held.insert(seq, (appended, origin));
-            self.channels.insert(
-                key.clone(),
-                Chan {
-                    next: seq,
-                    starting: true,
-                    held,
-                    timer: true,
-                    filling: false,
-                    tries: 0,
-                    touched: Instant::now(),
-                },
-            );
-            self.later(self.gap_wait, Input::GapTimer { channel: key });
-            return;
-        }
+        // A channel followed from a message other than its first waits
+        // `gap_wait` before choosing where to start: a message committed
+        // before this one may still be on its way from another node.
+        let fresh = !self.channels.contains_key(&key);
         let c = self.channels.entry(key.clone()).or_insert_with(|| Chan {
             next: seq,
-            starting: false,
+            starting: seq > 1,
             held: BTreeMap::new(),
-            timer: false,
+            timer: seq > 1,
             filling: false,
             tries: 0,
             touched: Instant::now(),
         });
         c.touched = Instant::now();
         if c.starting {
-            if !c.held.contains_key(&seq) {
+            if c.held.contains_key(&seq) {
+                self.metrics.cluster_duplicates.inc();
+            } else {
                 c.next = c.next.min(seq);
                 c.held.insert(seq, (appended, origin));
-            } else {
-                self.metrics.cluster_duplicates.inc();
+            }
+            if fresh {
+                self.later(self.gap_wait, Input::GapTimer { channel: key });
             }
             return;
         }

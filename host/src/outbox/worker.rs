@@ -40,7 +40,7 @@ use super::Shared;
 use crate::config::{OnError, OutboxConfig, WebhookConfig};
 use crate::metrics::{EndpointLabel, EndpointOutcomeLabel};
 use crate::plugins::bindings::exports::plugboard::plugin::webhook_formatter as wf;
-use crate::storage::{ClaimedEvent, EndpointState, Settlement, StorageError};
+use crate::storage::{ClaimedEvent, EndpointState, EventFilter, Settlement, StorageError};
 use crate::unavailable::Backoff;
 
 /// Longest the worker sleeps without checking storage.
@@ -72,53 +72,29 @@ pub(crate) async fn run(
     }
     let mut wake = shared.wakeup.subscribe();
     let mut leading = lease.watch();
-    let mut inflight: JoinSet<()> = JoinSet::new();
+    let mut inflight: JoinSet<Finished> = JoinSet::new();
     let mut linger_until: Option<tokio::time::Instant> = None;
     let mut outage = Backoff::new(OUTAGE_FIRST, MAX_IDLE);
+    let endpoint = EndpointLabel {
+        endpoint: name.clone(),
+    };
+    // Requests answered since the last round, settled in the next one.
+    let mut finished: Vec<Finished> = Vec::new();
     loop {
         // Set by a step that found storage unavailable.
         let mut unavailable: Option<StorageError> = None;
         // Reap every finished request: `len` counts them until joined, and
         // the select below joins at most one per turn, so under a stream of
         // wake-ups finished requests would hold their slots.
-        while inflight.try_join_next().is_some() {}
+        while let Some(done) = inflight.try_join_next() {
+            finished.extend(done.ok());
+        }
         let cfg = config.load_full();
         let settings = shared.settings.load_full();
         // Another process's worker delivers this endpoint meanwhile.
         let leads = leading.holds();
-        // 1. Move new events into this endpoint's queue.
-        let accepts = {
-            let cfg = cfg.clone();
-            Arc::new(move |t: &str| cfg.accepts(t)) as Arc<dyn Fn(&str) -> bool + Send + Sync>
-        };
-        if leads {
-            loop {
-                match shared
-                    .storage
-                    .endpoint_fanout(&name, accepts.clone(), FANOUT_STEP)
-                    .await
-                {
-                    Ok(n) if n == FANOUT_STEP => {}
-                    Ok(_) => break,
-                    Err(e) if e.is_unavailable() => {
-                        unavailable = Some(e);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::error!(endpoint = %name, error = %e, "webhook fan-out failed");
-                        break;
-                    }
-                }
-            }
-        }
-        // 2. Claim and send what is due.
-        let mut idle = MAX_IDLE;
         let lingering = linger_until.is_some_and(|t| t > tokio::time::Instant::now());
-        if lingering {
-            idle = linger_until
-                .unwrap()
-                .saturating_duration_since(tokio::time::Instant::now());
-        } else if unavailable.is_none() && cfg.enabled && leads {
+        if !lingering && cfg.enabled && leads {
             // The shared state: disabled or re-enabled by any process.
             match shared.storage.endpoint_disabled(&name).await {
                 Ok(reason) => follow_disabled(&shared, &name, &disabled, reason),
@@ -128,49 +104,98 @@ pub(crate) async fn run(
                 }
             }
         }
-        if !lingering
+        let claims = !lingering
             && unavailable.is_none()
             && cfg.enabled
             && !disabled.load(Ordering::Acquire)
-            && leading.holds()
-        {
-            linger_until = None;
-            let per_request = cfg.batch_max.max(1);
-            // One claim for every free request slot: while the storage
-            // writer is busy each write waits for a commit, so claiming slot
-            // by slot would starve the endpoint.
-            let free = settings.max_in_flight.saturating_sub(inflight.len());
-            if free > 0 {
-                let now = crate::now_ms();
-                let claimed_until =
-                    now + (settings.request_timeout + Duration::from_secs(5)).as_millis() as i64;
-                match shared
+            && leads;
+        // 1. Settle what was answered, 2. move new events into this
+        // endpoint's queue, 3. claim what is due. The three are queued
+        // for the writer at once, in this order (join3 polls its futures
+        // in argument order, and each storage call queues its write on its
+        // first poll), so that they usually share one transaction: under
+        // load a round costs one commit wait, not three. A round that
+        // settles a failure settles first and claims after, so that a 410
+        // or a failing streak can disable the endpoint before anything
+        // more is claimed for it.
+        let all_ok = finished
+            .iter()
+            .all(|f| matches!(f.outcome, Outcome::Success | Outcome::Skipped));
+        let settling = settle(
+            &shared,
+            &cfg,
+            &settings,
+            &disabled,
+            &endpoint,
+            std::mem::take(&mut finished),
+        );
+        let fanning = async {
+            if leads {
+                fan_out(&shared, &name, &cfg).await
+            } else {
+                None
+            }
+        };
+        let per_request = cfg.batch_max.max(1);
+        // One claim for every free request slot: while the storage writer
+        // is busy each write waits for a commit, so claiming slot by slot
+        // would starve the endpoint.
+        let free = settings.max_in_flight.saturating_sub(inflight.len());
+        let claiming = async {
+            if !claims || free == 0 {
+                return None;
+            }
+            let now = crate::now_ms();
+            let claimed_until =
+                now + (settings.request_timeout + Duration::from_secs(5)).as_millis() as i64;
+            Some(
+                shared
                     .storage
                     .deliveries_claim(&name, now, per_request * free, claimed_until)
-                    .await
-                {
-                    Ok(claimed) => {
-                        // Claims hold at most one event per user, so any
-                        // chunk is a valid batch.
-                        let mut claimed = claimed.into_iter().peekable();
-                        while claimed.peek().is_some() {
-                            let chunk: Vec<ClaimedEvent> =
-                                claimed.by_ref().take(per_request).collect();
-                            inflight.spawn(deliver(
-                                shared.clone(),
-                                cfg.clone(),
-                                settings.clone(),
-                                disabled.clone(),
-                                chunk,
-                            ));
-                        }
-                    }
-                    Err(e) if e.is_unavailable() => unavailable = Some(e),
-                    Err(e) => {
-                        tracing::error!(endpoint = %name, error = %e, "cannot claim deliveries");
-                    }
+                    .await,
+            )
+        };
+        let (fanned, claimed) = if all_ok {
+            let ((), fanned, claimed) =
+                futures_util::future::join3(settling, fanning, claiming).await;
+            (fanned, claimed)
+        } else {
+            settling.await;
+            let fanned = fanning.await;
+            // The round's settlements may have disabled the endpoint.
+            let claimed = if disabled.load(Ordering::Acquire) {
+                None
+            } else {
+                claiming.await
+            };
+            (fanned, claimed)
+        };
+        if let Some(e) = fanned {
+            unavailable = Some(e);
+        }
+        let mut idle = MAX_IDLE;
+        if lingering {
+            idle = linger_until
+                .unwrap()
+                .saturating_duration_since(tokio::time::Instant::now());
+        }
+        match claimed {
+            Some(Ok(claimed)) => {
+                // Claims hold at most one event per user, so any chunk is a
+                // valid batch.
+                let mut claimed = claimed.into_iter().peekable();
+                while claimed.peek().is_some() {
+                    let chunk: Vec<ClaimedEvent> = claimed.by_ref().take(per_request).collect();
+                    inflight.spawn(deliver(shared.clone(), cfg.clone(), chunk));
                 }
             }
+            Some(Err(e)) if e.is_unavailable() => unavailable = Some(e),
+            Some(Err(e)) => {
+                tracing::error!(endpoint = %name, error = %e, "cannot claim deliveries");
+            }
+            None => {}
+        }
+        if claims && unavailable.is_none() {
             match shared.storage.deliveries_next_due(&name).await {
                 Ok(Some(next)) => {
                     let wait = (next - crate::now_ms()).max(0) as u64;
@@ -180,6 +205,9 @@ pub(crate) async fn run(
                 Err(e) if e.is_unavailable() => unavailable = Some(e),
                 Err(_) => {}
             }
+        }
+        if !lingering {
+            linger_until = None;
         }
         // While storage is unavailable: wait longer each time, and let no
         // wake-up cut the wait short.
@@ -203,7 +231,7 @@ pub(crate) async fn run(
         // 3. Wait for something to do.
         tokio::select! {
             _ = stop.cancelled() => break,
-            Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+            Some(done) = inflight.join_next(), if !inflight.is_empty() => finished.extend(done.ok()),
             changed = wake.changed(), if !backing_off => {
                 if changed.is_err() {
                     break;
@@ -220,8 +248,42 @@ pub(crate) async fn run(
         }
     }
     inflight.abort_all();
+    // What was answered before the stop is recorded; aborted requests are
+    // sent again once their claims lapse.
+    while let Some(done) = inflight.join_next().await {
+        finished.extend(done.ok());
+    }
+    if !finished.is_empty() {
+        let cfg = config.load_full();
+        let settings = shared.settings.load_full();
+        settle(&shared, &cfg, &settings, &disabled, &endpoint, finished).await;
+    }
     // After the flush (shutdown) or removal: another process takes over now.
     lease.end().await;
+}
+
+/// Moves new outbox events into the endpoint's queue, a step at a time
+/// until it is caught up. Returns the error if storage is unavailable.
+async fn fan_out(shared: &Shared, name: &str, cfg: &Arc<WebhookConfig>) -> Option<StorageError> {
+    let accepts = {
+        let cfg = cfg.clone();
+        Arc::new(move |t: &str| cfg.accepts(t)) as EventFilter
+    };
+    loop {
+        match shared
+            .storage
+            .endpoint_fanout(name, accepts.clone(), FANOUT_STEP)
+            .await
+        {
+            Ok(n) if n == FANOUT_STEP => {}
+            Ok(_) => return None,
+            Err(e) if e.is_unavailable() => return Some(e),
+            Err(e) => {
+                tracing::error!(endpoint = %name, error = %e, "webhook fan-out failed");
+                return None;
+            }
+        }
+    }
 }
 
 /// Applies the disabled state read from storage (`reason`) to the worker's
@@ -245,6 +307,15 @@ fn follow_disabled(shared: &Shared, name: &str, disabled: &AtomicBool, reason: O
         None => tracing::info!(endpoint = %name,
             "webhook endpoint was re-enabled by another gateway process; delivery resumes"),
     }
+}
+
+/// A request that was answered (or decided without sending), to be
+/// settled in the worker's next round.
+struct Finished {
+    /// The `webhook-id` it was sent under.
+    id: String,
+    events: Vec<ClaimedEvent>,
+    outcome: Outcome,
 }
 
 /// What one request came to.
@@ -303,13 +374,14 @@ fn parse_retry_after(v: &reqwest::header::HeaderValue) -> Option<Duration> {
     )
 }
 
+/// Formats and sends one claimed request; the outcome is settled by the
+/// worker's next round.
 async fn deliver(
     shared: Arc<Shared>,
     cfg: Arc<WebhookConfig>,
-    settings: Arc<OutboxConfig>,
-    disabled: Arc<AtomicBool>,
     events: Vec<ClaimedEvent>,
-) {
+) -> Finished {
+    let settings = shared.settings.load_full();
     let (id, default_body) = request_body(&events, cfg.batch_max > 1);
     let endpoint = EndpointLabel {
         endpoint: cfg.name.clone(),
@@ -372,10 +444,11 @@ async fn deliver(
             outcome: label.to_string(),
         })
         .inc();
-    settle(
-        &shared, &cfg, &settings, &disabled, &endpoint, &id, events, outcome,
-    )
-    .await;
+    Finished {
+        id,
+        events,
+        outcome,
+    }
 }
 
 /// The request about to be signed and sent.
@@ -460,93 +533,52 @@ async fn send(
     }
 }
 
-/// Records the outcome of one request for its events.
-#[allow(clippy::too_many_arguments)]
+/// Records the outcomes of a round's finished requests in one storage
+/// write (see [`settlements`]), then the lag of what was delivered and,
+/// when the endpoint answered 410 or has failed for `disable_after`, that
+/// it is disabled.
 async fn settle(
     shared: &Shared,
     cfg: &WebhookConfig,
     settings: &OutboxConfig,
     disabled: &AtomicBool,
     endpoint: &EndpointLabel,
-    id: &str,
-    events: Vec<ClaimedEvent>,
-    outcome: Outcome,
+    finished: Vec<Finished>,
 ) {
+    if finished.is_empty() {
+        return;
+    }
     let now = crate::now_ms();
-    // Each event is settled on its own attempt count: in a batch, an event on
-    // its last retry may fail for good while a fresh one is retried.
-    let mut settlements: Vec<(Settlement, Vec<i64>)> = Vec::new();
-    let mut disable_reason = None;
-    match &outcome {
-        Outcome::Success => settlements.push((
-            Settlement::Delivered,
-            events.iter().map(|e| e.seq).collect(),
-        )),
-        Outcome::Skipped => {
-            shared.metrics.webhook_skipped.get_or_create(endpoint).inc();
-            settlements.push((Settlement::Skipped, events.iter().map(|e| e.seq).collect()));
-        }
-        Outcome::Gone => {
-            settlements.push((
-                Settlement::Hold {
-                    error: "HTTP 410 Gone".into(),
-                },
-                events.iter().map(|e| e.seq).collect(),
-            ));
-            disable_reason = Some("the endpoint answered 410 Gone".to_string());
-        }
-        Outcome::Failure {
-            error, retry_after, ..
-        } => {
-            let (exhausted, retry): (Vec<&ClaimedEvent>, Vec<&ClaimedEvent>) = events
-                .iter()
-                .partition(|e| e.attempts as usize >= settings.retry_schedule.len());
-            if !exhausted.is_empty() {
-                tracing::warn!(
-                    endpoint = %cfg.name, webhook_id = %id, events = exhausted.len(), error = %error,
-                    "webhook delivery failed after its last retry; kept as failed"
-                );
-                settlements.push((
-                    Settlement::Failed {
-                        error: error.clone(),
-                    },
-                    exhausted.iter().map(|e| e.seq).collect(),
-                ));
-            }
-            if !retry.is_empty() {
-                // Retry n waits retry_schedule[n - 1]; a batch waits for its oldest event's next delay.
-                let n = retry.iter().map(|e| e.attempts as usize).max().unwrap_or(0);
-                let delay = retry_delay(settings, n, *retry_after);
-                tracing::debug!(endpoint = %cfg.name, webhook_id = %id, error = %error, retry_in = ?delay, "webhook delivery failed; will retry");
-                settlements.push((
-                    Settlement::Retry {
-                        next_at: now + delay.as_millis() as i64,
-                        error: error.clone(),
-                    },
-                    retry.iter().map(|e| e.seq).collect(),
-                ));
-            }
-        }
+    let (planned, disable_reason) = settlements(cfg, settings, &finished, now);
+    let skipped: usize = finished
+        .iter()
+        .filter(|f| matches!(f.outcome, Outcome::Skipped))
+        .count();
+    if skipped > 0 {
+        shared
+            .metrics
+            .webhook_skipped
+            .get_or_create(endpoint)
+            .inc_by(skipped as u64);
     }
-    let mut settled = Ok(None);
-    for (settlement, seqs) in settlements {
-        settled = shared
-            .storage
-            .deliveries_settle(&cfg.name, seqs, settlement, now)
-            .await;
-        if settled.is_err() {
-            break;
-        }
-    }
+    let settled = shared
+        .storage
+        .deliveries_settle_all(&cfg.name, planned, now)
+        .await;
     match settled {
         Ok(failing_since) => {
-            if matches!(outcome, Outcome::Success) {
+            {
                 let lag = shared
                     .metrics
                     .webhook_event_lag_seconds
                     .get_or_create(endpoint);
-                for e in &events {
-                    lag.observe(((now - e.created_at).max(0) as f64) / 1000.0);
+                for f in finished
+                    .iter()
+                    .filter(|f| matches!(f.outcome, Outcome::Success))
+                {
+                    for e in &f.events {
+                        lag.observe(((now - e.created_at).max(0) as f64) / 1000.0);
+                    }
                 }
             }
             let reason = disable_reason
@@ -573,11 +605,96 @@ async fn settle(
                 }
             }
         }
-        Err(e) => tracing::error!(
-            endpoint = %cfg.name, webhook_id = %id, error = %e,
-            "cannot record delivery outcome; the delivery will be attempted again"
-        ),
+        Err(e) => {
+            let ids: Vec<&str> = finished.iter().map(|f| f.id.as_str()).collect();
+            tracing::error!(
+                endpoint = %cfg.name, webhook_ids = ?ids, error = %e,
+                "cannot record delivery outcomes; those deliveries will be attempted again"
+            );
+        }
     }
+}
+
+/// The storage settlements of a round: every delivered event in one
+/// entry, every skipped one in another, then each failed request's own
+/// (each event on its own attempt count: in a batch, an event on its last
+/// retry may fail for good while a fresh one is retried). Also the reason
+/// to disable the endpoint, if one answered 410 Gone.
+fn settlements(
+    cfg: &WebhookConfig,
+    settings: &OutboxConfig,
+    finished: &[Finished],
+    now: i64,
+) -> (Vec<(Settlement, Vec<i64>)>, Option<String>) {
+    let seqs_of = |outcome: fn(&Outcome) -> bool| -> Vec<i64> {
+        finished
+            .iter()
+            .filter(|f| outcome(&f.outcome))
+            .flat_map(|f| f.events.iter().map(|e| e.seq))
+            .collect()
+    };
+    let mut planned: Vec<(Settlement, Vec<i64>)> = Vec::new();
+    let delivered = seqs_of(|o| matches!(o, Outcome::Success));
+    if !delivered.is_empty() {
+        planned.push((Settlement::Delivered, delivered));
+    }
+    let skipped = seqs_of(|o| matches!(o, Outcome::Skipped));
+    if !skipped.is_empty() {
+        planned.push((Settlement::Skipped, skipped));
+    }
+    let mut disable_reason = None;
+    for Finished {
+        id,
+        events,
+        outcome,
+    } in finished
+    {
+        match outcome {
+            Outcome::Success | Outcome::Skipped => {}
+            Outcome::Gone => {
+                planned.push((
+                    Settlement::Hold {
+                        error: "HTTP 410 Gone".into(),
+                    },
+                    events.iter().map(|e| e.seq).collect(),
+                ));
+                disable_reason = Some("the endpoint answered 410 Gone".to_string());
+            }
+            Outcome::Failure {
+                error, retry_after, ..
+            } => {
+                let (exhausted, retry): (Vec<&ClaimedEvent>, Vec<&ClaimedEvent>) = events
+                    .iter()
+                    .partition(|e| e.attempts as usize >= settings.retry_schedule.len());
+                if !exhausted.is_empty() {
+                    tracing::warn!(
+                        endpoint = %cfg.name, webhook_id = %id, events = exhausted.len(), error = %error,
+                        "webhook delivery failed after its last retry; kept as failed"
+                    );
+                    planned.push((
+                        Settlement::Failed {
+                            error: error.clone(),
+                        },
+                        exhausted.iter().map(|e| e.seq).collect(),
+                    ));
+                }
+                if !retry.is_empty() {
+                    // Retry n waits retry_schedule[n - 1]; a batch waits for its oldest event's next delay.
+                    let n = retry.iter().map(|e| e.attempts as usize).max().unwrap_or(0);
+                    let delay = retry_delay(settings, n, *retry_after);
+                    tracing::debug!(endpoint = %cfg.name, webhook_id = %id, error = %error, retry_in = ?delay, "webhook delivery failed; will retry");
+                    planned.push((
+                        Settlement::Retry {
+                            next_at: now + delay.as_millis() as i64,
+                            error: error.clone(),
+                        },
+                        retry.iter().map(|e| e.seq).collect(),
+                    ));
+                }
+            }
+        }
+    }
+    (planned, disable_reason)
 }
 
 /// The wait before retry `n + 1` of a delivery that failed after `n`

@@ -185,6 +185,19 @@ pub trait OutboxStore: Send + Sync + 'static {
         seqs: Vec<i64>,
         outcome: Settlement,
         now: i64,
+    ) -> Result<Option<i64>> {
+        self.deliveries_settle_all(name, vec![(outcome, seqs)], now)
+            .await
+    }
+
+    /// Records several outcomes (each for its events) in one write, in the
+    /// order given, so that a round of finished requests costs the writer
+    /// one job. Returns the endpoint's `failing_since` after the last.
+    async fn deliveries_settle_all(
+        &self,
+        name: &str,
+        settlements: Vec<(Settlement, Vec<i64>)>,
+        now: i64,
     ) -> Result<Option<i64>>;
 
     /// Disables (with a reason) or re-enables an endpoint.

@@ -413,16 +413,18 @@ impl PostgresStorage {
     }
 }
 
-/// Takes up to [`MAX_BATCH`] jobs, urgent ones first; `None` once both
-/// lanes are closed and drained.
+/// Takes up to [`MAX_BATCH`] jobs, urgent ones first; with `urgent_alone`,
+/// only urgent ones when there are any (see [`writer_loop`]), and then
+/// whether it did so. `None` once both lanes are closed and drained.
 async fn next_batch(
     urgent: &mut mpsc::UnboundedReceiver<Job>,
     normal: &mut mpsc::UnboundedReceiver<Job>,
-) -> Option<Vec<Job>> {
-    let first = tokio::select! {
+    urgent_alone: bool,
+) -> Option<(Vec<Job>, bool)> {
+    let (first, is_urgent) = tokio::select! {
         biased;
-        Some(job) = urgent.recv() => job,
-        Some(job) = normal.recv() => job,
+        Some(job) = urgent.recv() => (job, true),
+        Some(job) = normal.recv() => (job, false),
         else => return None,
     };
     let mut batch = vec![first];
@@ -432,13 +434,16 @@ async fn next_batch(
             Err(_) => break,
         }
     }
+    if urgent_alone && is_urgent {
+        return Some((batch, true));
+    }
     while batch.len() < MAX_BATCH {
         match normal.try_recv() {
             Ok(job) => batch.push(job),
             Err(_) => break,
         }
     }
-    Some(batch)
+    Some((batch, false))
 }
 
 async fn writer_loop(
@@ -447,7 +452,14 @@ async fn writer_loop(
     mut normal: mpsc::UnboundedReceiver<Job>,
     metrics: Option<Arc<Metrics>>,
 ) {
-    while let Some(batch) = next_batch(&mut urgent, &mut normal).await {
+    // Urgent jobs (sessions, webhook bookkeeping) get a transaction of their
+    // own when they are waiting, so that a webhook round under load waits
+    // for a commit of a few small writes rather than one of hundreds of
+    // messages; the batch after an urgent-only one takes normal jobs too,
+    // so a stream of urgent jobs cannot starve messages.
+    let mut urgent_alone = true;
+    while let Some((batch, alone)) = next_batch(&mut urgent, &mut normal, urgent_alone).await {
+        urgent_alone = !alone;
         let started = Instant::now();
         let size = batch.len();
         let result = run_batch(&pool, batch).await;

@@ -305,85 +305,20 @@ impl OutboxStore for PostgresStorage {
         .await
     }
 
-    async fn deliveries_settle(
+    async fn deliveries_settle_all(
         &self,
         name: &str,
-        seqs: Vec<i64>,
-        outcome: Settlement,
+        settlements: Vec<(Settlement, Vec<i64>)>,
         now: i64,
     ) -> Result<Option<i64>> {
         let name = name.to_string();
         self.write_urgent(move |t| {
             Box::pin(async move {
-                // One statement each: the rows, the promotion of the next
-                // head of their keys, and the endpoint's counters.
-                let count = seqs.len() as i64;
-                let failing = "UPDATE endpoints SET failing_since = COALESCE(failing_since, $3),
-                               last_error = $5 WHERE name = $1 RETURNING failing_since";
-                let row = match &outcome {
-                    Settlement::Delivered | Settlement::Skipped => {
-                        let counter = if matches!(outcome, Settlement::Delivered) {
-                            "failing_since = NULL, delivered_total = delivered_total + $5"
-                        } else {
-                            "skipped_total = skipped_total + $5"
-                        };
-                        let stmt = t
-                            .prepare_cached(&format!(
-                                "WITH done AS (
-                                     DELETE FROM deliveries WHERE endpoint = $1 AND event_seq = ANY($2)
-                                     RETURNING order_key),
-                                 {PROMOTE}
-                                 UPDATE endpoints SET {counter} WHERE name = $1
-                                 RETURNING failing_since"
-                            ))
-                            .await?;
-                        t.query_opt(&stmt, &[&name, &seqs, &now, &NOT_HEAD, &count])
-                            .await?
-                    }
-                    Settlement::Failed { error } => {
-                        let stmt = t
-                            .prepare_cached(&format!(
-                                "WITH done AS (
-                                     UPDATE deliveries SET attempts = attempts + 1, state = 'failed',
-                                         next_at = $3, leased = FALSE, last_error = $5
-                                     WHERE endpoint = $1 AND event_seq = ANY($2)
-                                     RETURNING order_key),
-                                 {PROMOTE}
-                                 {failing}"
-                            ))
-                            .await?;
-                        t.query_opt(&stmt, &[&name, &seqs, &now, &NOT_HEAD, error])
-                            .await?
-                    }
-                    Settlement::Retry { next_at, error } => {
-                        let stmt = t
-                            .prepare_cached(&format!(
-                                "WITH done AS (
-                                     UPDATE deliveries SET attempts = attempts + 1, next_at = $4,
-                                         leased = FALSE, last_error = $5
-                                     WHERE endpoint = $1 AND event_seq = ANY($2))
-                                 {failing}"
-                            ))
-                            .await?;
-                        t.query_opt(&stmt, &[&name, &seqs, &now, next_at, error])
-                            .await?
-                    }
-                    Settlement::Hold { error } => {
-                        // Not counted as an attempt: due again at once.
-                        let stmt = t
-                            .prepare_cached(
-                                "WITH done AS (
-                                     UPDATE deliveries SET next_at = $3, leased = FALSE,
-                                         last_error = $4
-                                     WHERE endpoint = $1 AND event_seq = ANY($2))
-                                 UPDATE endpoints SET failing_since = COALESCE(failing_since, $3),
-                                     last_error = $4 WHERE name = $1 RETURNING failing_since",
-                            )
-                            .await?;
-                        t.query_opt(&stmt, &[&name, &seqs, &now, error]).await?
-                    }
-                };
-                Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
+                let mut failing_since = None;
+                for (outcome, seqs) in &settlements {
+                    failing_since = settle_in(t, &name, seqs, outcome, now).await?;
+                }
+                Ok(failing_since)
             })
         })
         .await
@@ -557,4 +492,84 @@ impl OutboxStore for PostgresStorage {
         })
         .await
     }
+}
+
+/// Records one outcome for `seqs` of endpoint `name` (see
+/// [`OutboxStore::deliveries_settle_all`]); returns `failing_since` after it.
+async fn settle_in(
+    t: &Transaction<'_>,
+    name: &str,
+    seqs: &[i64],
+    outcome: &Settlement,
+    now: i64,
+) -> std::result::Result<Option<i64>, tokio_postgres::Error> {
+    // One statement each: the rows, the promotion of the next
+    // head of their keys, and the endpoint's counters.
+    let count = seqs.len() as i64;
+    let failing = "UPDATE endpoints SET failing_since = COALESCE(failing_since, $3),
+                   last_error = $5 WHERE name = $1 RETURNING failing_since";
+    let row = match outcome {
+        Settlement::Delivered | Settlement::Skipped => {
+            let counter = if matches!(outcome, Settlement::Delivered) {
+                "failing_since = NULL, delivered_total = delivered_total + $5"
+            } else {
+                "skipped_total = skipped_total + $5"
+            };
+            let stmt = t
+                .prepare_cached(&format!(
+                    "WITH done AS (
+                         DELETE FROM deliveries WHERE endpoint = $1 AND event_seq = ANY($2)
+                         RETURNING order_key),
+                     {PROMOTE}
+                     UPDATE endpoints SET {counter} WHERE name = $1
+                     RETURNING failing_since"
+                ))
+                .await?;
+            t.query_opt(&stmt, &[&name, &seqs, &now, &NOT_HEAD, &count])
+                .await?
+        }
+        Settlement::Failed { error } => {
+            let stmt = t
+                .prepare_cached(&format!(
+                    "WITH done AS (
+                         UPDATE deliveries SET attempts = attempts + 1, state = 'failed',
+                             next_at = $3, leased = FALSE, last_error = $5
+                         WHERE endpoint = $1 AND event_seq = ANY($2)
+                         RETURNING order_key),
+                     {PROMOTE}
+                     {failing}"
+                ))
+                .await?;
+            t.query_opt(&stmt, &[&name, &seqs, &now, &NOT_HEAD, error])
+                .await?
+        }
+        Settlement::Retry { next_at, error } => {
+            let stmt = t
+                .prepare_cached(&format!(
+                    "WITH done AS (
+                         UPDATE deliveries SET attempts = attempts + 1, next_at = $4,
+                             leased = FALSE, last_error = $5
+                         WHERE endpoint = $1 AND event_seq = ANY($2))
+                     {failing}"
+                ))
+                .await?;
+            t.query_opt(&stmt, &[&name, &seqs, &now, next_at, error])
+                .await?
+        }
+        Settlement::Hold { error } => {
+            // Not counted as an attempt: due again at once.
+            let stmt = t
+                .prepare_cached(
+                    "WITH done AS (
+                         UPDATE deliveries SET next_at = $3, leased = FALSE,
+                             last_error = $4
+                         WHERE endpoint = $1 AND event_seq = ANY($2))
+                     UPDATE endpoints SET failing_since = COALESCE(failing_since, $3),
+                         last_error = $4 WHERE name = $1 RETURNING failing_since",
+                )
+                .await?;
+            t.query_opt(&stmt, &[&name, &seqs, &now, error]).await?
+        }
+    };
+    Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
 }

@@ -388,9 +388,11 @@ impl JobQueue {
         true
     }
 
-    /// Waits for work: every urgent job, then normal ones, up to `max`.
-    /// `None` once closed and drained.
-    fn take(&self, max: usize) -> Option<Vec<Job>> {
+    /// Waits for work: every urgent job, then normal ones, up to `max`;
+    /// with `urgent_alone`, only the urgent jobs when there are any (see
+    /// [`writer_loop`]), and then whether it did so. `None` once closed and
+    /// drained.
+    fn take(&self, max: usize, urgent_alone: bool) -> Option<(Vec<Job>, bool)> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
         while lanes.urgent.is_empty() && lanes.normal.is_empty() {
             if lanes.closed {
@@ -399,10 +401,13 @@ impl JobQueue {
             lanes = self.ready.wait(lanes).unwrap_or_else(|p| p.into_inner());
         }
         let mut batch: Vec<Job> = lanes.urgent.drain(..).collect();
+        if urgent_alone && !batch.is_empty() {
+            return Some((batch, true));
+        }
         let room = max.saturating_sub(batch.len()).max(1);
         let n = room.min(lanes.normal.len());
         batch.extend(lanes.normal.drain(..n));
-        Some(batch)
+        Some((batch, false))
     }
 
     fn close(&self) {
@@ -418,8 +423,16 @@ impl Drop for SqliteStorage {
     }
 }
 
+/// Runs the queued jobs, a batch per transaction. Urgent jobs (sessions,
+/// webhook bookkeeping) get a transaction of their own when they are
+/// waiting, so that a webhook round under load waits for a commit of a few
+/// small writes rather than one of a thousand messages; the batch after an
+/// urgent-only one takes normal jobs too, so a stream of urgent jobs cannot
+/// starve messages.
 fn writer_loop(conn: Connection, queue: Arc<JobQueue>, metrics: Option<Arc<Metrics>>) {
-    while let Some(batch) = queue.take(MAX_BATCH) {
+    let mut urgent_alone = true;
+    while let Some((batch, alone)) = queue.take(MAX_BATCH, urgent_alone) {
+        urgent_alone = !alone;
         let started = Instant::now();
         let size = batch.len();
         let commit = match exec_cached(&conn, "BEGIN IMMEDIATE") {
@@ -527,6 +540,83 @@ fn promote_head(conn: &Connection, name: &str, key: &str, now: i64) -> rusqlite:
            AND next_at = ?4",
     )?
     .execute(params![name, key, now, NOT_HEAD])?;
+    Ok(())
+}
+
+/// Records one outcome for `seqs` of endpoint `name` (see
+/// [`OutboxStore::deliveries_settle_all`]).
+fn settle_in(
+    conn: &Connection,
+    name: &str,
+    seqs: &[i64],
+    outcome: &Settlement,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let mut key_of = conn.prepare_cached(
+        "SELECT order_key FROM deliveries WHERE endpoint = ?1 AND event_seq = ?2",
+    )?;
+    for seq in seqs {
+        let key: Option<String> = key_of
+            .query_row(params![name, seq], |r| r.get(0))
+            .optional()?;
+        let Some(key) = key else { continue };
+        match outcome {
+            Settlement::Delivered | Settlement::Skipped => {
+                conn.prepare_cached(
+                    "DELETE FROM deliveries WHERE endpoint = ?1 AND event_seq = ?2",
+                )?
+                .execute(params![name, seq])?;
+                promote_head(conn, name, &key, now)?;
+            }
+            Settlement::Retry { next_at, error } => {
+                conn.prepare_cached(
+                    "UPDATE deliveries SET attempts = attempts + 1, next_at = ?3, leased = 0,
+                     last_error = ?4 WHERE endpoint = ?1 AND event_seq = ?2",
+                )?
+                .execute(params![name, seq, next_at, error])?;
+            }
+            Settlement::Hold { error } => {
+                conn.prepare_cached(
+                    "UPDATE deliveries SET next_at = ?3, leased = 0, last_error = ?4
+                     WHERE endpoint = ?1 AND event_seq = ?2",
+                )?
+                .execute(params![name, seq, now, error])?;
+            }
+            Settlement::Failed { error } => {
+                conn.prepare_cached(
+                    "UPDATE deliveries SET attempts = attempts + 1, state = 'failed',
+                     next_at = ?3, leased = 0, last_error = ?4
+                     WHERE endpoint = ?1 AND event_seq = ?2",
+                )?
+                .execute(params![name, seq, now, error])?;
+                promote_head(conn, name, &key, now)?;
+            }
+        }
+    }
+    match outcome {
+        Settlement::Skipped => {
+            conn.prepare_cached(
+                "UPDATE endpoints SET skipped_total = skipped_total + ?2 WHERE name = ?1",
+            )?
+            .execute(params![name, seqs.len() as i64])?;
+        }
+        Settlement::Delivered => {
+            conn.prepare_cached(
+                "UPDATE endpoints SET failing_since = NULL,
+                 delivered_total = delivered_total + ?2 WHERE name = ?1",
+            )?
+            .execute(params![name, seqs.len() as i64])?;
+        }
+        Settlement::Retry { error, .. }
+        | Settlement::Failed { error }
+        | Settlement::Hold { error } => {
+            conn.prepare_cached(
+                "UPDATE endpoints SET failing_since = COALESCE(failing_since, ?2),
+                 last_error = ?3 WHERE name = ?1",
+            )?
+            .execute(params![name, now, error])?;
+        }
+    }
     Ok(())
 }
 
@@ -756,79 +846,16 @@ impl OutboxStore for SqliteStorage {
         .await
     }
 
-    async fn deliveries_settle(
+    async fn deliveries_settle_all(
         &self,
         name: &str,
-        seqs: Vec<i64>,
-        outcome: Settlement,
+        settlements: Vec<(Settlement, Vec<i64>)>,
         now: i64,
     ) -> Result<Option<i64>> {
         let name = name.to_string();
         self.write_urgent(move |conn| {
-            let mut key_of = conn.prepare_cached(
-                "SELECT order_key FROM deliveries WHERE endpoint = ?1 AND event_seq = ?2",
-            )?;
-            for seq in &seqs {
-                let key: Option<String> = key_of
-                    .query_row(params![name, seq], |r| r.get(0))
-                    .optional()?;
-                let Some(key) = key else { continue };
-                match &outcome {
-                    Settlement::Delivered | Settlement::Skipped => {
-                        conn.prepare_cached(
-                            "DELETE FROM deliveries WHERE endpoint = ?1 AND event_seq = ?2",
-                        )?
-                        .execute(params![name, seq])?;
-                        promote_head(conn, &name, &key, now)?;
-                    }
-                    Settlement::Retry { next_at, error } => {
-                        conn.prepare_cached(
-                            "UPDATE deliveries SET attempts = attempts + 1, next_at = ?3, leased = 0,
-                             last_error = ?4 WHERE endpoint = ?1 AND event_seq = ?2",
-                        )?
-                        .execute(params![name, seq, next_at, error])?;
-                    }
-                    Settlement::Hold { error } => {
-                        conn.prepare_cached(
-                            "UPDATE deliveries SET next_at = ?3, leased = 0, last_error = ?4
-                             WHERE endpoint = ?1 AND event_seq = ?2",
-                        )?
-                        .execute(params![name, seq, now, error])?;
-                    }
-                    Settlement::Failed { error } => {
-                        conn.prepare_cached(
-                            "UPDATE deliveries SET attempts = attempts + 1, state = 'failed',
-                             next_at = ?3, leased = 0, last_error = ?4
-                             WHERE endpoint = ?1 AND event_seq = ?2",
-                        )?
-                        .execute(params![name, seq, now, error])?;
-                        promote_head(conn, &name, &key, now)?;
-                    }
-                }
-            }
-            match &outcome {
-                Settlement::Skipped => {
-                    conn.prepare_cached(
-                        "UPDATE endpoints SET skipped_total = skipped_total + ?2 WHERE name = ?1",
-                    )?
-                    .execute(params![name, seqs.len() as i64])?;
-                }
-                Settlement::Delivered => {
-                    conn.prepare_cached(
-                        "UPDATE endpoints SET failing_since = NULL,
-                         delivered_total = delivered_total + ?2 WHERE name = ?1",
-                    )?
-                    .execute(params![name, seqs.len() as i64])?;
-                }
-                Settlement::Retry { error, .. }
-                | Settlement::Failed { error }
-                | Settlement::Hold { error } => {
-                    conn.prepare_cached(
-                        "UPDATE endpoints SET failing_since = COALESCE(failing_since, ?2),
-                         last_error = ?3 WHERE name = ?1",
-                    )?
-                    .execute(params![name, now, error])?;
-                }
+            for (outcome, seqs) in &settlements {
+                settle_in(conn, &name, seqs, outcome, now)?;
             }
             conn.prepare_cached("SELECT failing_since FROM endpoints WHERE name = ?1")?
                 .query_row(params![name], |r| r.get(0))

@@ -579,6 +579,13 @@ pub struct StorageConfig {
     /// one from the pool) before the operation fails as unavailable.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Most writes (messages and other non-bookkeeping writes) waiting for
+    /// or in the writer at a time; see [`crate::storage::queue`].
+    pub max_queued_writes: usize,
+    /// Longest a write waits for a place in a full queue before it fails
+    /// as `storage_busy`.
+    #[serde(with = "humantime_serde")]
+    pub queue_wait: Duration,
 }
 
 impl Default for StorageConfig {
@@ -589,6 +596,8 @@ impl Default for StorageConfig {
             pool_size: 16,
             statement_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            max_queued_writes: 4096,
+            queue_wait: Duration::from_secs(2),
         }
     }
 }
@@ -1345,6 +1354,12 @@ impl StorageConfig {
         }
         if self.pool_size == 0 || self.pool_size > 1024 {
             return Err(key_err("storage.pool_size", "must be between 1 and 1024"));
+        }
+        if self.max_queued_writes == 0 || self.max_queued_writes > 1_000_000 {
+            return Err(key_err(
+                "storage.max_queued_writes",
+                "must be between 1 and 1000000",
+            ));
         }
         for (key, value) in [
             ("storage.statement_timeout", self.statement_timeout),

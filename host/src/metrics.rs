@@ -113,6 +113,10 @@ pub struct Metrics {
     pub webhook_lease_takeovers: Family<EndpointLabel, Counter>,
     pub storage_commit_seconds: Histogram,
     pub storage_batch_size: Histogram,
+    /// Writes holding a place in the writer's queue (waiting or running).
+    pub storage_queued_writes: Gauge,
+    /// Writes refused because the queue stayed full (`storage_busy`).
+    pub storage_busy: Counter,
     pub open_latency_seconds: Histogram,
     pub config_reloads: Family<ReasonLabel, Counter>,
     pub webhook_skipped: Family<EndpointLabel, Counter>,
@@ -200,6 +204,8 @@ impl Metrics {
             webhook_lease_takeovers: Family::default(),
             storage_commit_seconds: latency_histogram(),
             storage_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            storage_queued_writes: Gauge::default(),
+            storage_busy: Counter::default(),
             open_latency_seconds: latency_histogram(),
             config_reloads: Family::default(),
             webhook_skipped: Family::default(),
@@ -321,6 +327,16 @@ impl Metrics {
             "storage_batch_size",
             "Writes grouped into one transaction",
             m.storage_batch_size.clone(),
+        );
+        r.register(
+            "storage_queued_writes",
+            "Writes holding a place in the storage writer's queue, waiting or running (at most storage.max_queued_writes)",
+            m.storage_queued_writes.clone(),
+        );
+        r.register(
+            "storage_busy",
+            "Writes refused as storage_busy: the writer's queue stayed full for storage.queue_wait",
+            m.storage_busy.clone(),
         );
         r.register(
             "connection_open_seconds",

@@ -12,6 +12,7 @@
 //! recorded) needs a database that goes away, which SQLite never does. Its
 //! mapping is unit-tested in the host (`http/error.rs`); end to end it
 //! belongs to a test that restarts a PostgreSQL server under load.
+//! `storage_busy` is asserted in `storage.rs`, with a writer held back.
 
 use plugboard_tests::raw::{http_request, RawClient, RawResponse};
 use plugboard_tests::receiver::SECRET;

@@ -465,3 +465,138 @@ async fn a_version_1_sqlite_database_is_upgraded_in_place_and_keeps_its_data() {
         "{view}"
     );
 }
+
+/// Holds SQLite's write lock on `path` from another process until dropped,
+/// so the gateway's writer waits (its busy timeout is 30 s).
+struct WriteLock(std::process::Child);
+
+impl WriteLock {
+    fn take(path: &std::path::Path) -> WriteLock {
+        use std::io::BufRead;
+        let script = format!(
+            "import sqlite3, sys\ndb = sqlite3.connect({:?}, timeout=30, isolation_level=None)\n\
+             db.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\nsys.stdin.readline()\n\
+             db.execute('COMMIT')\n",
+            path.display().to_string()
+        );
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        WriteLock(child)
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_full_write_queue_refuses_sends_as_storage_busy_and_loses_nothing() {
+    use plugboard_tests::{Engine, Gateway, GatewayOptions, WsClient};
+    use serde_json::json;
+
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .engine(Engine::Sqlite)
+            .extra("[storage]\nmax_queued_writes = 2\nqueue_wait = \"300ms\"\n"),
+    )
+    .await;
+    let mut reader = WsClient::connect(&gw, "reader").await;
+    let mut writer = WsClient::connect(&gw, "writer").await;
+    let body = |n: &str| {
+        json!({"from": "writer", "channel_type": "person", "channel_id": "reader",
+            "client_msg_id": n, "payload": {"n": n}})
+    };
+
+    // Stall the writer: two sends take both places and wait for the lock.
+    let lock = WriteLock::take(&gw.dir.path().join("data").join("plugboard.db"));
+    let mut waiting = Vec::new();
+    for n in ["a", "b"] {
+        let (http, url, b) = (reqwest::Client::new(), gw.url("/v1/messages"), body(n));
+        waiting.push(tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(plugboard_tests::gateway::API_KEY)
+                .json(&b)
+                .send()
+                .await
+                .unwrap();
+            resp.status().as_u16()
+        }));
+    }
+    // Both places of the queue taken.
+    plugboard_tests::wait_until_async(plugboard_tests::WAIT, || async {
+        let queued = gw
+            .metric_strict("plugboard_storage_queued_writes", "")
+            .await;
+        (queued == 2.0).then_some(())
+    })
+    .await;
+
+    // The API is refused with the stable code and a retry hint.
+    let resp = reqwest::Client::new()
+        .post(gw.url("/v1/messages"))
+        .bearer_auth(plugboard_tests::gateway::API_KEY)
+        .json(&body("c"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    let refused: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "storage_busy", "{refused}");
+    // A socket's send gets an error frame of the same code; it stays open.
+    let frame = json!({"type": "send", "channel_type": "person", "channel_id": "reader",
+        "client_msg_id": "d", "payload": {"n": "d"}});
+    let answer = writer.request(frame.clone()).await;
+    assert_eq!(
+        (&answer["type"], &answer["code"]),
+        (&json!("error"), &json!("storage_busy")),
+        "{answer}"
+    );
+
+    // Once storage catches up, the waiting sends complete and the refused
+    // ones go through when repeated: every message arrives once.
+    drop(lock);
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), 201);
+    }
+    let (status, sent) = gw
+        .api(reqwest::Method::POST, "/v1/messages", Some(body("c")))
+        .await;
+    assert_eq!(status, 201, "{sent}");
+    let answer = writer.request(frame).await;
+    assert_eq!(answer["type"], "sendack", "{answer}");
+    let mut got: Vec<_> = crate::messaging::messages(&mut reader, 4)
+        .await
+        .iter()
+        .map(|m| m["payload"]["n"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, ["a", "b", "c", "d"]);
+    assert_eq!(
+        gw.metric_strict("plugboard_storage_busy_total", "").await,
+        2.0
+    );
+    assert_eq!(
+        gw.metric_strict("plugboard_storage_queued_writes", "")
+            .await,
+        0.0
+    );
+}

@@ -411,7 +411,9 @@ mod tests {
     #[tokio::test]
     async fn a_close_storage_refuses_is_recorded_once_when_it_comes_back() {
         let dir = tempfile::tempdir().unwrap();
-        let sqlite = Arc::new(SqliteStorage::open(&dir.path().join("t.db"), None).unwrap());
+        let sqlite = Arc::new(
+            SqliteStorage::open(&dir.path().join("t.db"), &Default::default(), None).unwrap(),
+        );
         let flaky = Arc::new(Flaky {
             inner: sqlite.clone(),
             fail: AtomicUsize::new(3),

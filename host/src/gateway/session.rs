@@ -445,9 +445,9 @@ async fn ack_control(
         Ok(_) => None,
         Err(e) if e.is_unavailable() => {
             tracing::warn!(control_id, error = %e, "storage unavailable: a control receipt was refused");
-            gw.metrics.frame_error(crate::unavailable::CODE);
-            let message = crate::unavailable::MESSAGE;
-            Some(protocol::error_frame(crate::unavailable::CODE, message, id))
+            let (code, message) = crate::unavailable::refusal(&e).unwrap_or_default();
+            gw.metrics.frame_error(code);
+            Some(protocol::error_frame(code, message, id))
         }
         Err(e) => {
             tracing::error!(control_id, error = %e, "cannot record a control receipt");

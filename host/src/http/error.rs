@@ -66,17 +66,14 @@ impl ApiError {
     }
 
     /// A failed storage operation: `503 storage_unavailable` with
-    /// `Retry-After` while the database cannot be reached (nothing was
-    /// done; the same request may succeed shortly), else `500 internal`.
+    /// `Retry-After` while the database cannot be reached, `503
+    /// storage_busy` while its writer is behind (nothing was done; the same
+    /// request may succeed shortly), else `500 internal`.
     pub fn storage(e: &StorageError) -> ApiError {
-        if e.is_unavailable() {
+        if let Some((code, message)) = crate::unavailable::refusal(e) {
             tracing::warn!(error = %e, "storage is unavailable; an API request was refused");
-            return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                crate::unavailable::CODE,
-                crate::unavailable::MESSAGE,
-            )
-            .retry_after(crate::unavailable::RETRY_AFTER_SECS);
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+                .retry_after(crate::unavailable::RETRY_AFTER_SECS);
         }
         ApiError::internal(e)
     }
@@ -190,6 +187,33 @@ mod tests {
         assert_eq!(
             MessagingError::Storage(unavailable()).code(),
             "storage_unavailable"
+        );
+    }
+
+    #[test]
+    fn a_full_write_queue_is_503_storage_busy_with_retry_after_on_every_path() {
+        let busy = || StorageError::Busy {
+            queued: 4096,
+            waited: std::time::Duration::from_secs(2),
+        };
+        check(busy().into(), 503, "storage_busy", Some("1"));
+        check(
+            MessagingError::Storage(busy()).into(),
+            503,
+            "storage_busy",
+            Some("1"),
+        );
+        check(
+            ControlError::Storage(busy()).into(),
+            503,
+            "storage_busy",
+            Some("1"),
+        );
+        assert_eq!(MessagingError::Storage(busy()).code(), "storage_busy");
+        let shown = ApiError::from(MessagingError::Storage(busy())).message;
+        assert!(
+            !shown.contains("4096"),
+            "internals stay in the log: {shown}"
         );
     }
 

@@ -88,7 +88,9 @@ impl MessagingError {
     /// The stable code of `error` frames and API errors.
     pub fn code(&self) -> &'static str {
         match self {
-            MessagingError::Storage(e) if e.is_unavailable() => crate::unavailable::CODE,
+            MessagingError::Storage(e) if e.is_unavailable() => {
+                crate::unavailable::refusal(e).unwrap_or_default().0
+            }
             MessagingError::BadRequest(_) => "bad_request",
             MessagingError::PayloadTooLarge { .. } => "payload_too_large",
             MessagingError::TooDeep(_) => "too_deep",
@@ -106,7 +108,7 @@ impl MessagingError {
         match self {
             MessagingError::Storage(e) if e.is_unavailable() => {
                 tracing::warn!(error = %e, "storage is unavailable; a messaging request was refused");
-                crate::unavailable::MESSAGE.into()
+                crate::unavailable::refusal(e).unwrap_or_default().1.into()
             }
             MessagingError::Storage(e) => {
                 tracing::error!(error = %e, "storage failed while handling a messaging request");

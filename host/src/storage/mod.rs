@@ -26,6 +26,7 @@ pub mod messages;
 pub mod outbox;
 pub mod plugins;
 pub mod postgres;
+pub mod queue;
 pub mod sessions;
 pub mod sqlite;
 
@@ -62,12 +63,23 @@ pub enum StorageError {
     Closed,
     #[error("quota exceeded: {0}")]
     Quota(String),
+    /// The writer's queue stayed full for the whole wait (see [`queue`]):
+    /// nothing was written; the same operation may succeed shortly.
+    #[error("the storage writer is behind: all {queued} places in its queue stayed taken for {waited:?}")]
+    Busy {
+        queued: usize,
+        waited: std::time::Duration,
+    },
 }
 
 impl StorageError {
-    /// The operation may succeed if tried again once the database is back.
+    /// Nothing was done and the same operation may succeed later: the
+    /// database cannot be reached, or its writer is behind (`Busy`).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StorageError::Unavailable(_))
+        matches!(
+            self,
+            StorageError::Unavailable(_) | StorageError::Busy { .. }
+        )
     }
 }
 
@@ -136,12 +148,14 @@ pub async fn open(
     match config.backend {
         crate::config::StorageBackend::Sqlite => {
             let path = data_dir.join("plugboard.db");
-            let store = tokio::task::spawn_blocking(move || SqliteStorage::open(&path, metrics))
-                .await
-                .map_err(|e| StorageError::Open {
-                    target: data_dir.join("plugboard.db").display().to_string(),
-                    message: e.to_string(),
-                })??;
+            let config = config.clone();
+            let store =
+                tokio::task::spawn_blocking(move || SqliteStorage::open(&path, &config, metrics))
+                    .await
+                    .map_err(|e| StorageError::Open {
+                        target: data_dir.join("plugboard.db").display().to_string(),
+                        message: e.to_string(),
+                    })??;
             Ok(Backend::from_engine("sqlite", Arc::new(store)))
         }
         crate::config::StorageBackend::Postgres => {

@@ -100,6 +100,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::IsolationLevel;
 
+use super::queue::WriteQueue;
 use super::{Health, NewEvent, Result, StorageError};
 use crate::config::{redact_url, StorageConfig};
 use crate::metrics::Metrics;
@@ -141,7 +142,9 @@ pub struct PostgresStorage {
     /// waits for a pool that a burst of reads has taken.
     lease_pool: Pool,
     urgent: mpsc::UnboundedSender<Job>,
+    /// Bounded by `queue`: a job takes a place before it is sent here.
     normal: mpsc::UnboundedSender<Job>,
+    queue: WriteQueue,
     /// The URL with its secrets removed, for messages.
     shown: String,
 }
@@ -292,12 +295,14 @@ impl PostgresStorage {
         // live process may hold it. Leases end at their time (module doc).
         let (urgent, urgent_rx) = mpsc::unbounded_channel();
         let (normal, normal_rx) = mpsc::unbounded_channel();
+        let queue = WriteQueue::from_config(config, metrics.as_deref());
         tokio::spawn(writer_loop(pool.clone(), urgent_rx, normal_rx, metrics));
         Ok(PostgresStorage {
             pool,
             lease_pool,
             urgent,
             normal,
+            queue,
             shown,
         })
     }
@@ -356,8 +361,13 @@ impl PostgresStorage {
         F: for<'a> FnOnce(&'a Transaction<'a>) -> TxFuture<'a, R> + Send + 'static,
         H: FnOnce(&R) + Send + 'static,
     {
+        // The place goes back with the answer (or when the job is dropped).
+        let place = match urgent {
+            true => None,
+            false => Some(self.queue.admit().await?),
+        };
         let (tx, rx) = oneshot::channel::<Result<R>>();
-        let answer = Arc::new(std::sync::Mutex::new(Some(tx)));
+        let answer = Arc::new(std::sync::Mutex::new(Some((tx, place))));
         let failed = answer.clone();
         let run: RunJob = Box::new(move |t: &Transaction<'_>| {
             Box::pin(async move {
@@ -372,7 +382,9 @@ impl PostgresStorage {
                             Ok(v)
                         }
                     };
-                    if let Some(tx) = answer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    if let Some((tx, _place)) =
+                        answer.lock().unwrap_or_else(|p| p.into_inner()).take()
+                    {
                         let _ = tx.send(out);
                     }
                 }) as Completion;
@@ -380,7 +392,7 @@ impl PostgresStorage {
             })
         });
         let fail = Box::new(move |e: StorageError| {
-            if let Some(tx) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some((tx, _place)) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 let _ = tx.send(Err(e));
             }
         });

@@ -21,6 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::kv::{MAX_BYTES, MAX_KEYS};
+use super::queue::WriteQueue;
 use super::{
     ClaimedEvent, EndpointState, EventFilter, Health, KvStore, NewEvent, OutboxStore, Presence,
     Result, SessionEvents, SessionRecord, SessionStore, Settlement, StorageError,
@@ -113,6 +114,8 @@ CREATE TABLE IF NOT EXISTS plugin_kv (
 
 /// SQLite storage: a writer thread plus a read connection.
 pub struct SqliteStorage {
+    /// The bound on the normal lane of `jobs`.
+    queue: WriteQueue,
     jobs: Arc<JobQueue>,
     /// Read connections; WAL lets each read a consistent snapshot beside the writer.
     readers: Arc<Vec<Mutex<Connection>>>,
@@ -167,8 +170,13 @@ fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<Vec<Mutex<Connection
 }
 
 impl SqliteStorage {
-    /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path, metrics: Option<Arc<Metrics>>) -> Result<SqliteStorage> {
+    /// Opens (or creates) the database at `path`; the writer's queue is
+    /// bounded by `config`'s `max_queued_writes` and `queue_wait`.
+    pub fn open(
+        path: &Path,
+        config: &crate::config::StorageConfig,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<SqliteStorage> {
         let open_err = |e: rusqlite::Error| StorageError::Open {
             target: path.display().to_string(),
             message: e.to_string(),
@@ -212,6 +220,7 @@ impl SqliteStorage {
         writer
             .pragma_update(None, "wal_autocheckpoint", 4000)
             .map_err(open_err)?;
+        let bound = WriteQueue::from_config(config, metrics.as_deref());
         let jobs = Arc::new(JobQueue::default());
         let queue = jobs.clone();
         std::thread::Builder::new()
@@ -232,6 +241,7 @@ impl SqliteStorage {
                 message: e.to_string(),
             })?;
         Ok(SqliteStorage {
+            queue: bound,
             jobs,
             readers,
             leases: Mutex::default(),
@@ -276,10 +286,16 @@ impl SqliteStorage {
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
         H: FnOnce(&R) + Send + 'static,
     {
+        // The place goes back once the job is answered (or dropped unrun).
+        let place = match urgent {
+            true => None,
+            false => Some(self.queue.admit().await?),
+        };
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn: &Connection| {
             let result = in_savepoint(conn, f);
             Box::new(move |commit: std::result::Result<(), String>| {
+                let _place = place;
                 let out = match (result, commit) {
                     (Err(e), _) => Err(StorageError::from(e)),
                     (Ok(_), Err(e)) => Err(StorageError::Commit(e)),

@@ -46,7 +46,10 @@
 //!    the measured maximum (or at DESIGN's 15,000 msg/s when the maximum is
 //!    above 30,000; with `--storage both`, of the lowest maximum). Both
 //!    report the webhook delivery rate and how far the webhooks were behind
-//!    when the load stopped.
+//!    when the load stopped. With `--overload SECS`, one more run per
+//!    engine, paced at twice that engine's maximum for SECS seconds, prints
+//!    the gateway's peak RSS (`VmHWM`) and the acknowledged messages that
+//!    never arrived.
 //! 2. **The baseline** for 1:1: this same executable run with a hidden
 //!    `--baseline-server` argument, a bare tokio-tungstenite relay. Clients
 //!    name themselves with `?user=`; a `send` frame becomes a `message`
@@ -170,6 +173,11 @@ struct Cli {
     /// outbox; nothing delivers them)
     #[arg(long, help_heading = ONE_TO_ONE)]
     no_webhooks: bool,
+    /// After the paced runs, an overload run on a fresh gateway: paced at
+    /// twice the maximum for SECS, printing the gateway's peak RSS and the
+    /// acknowledged messages not delivered; 0 skips it [default: 0]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds(0), help_heading = ONE_TO_ONE)]
+    overload: Option<Duration>,
 
     /// Members of the group, all connected, at least 1 [default: 10000;
     /// --quick: 500]
@@ -225,6 +233,8 @@ struct Options {
     webhook_drain: Duration,
     webhook_batch: usize,
     webhooks: bool,
+    /// Measured load of the overload run (zero: no such run).
+    overload: Duration,
     group_members: usize,
     group_repeats: usize,
     conversations: usize,
@@ -253,6 +263,7 @@ impl Default for Options {
             webhook_drain: Duration::from_secs(15),
             webhook_batch: 1,
             webhooks: true,
+            overload: Duration::ZERO,
             group_members: 10_000,
             group_repeats: 5,
             conversations: 1_000,
@@ -308,6 +319,7 @@ impl From<Cli> for Options {
             webhook_drain: cli.webhook_drain.unwrap_or(base.webhook_drain),
             webhook_batch: cli.webhook_batch.unwrap_or(base.webhook_batch),
             webhooks: base.webhooks && !cli.no_webhooks,
+            overload: cli.overload.unwrap_or(base.overload),
             group_members: cli.group_members.unwrap_or(base.group_members),
             group_repeats: cli.group_repeats.unwrap_or(base.group_repeats),
             conversations: cli.conversations.unwrap_or(base.conversations),
@@ -933,6 +945,10 @@ struct LoadResult {
     /// The PostgreSQL server's processes, on PostgreSQL.
     db_cores: Option<f64>,
     server_rss_mib: Option<f64>,
+    /// The most the gateway ever held resident, read after the run.
+    server_peak_rss_mib: Option<f64>,
+    /// An overload run (paced at twice the maximum).
+    overload: bool,
     hooks: Option<HookFigures>,
     metrics: Vec<String>,
     notes: Vec<String>,
@@ -1166,6 +1182,7 @@ async fn load_run(
     }
     r.deliver_lat.sort_unstable();
     r.ack_lat.sort_unstable();
+    r.server_peak_rss_mib = peak_rss_mib(t.pid);
 
     if let (Some(h), Some(a), Some(b)) = (t.hooks, hooks_a, hooks_b) {
         let mut f = HookFigures {
@@ -1209,17 +1226,23 @@ fn paced_after(max: f64) -> f64 {
 }
 
 /// One 1:1 run on a fresh gateway on `engine`: at the maximum rate
-/// (`rate` None) or paced.
+/// (`rate` None) or paced (for `--overload` seconds with `overload`).
+#[allow(clippy::too_many_arguments)]
 async fn one_to_one_run(
     opts: &Options,
     storage: &Storage,
     engine: Engine,
     rate: Option<f64>,
+    overload: bool,
     hooks: &Hooks,
     hook_url: &str,
     http: &reqwest::Client,
 ) -> Option<LoadResult> {
-    let kind = if rate.is_none() { "max" } else { "paced" };
+    let kind = match (rate, overload) {
+        (None, _) => "max",
+        (Some(_), false) => "paced",
+        (Some(_), true) => "overload",
+    };
     let gw = match start_gateway(hook_url, opts, storage, engine).await {
         Ok(gw) => gw,
         Err(e) => {
@@ -1249,14 +1272,13 @@ async fn one_to_one_run(
     let result = match rate {
         None => load_run(&target, opts, None, opts.duration, opts.webhook_drain).await,
         Some(rate) => {
-            load_run(
-                &target,
-                opts,
-                Some(rate),
-                opts.paced_duration,
-                Duration::ZERO,
-            )
-            .await
+            let measure = match overload {
+                true => opts.overload,
+                false => opts.paced_duration,
+            };
+            let mut r = load_run(&target, opts, Some(rate), measure, Duration::ZERO).await;
+            r.overload = overload;
+            r
         }
     };
     storage.finish(gw).await;
@@ -1266,17 +1288,24 @@ async fn one_to_one_run(
 /// The gateway side of the 1:1 runs: maximum rate on each engine, then
 /// paced on each, each on a fresh gateway. The paced rate is
 /// `--paced-rate`, else [`paced_after`] the lowest maximum. Returns the
-/// maximum runs, the paced runs (in the engines' order) and the paced rate.
+/// maximum runs, the paced runs (in the engines' order), the paced rate
+/// and, with `--overload`, each engine's run at twice its own maximum.
 async fn one_to_one_gateway(
     opts: &Options,
     storage: &Storage,
     hooks: &Hooks,
     hook_url: &str,
     http: &reqwest::Client,
-) -> (Vec<LoadResult>, Vec<LoadResult>, Option<f64>) {
+) -> (
+    Vec<LoadResult>,
+    Vec<LoadResult>,
+    Option<f64>,
+    Vec<LoadResult>,
+) {
     let mut max_runs = Vec::new();
     for &engine in &storage.engines {
-        if let Some(r) = one_to_one_run(opts, storage, engine, None, hooks, hook_url, http).await {
+        let run = one_to_one_run(opts, storage, engine, None, false, hooks, hook_url, http);
+        if let Some(r) = run.await {
             max_runs.push(r);
         }
         sleep(Duration::from_secs(1)).await;
@@ -1292,12 +1321,35 @@ async fn one_to_one_gateway(
     let mut paced_runs = Vec::new();
     for &engine in &storage.engines {
         let rate = Some(paced_rate);
-        if let Some(r) = one_to_one_run(opts, storage, engine, rate, hooks, hook_url, http).await {
+        let run = one_to_one_run(opts, storage, engine, rate, false, hooks, hook_url, http);
+        if let Some(r) = run.await {
             paced_runs.push(r);
         }
         sleep(Duration::from_secs(1)).await;
     }
-    (max_runs, paced_runs, Some(paced_rate))
+    let mut overload_runs = Vec::new();
+    if !opts.overload.is_zero() {
+        for max in &max_runs {
+            let (Some(engine), rate) = (max.engine, 2.0 * max.acked_rate().max(1.0)) else {
+                continue;
+            };
+            let run = one_to_one_run(
+                opts,
+                storage,
+                engine,
+                Some(rate),
+                true,
+                hooks,
+                hook_url,
+                http,
+            );
+            if let Some(r) = run.await {
+                overload_runs.push(r);
+            }
+            sleep(Duration::from_secs(1)).await;
+        }
+    }
+    (max_runs, paced_runs, Some(paced_rate), overload_runs)
 }
 
 async fn one_to_one_baseline(
@@ -1950,8 +2002,9 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let fsync_start = fsync_probe().await;
 
     let (mut gw_max, mut gw_paced, mut paced_rate) = (Vec::new(), Vec::new(), opts.paced_rate);
+    let mut gw_overload = Vec::new();
     if opts.one_to_one {
-        (gw_max, gw_paced, paced_rate) =
+        (gw_max, gw_paced, paced_rate, gw_overload) =
             one_to_one_gateway(&opts, &storage, &hooks, &hook_url, &http).await;
     }
     let (mut base_max, mut base_paced) = (None, None);
@@ -2021,6 +2074,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         runs.extend(base_max.as_ref());
         runs.extend(gw_paced.iter());
         runs.extend(base_paced.as_ref());
+        runs.extend(gw_overload.iter());
         report_one_to_one(&opts, &storage, &runs, paced_rate);
     }
     if !fans.is_empty() {
@@ -2204,6 +2258,14 @@ fn report_one_to_one(
         },
         "",
     );
+    row(
+        "server RSS peak (VmHWM)",
+        &|r| {
+            r.server_peak_rss_mib
+                .map_or("-".into(), |m| format!("{m:.1} MiB"))
+        },
+        "",
+    );
     table(&labels, &rows);
     println!();
     for r in &present {
@@ -2211,7 +2273,23 @@ fn report_one_to_one(
         let p99 = pct(&r.deliver_lat, 99.0).map(|n| n as f64 / 1e6);
         let label = flat(&r.label);
         if r.engine.is_some() {
-            if paced_ok {
+            if r.overload {
+                let lost = r.acked_total.saturating_sub(r.delivered_total);
+                let max_peak = present
+                    .iter()
+                    .find(|m| m.engine == r.engine && m.requested_rate.is_none())
+                    .and_then(|m| m.server_peak_rss_mib);
+                println!(
+                    "{label}: offered {} msg/s (twice the maximum) for {} s: {} msg/s acknowledged; peak RSS {} (maximum-rate run: {}); {} acknowledged not delivered: {}",
+                    r.requested_rate.map_or("-".into(), thousands),
+                    r.secs,
+                    thousands(r.acked_rate()),
+                    r.server_peak_rss_mib.map_or("-".into(), |m| format!("{m:.1} MiB")),
+                    max_peak.map_or("-".into(), |m| format!("{m:.1} MiB")),
+                    thousands(lost as f64),
+                    if lost == 0 && r.unacked == 0 { "none lost" } else { "see the notes" }
+                );
+            } else if paced_ok {
                 println!(
                     "{label}: p99 send→deliver {} at {} msg/s: {}",
                     p99.map_or("-".into(), |p| format!("{p:.2} ms")),

@@ -1225,23 +1225,31 @@ fn paced_after(max: f64) -> f64 {
     }
 }
 
-/// One 1:1 run on a fresh gateway on `engine`: at the maximum rate
-/// (`rate` None) or paced (for `--overload` seconds with `overload`).
-#[allow(clippy::too_many_arguments)]
+/// What a gateway 1:1 run does.
+#[derive(Clone, Copy)]
+enum RunKind {
+    /// The maximum rate for `--duration`, then the webhook drain.
+    Max,
+    /// Paced at this many msg/s for `--paced-duration`.
+    Paced(f64),
+    /// Paced at this many msg/s (twice a maximum) for `--overload`.
+    Overload(f64),
+}
+
+/// One 1:1 run on a fresh gateway on `engine`.
 async fn one_to_one_run(
     opts: &Options,
     storage: &Storage,
     engine: Engine,
-    rate: Option<f64>,
-    overload: bool,
+    run: RunKind,
     hooks: &Hooks,
     hook_url: &str,
     http: &reqwest::Client,
 ) -> Option<LoadResult> {
-    let kind = match (rate, overload) {
-        (None, _) => "max",
-        (Some(_), false) => "paced",
-        (Some(_), true) => "overload",
+    let kind = match run {
+        RunKind::Max => "max",
+        RunKind::Paced(_) => "paced",
+        RunKind::Overload(_) => "overload",
     };
     let gw = match start_gateway(hook_url, opts, storage, engine).await {
         Ok(gw) => gw,
@@ -1269,17 +1277,22 @@ async fn one_to_one_run(
         hooks: opts.webhooks.then_some(hooks),
         http,
     };
-    let result = match rate {
-        None => load_run(&target, opts, None, opts.duration, opts.webhook_drain).await,
-        Some(rate) => {
-            let measure = match overload {
-                true => opts.overload,
-                false => opts.paced_duration,
-            };
-            let mut r = load_run(&target, opts, Some(rate), measure, Duration::ZERO).await;
-            r.overload = overload;
-            r
+    let result = match run {
+        RunKind::Max => load_run(&target, opts, None, opts.duration, opts.webhook_drain).await,
+        RunKind::Paced(rate) => {
+            load_run(
+                &target,
+                opts,
+                Some(rate),
+                opts.paced_duration,
+                Duration::ZERO,
+            )
+            .await
         }
+        RunKind::Overload(rate) => LoadResult {
+            overload: true,
+            ..load_run(&target, opts, Some(rate), opts.overload, Duration::ZERO).await
+        },
     };
     storage.finish(gw).await;
     Some(result)
@@ -1304,7 +1317,7 @@ async fn one_to_one_gateway(
 ) {
     let mut max_runs = Vec::new();
     for &engine in &storage.engines {
-        let run = one_to_one_run(opts, storage, engine, None, false, hooks, hook_url, http);
+        let run = one_to_one_run(opts, storage, engine, RunKind::Max, hooks, hook_url, http);
         if let Some(r) = run.await {
             max_runs.push(r);
         }
@@ -1320,8 +1333,8 @@ async fn one_to_one_gateway(
         .unwrap_or(TARGET_RATE / 2.0);
     let mut paced_runs = Vec::new();
     for &engine in &storage.engines {
-        let rate = Some(paced_rate);
-        let run = one_to_one_run(opts, storage, engine, rate, false, hooks, hook_url, http);
+        let kind = RunKind::Paced(paced_rate);
+        let run = one_to_one_run(opts, storage, engine, kind, hooks, hook_url, http);
         if let Some(r) = run.await {
             paced_runs.push(r);
         }
@@ -1333,16 +1346,8 @@ async fn one_to_one_gateway(
             let (Some(engine), rate) = (max.engine, 2.0 * max.acked_rate().max(1.0)) else {
                 continue;
             };
-            let run = one_to_one_run(
-                opts,
-                storage,
-                engine,
-                Some(rate),
-                true,
-                hooks,
-                hook_url,
-                http,
-            );
+            let kind = RunKind::Overload(rate);
+            let run = one_to_one_run(opts, storage, engine, kind, hooks, hook_url, http);
             if let Some(r) = run.await {
                 overload_runs.push(r);
             }

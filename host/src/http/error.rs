@@ -168,26 +168,19 @@ mod tests {
         StorageError::Unavailable("connection refused".into())
     }
 
+    /// `503 code` with `Retry-After: 1` from a storage, messaging and
+    /// control error alike, and the same code on a socket.
+    #[track_caller]
+    fn check_refusal_on_every_path(make: impl Fn() -> StorageError, code: &str) {
+        check(make().into(), 503, code, Some("1"));
+        check(MessagingError::Storage(make()).into(), 503, code, Some("1"));
+        check(ControlError::Storage(make()).into(), 503, code, Some("1"));
+        assert_eq!(MessagingError::Storage(make()).code(), code);
+    }
+
     #[test]
     fn unavailable_storage_is_503_storage_unavailable_with_retry_after_on_every_path() {
-        check(unavailable().into(), 503, "storage_unavailable", Some("1"));
-        check(
-            MessagingError::Storage(unavailable()).into(),
-            503,
-            "storage_unavailable",
-            Some("1"),
-        );
-        check(
-            ControlError::Storage(unavailable()).into(),
-            503,
-            "storage_unavailable",
-            Some("1"),
-        );
-        // The socket's code is the same.
-        assert_eq!(
-            MessagingError::Storage(unavailable()).code(),
-            "storage_unavailable"
-        );
+        check_refusal_on_every_path(unavailable, "storage_unavailable");
     }
 
     #[test]
@@ -196,20 +189,7 @@ mod tests {
             queued: 4096,
             waited: std::time::Duration::from_secs(2),
         };
-        check(busy().into(), 503, "storage_busy", Some("1"));
-        check(
-            MessagingError::Storage(busy()).into(),
-            503,
-            "storage_busy",
-            Some("1"),
-        );
-        check(
-            ControlError::Storage(busy()).into(),
-            503,
-            "storage_busy",
-            Some("1"),
-        );
-        assert_eq!(MessagingError::Storage(busy()).code(), "storage_busy");
+        check_refusal_on_every_path(busy, "storage_busy");
         let shown = ApiError::from(MessagingError::Storage(busy())).message;
         assert!(
             !shown.contains("4096"),

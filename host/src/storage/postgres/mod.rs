@@ -362,10 +362,7 @@ impl PostgresStorage {
         H: FnOnce(&R) + Send + 'static,
     {
         // The place goes back with the answer (or when the job is dropped).
-        let place = match urgent {
-            true => None,
-            false => Some(self.queue.admit().await?),
-        };
+        let place = self.queue.admit_lane(urgent).await?;
         let (tx, rx) = oneshot::channel::<Result<R>>();
         let answer = Arc::new(std::sync::Mutex::new(Some((tx, place))));
         let failed = answer.clone();

@@ -287,10 +287,7 @@ impl SqliteStorage {
         H: FnOnce(&R) + Send + 'static,
     {
         // The place goes back once the job is answered (or dropped unrun).
-        let place = match urgent {
-            true => None,
-            false => Some(self.queue.admit().await?),
-        };
+        let place = self.queue.admit_lane(urgent).await?;
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn: &Connection| {
             let result = in_savepoint(conn, f);
